@@ -1,0 +1,89 @@
+"""Building a Qwen3-MoE model from a config or a Hugging Face checkpoint directory.
+
+Owns: `load_model`, the public entry point: config checks, construction, random init or a streaming load of every
+tensor (any of the three expert layouts), with one-line errors naming the key and both shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
+
+from framework.checkpoint.hf_reader import HFCheckpoint
+from framework.models.qwen3_moe.config import load_hf_config
+from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
+
+_EXPERT_PARAM_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _has_weights(path: str) -> bool:
+    return os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
+
+
+def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto", dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", attn_implementation: str | None = None,
+               aux_loss_coef: float | None = None, z_loss_coef: float = 0.0, seed: int = 0) -> Qwen3MoeCausalLM:
+    """A Qwen3-MoE causal LM on our MoE layer.
+
+    `path_or_config`: an HF checkpoint directory (per-expert, fused or stacked expert layout), a directory or path of a
+    config.json, a config dict or a `Qwen3MoeConfig` (the last three: random initialisation with `seed`).
+    `backend`: auto / megablocks / grouped_mm / eager. `aux_loss_coef`: defaults to config.router_aux_loss_coef.
+    """
+    config = load_hf_config(path_or_config)
+    config = Qwen3MoeConfig.from_dict(config.to_dict())  # our own copy: we set the attention implementation on it
+    config._attn_implementation = attn_implementation or "sdpa"
+    with torch.device("meta"):
+        model = Qwen3MoeCausalLM(config, backend=backend, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+    model.to_empty(device=device)
+    model.to(dtype)
+    # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
+    model.model.rotary_emb = Qwen3MoeRotaryEmbedding(config=config).to(device)
+    if isinstance(path_or_config, str) and _has_weights(path_or_config):
+        load_hf_weights(model, path_or_config)
+    else:
+        model.init_weights(torch.Generator(device=device).manual_seed(seed))
+    return model
+
+
+@torch.no_grad()
+def load_hf_weights(model: Qwen3MoeCausalLM, path: str) -> None:
+    """Copy every tensor of an HF checkpoint into `model`, converting expert layouts; strict about names and shapes."""
+    config = model.config
+    with HFCheckpoint(path) as ckpt:
+        available = set(ckpt.non_expert_keys())
+        used: set[str] = set()
+        tied = config.tie_word_embeddings
+        for name, param in model.named_parameters(remove_duplicate=False):
+            m = _EXPERT_PARAM_RE.match(name)
+            if m:
+                continue
+            if name not in available:
+                if tied and name == "lm_head.weight":
+                    continue
+                raise ValueError(f"{path}: checkpoint has no tensor {name} (shape {list(param.shape)})")
+            tensor = ckpt.get(name)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"{path}: {name}: model expects shape {list(param.shape)}, checkpoint has "
+                                 f"{list(tensor.shape)} (does config.json match the weights?)")
+            param.copy_(tensor)
+            used.add(name)
+        unexpected = sorted(available - used)
+        if unexpected:
+            raise ValueError(f"{path}: checkpoint tensor(s) the model does not have: {', '.join(unexpected[:3])}"
+                             f"{' ...' if len(unexpected) > 3 else ''} (does config.json match the weights?)")
+        moe_layers = sorted({int(m.group(1)) for n, _ in model.named_parameters()
+                             if (m := _EXPERT_PARAM_RE.match(n))})
+        extra_layers = sorted(set(ckpt.layers) - set(moe_layers))
+        if extra_layers:
+            raise ValueError(f"{path}: checkpoint has experts for layer {extra_layers[0]}, which config.json makes "
+                             "a dense layer (mlp_only_layers / decoder_sparse_step)")
+        for layer in moe_layers:
+            experts = model.model.layers[layer].mlp.experts
+            gate_up, down = ckpt.read_layer_experts(layer, config.num_experts, config.hidden_size,
+                                                    config.moe_intermediate_size)
+            experts.gate_up_proj.copy_(gate_up)
+            experts.down_proj.copy_(down)

@@ -1,0 +1,158 @@
+"""Qwen3-MoE causal LM with our MoE block, parameter-for-parameter compatible with transformers 5.
+
+Legend: B batch, S sequence, T = B*S tokens, H hidden, V vocabulary.
+Owns: the decoder stack, the LM head, the losses (token cross-entropy + router aux/z losses). Attention, RMSNorm,
+rotary embedding and the dense MLP are transformers' own modules, so numerics and names follow upstream.
+Single-process: no distributed imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen3MoeConfig
+from transformers.activations import ACT2FN
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeAttention,
+    Qwen3MoeMLP,
+    Qwen3MoeRMSNorm,
+    Qwen3MoeRotaryEmbedding,
+)
+
+from framework.models.qwen3_moe.config import SUPPORTED_ATTENTION, is_moe_layer
+from framework.moe.aux_loss import RouterStats, load_balancing_loss, router_z_loss
+from framework.moe.layer import MoEBlock
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor | None = None  # token CE (+ aux_loss_coef * aux_loss + z_loss_coef * z_loss) when labels given
+    aux_loss: torch.Tensor | None = None  # load-balancing loss as transformers computes it (None without MoE layers)
+    z_loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None  # token cross-entropy alone
+    router_stats: list[RouterStats] | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, layer_idx: int, backend: str):
+        super().__init__()
+        self.self_attn = Qwen3MoeAttention(config, layer_idx)
+        if is_moe_layer(config, layer_idx):
+            self.mlp = MoEBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
+                                config.num_experts_per_tok, config.norm_topk_prob, ACT2FN[config.hidden_act], backend)
+        else:
+            self.mlp = Qwen3MoeMLP(config, intermediate_size=config.intermediate_size)
+        self.input_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, h_BSH, position_embeddings, attention_mask, token_mask_T):
+        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(h_BSH),
+                                     position_embeddings=position_embeddings, attention_mask=attention_mask)
+        h_BSH = h_BSH + attn_out
+        x = self.post_attention_layernorm(h_BSH)
+        if isinstance(self.mlp, MoEBlock):
+            mlp_out, stats = self.mlp(x, token_mask_T)
+        else:
+            mlp_out, stats = self.mlp(x), None
+        return h_BSH + mlp_out, stats
+
+
+class DecoderStack(nn.Module):
+    """Named `model` inside the causal LM, like transformers, so parameter names match."""
+
+    def __init__(self, config: Qwen3MoeConfig, backend: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3MoeRotaryEmbedding(config=config)
+
+
+def causal_mask(attention_mask_BS: torch.Tensor | None, batch: int, seq: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """Additive [B, 1, S, S] mask: causal, and keys that are padding masked out (finite min avoids NaN rows)."""
+    allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril().expand(batch, 1, seq, seq)
+    if attention_mask_BS is not None:
+        allowed = allowed & attention_mask_BS.bool()[:, None, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class Qwen3MoeCausalLM(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, backend: str = "auto", aux_loss_coef: float | None = None,
+                 z_loss_coef: float = 0.0):
+        super().__init__()
+        if config._attn_implementation is None:
+            config._attn_implementation = "sdpa"
+        if config._attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(f"attention implementation {config._attn_implementation!r} is not supported; "
+                             f"expected one of {', '.join(SUPPORTED_ATTENTION)}")
+        self.config = config
+        self.model = DecoderStack(config, backend)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.aux_loss_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+        self.z_loss_coef = z_loss_coef
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [m for m in self.modules() if isinstance(m, MoEBlock)]
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """transformers' initialisation: normal(0, initializer_range) for matrices, ones for norms."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        pad = self.config.pad_token_id
+        if pad is not None:
+            self.model.embed_tokens.weight[pad].zero_()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+        batch, seq = input_ids.shape
+        h = self.model.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+        position_embeddings = self.model.rotary_emb(h, position_ids)
+        if attention_mask is None and self.config._attn_implementation == "sdpa":
+            mask = None  # sdpa applies the causal mask itself (is_causal), the fast path
+        else:
+            mask = causal_mask(attention_mask, batch, seq, h.dtype, h.device)
+        token_mask_T = None if attention_mask is None else attention_mask.reshape(-1)
+
+        stats: list[RouterStats] = []
+        for layer in self.model.layers:
+            h, layer_stats = layer(h, position_embeddings, mask, token_mask_T)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        logits = self.lm_head(self.model.norm(h))
+
+        out = CausalLMOutput(logits=logits, router_stats=stats)
+        if stats:
+            out.aux_loss = load_balancing_loss(stats)
+            out.z_loss = router_z_loss(stats)
+        if labels is not None:
+            out.lm_loss = causal_lm_loss(logits, labels)
+            out.loss = out.lm_loss
+            if stats and self.aux_loss_coef:
+                out.loss = out.loss + self.aux_loss_coef * out.aux_loss
+            if stats and self.z_loss_coef:
+                out.loss = out.loss + self.z_loss_coef * out.z_loss
+        return out
+
+
+def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32, positions labelled -100 ignored (transformers' ForCausalLMLoss)."""
+    shifted = F.pad(labels_BS, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), shifted.reshape(-1),
+                           ignore_index=IGNORE_INDEX)

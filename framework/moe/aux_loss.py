@@ -1,0 +1,63 @@
+"""Load-balancing and router z-loss, as per-layer statistics pooled over layers.
+
+Legend: T tokens, E experts, K top-k.
+The balance loss equals transformers' `load_balancing_loss_func`: counts and probabilities are summed over all MoE layers
+first (padding tokens excluded by the mask), then E * sum_e(frac_tokens_e * mean_prob_e). Keeping per-layer sums instead
+of every layer's [T, E] logits keeps memory at O(E) per layer and lets a distributed reducer add them across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from framework.moe.router import Routing
+
+
+class RouterStats(NamedTuple):
+    """One layer's contribution to the auxiliary losses (sums, not means, so layers and ranks add up)."""
+
+    tokens_per_expert: torch.Tensor  # [E] float32, masked top-k assignment counts (no grad)
+    prob_sum: torch.Tensor  # [E] float32, masked sum of router probabilities (carries the router's gradient)
+    z_sum: torch.Tensor  # [] float32, masked sum of logsumexp(logits)^2
+    num_tokens: torch.Tensor  # [] float32, number of unmasked tokens
+
+
+def router_stats(routing: Routing, token_mask_T: torch.Tensor | None) -> RouterStats:
+    """Statistics of one layer's routing; `token_mask_T` is 1 for real tokens, 0 for padding (None: all real)."""
+    probs_TE = routing.probs
+    num_experts = probs_TE.shape[-1]
+    top_k = routing.expert_ids.shape[-1]
+    z_T = torch.logsumexp(routing.logits.float(), dim=-1).square()
+    if token_mask_T is None:
+        weight_TK = torch.ones_like(routing.expert_ids, dtype=torch.float32)
+        prob_sum = probs_TE.sum(dim=0)
+        z_sum = z_T.sum()
+        num_tokens = torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device)
+    else:
+        mask_T = token_mask_T.to(torch.float32)
+        weight_TK = mask_T.unsqueeze(-1).expand(-1, top_k)
+        prob_sum = (probs_TE * mask_T.unsqueeze(-1)).sum(dim=0)
+        z_sum = (z_T * mask_T).sum()
+        num_tokens = mask_T.sum()
+    # scatter_add instead of bincount: no device-to-host sync.
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=probs_TE.device)
+    counts.scatter_add_(0, routing.expert_ids.reshape(-1), weight_TK.reshape(-1))
+    return RouterStats(counts, prob_sum, z_sum, num_tokens)
+
+
+def load_balancing_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """transformers' Switch-style loss pooled over layers; balanced routing gives top_k."""
+    counts = torch.stack([s.tokens_per_expert for s in stats]).sum(0)
+    prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)
+    rows = torch.stack([s.num_tokens for s in stats]).sum()
+    num_experts = counts.shape[0]
+    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
+
+
+def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """ST-MoE z-loss: mean over layers and tokens of logsumexp(logits)^2."""
+    z = torch.stack([s.z_sum for s in stats]).sum()
+    rows = torch.stack([s.num_tokens for s in stats]).sum()
+    return z / rows

@@ -1,0 +1,22 @@
+"""Experts on grouped_gemm's `gmm` (the GEMM MegaBlocks' dMoE uses). CUDA, bf16 only.
+
+Legend: R routed rows, H hidden, I expert FFN, E experts.
+`gmm` takes the per-expert counts on the host: one device-to-host copy per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def megablocks_experts(rows_RH: torch.Tensor, counts_E: torch.Tensor, gate_up_E2IH: torch.Tensor,
+                       down_EHI: torch.Tensor, act) -> torch.Tensor:
+    from grouped_gemm.ops import gmm  # noqa: PLC0415 - CUDA-only, checked at backend resolution
+
+    if rows_RH.dtype != torch.bfloat16 or gate_up_E2IH.dtype != torch.bfloat16:
+        raise TypeError(f"MoE backend 'megablocks' computes in bfloat16 only (got activations {rows_RH.dtype}, "
+                        f"weights {gate_up_E2IH.dtype}); load the model with dtype=torch.bfloat16 or use grouped_mm")
+    batch_sizes = counts_E.to("cpu", torch.int64)
+    gate_up_R2I = gmm(rows_RH.contiguous(), gate_up_E2IH.contiguous(), batch_sizes, trans_b=True)
+    gate, up = gate_up_R2I.chunk(2, dim=-1)
+    return gmm(act(gate) * up, down_EHI.contiguous(), batch_sizes, trans_b=True)

@@ -1,0 +1,58 @@
+"""The sparse MoE block: router -> dispatch -> experts -> combine, dropless.
+
+Legend: B batch, S sequence, T = B*S tokens, H hidden, I expert FFN, E experts, K top-k, R = T*K rows.
+Parameter names equal transformers 5's Qwen3MoeSparseMoeBlock (`gate.weight`, `experts.gate_up_proj`,
+`experts.down_proj`), so state dicts move between the two unchanged. Single-process: expert parallelism replaces
+`dispatcher` (and shrinks `experts` to the local block) from framework/parallel, after construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from framework.moe.aux_loss import RouterStats, router_stats
+from framework.moe.dispatch import Dispatcher, MegablocksDispatcher, TorchDispatcher
+from framework.moe.experts import compute_fn, resolve_backend
+from framework.moe.router import TopKRouter
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked; `forward` runs them on rows grouped by expert."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: nn.Module, backend: str):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.act_fn = act
+        self.backend = backend
+        self._compute = compute_fn(backend)
+
+    def forward(self, rows_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        return self._compute(rows_RH, tokens_per_expert_E, self.gate_up_proj, self.down_proj, self.act_fn)
+
+    def extra_repr(self) -> str:
+        e, two_i, h = self.gate_up_proj.shape
+        return f"num_experts={e}, hidden={h}, intermediate={two_i // 2}, backend={self.backend}"
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, norm_topk_prob: bool,
+                 act: nn.Module, backend: str = "auto"):
+        super().__init__()
+        backend = resolve_backend(backend)
+        self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob)
+        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, act, backend)
+        self.num_experts = num_experts
+        self.dispatcher: Dispatcher = (MegablocksDispatcher(num_experts) if backend == "megablocks"
+                                       else TorchDispatcher())
+
+    def forward(self, x_BSH: torch.Tensor, token_mask_T: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterStats]:
+        x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
+        routing = self.gate(x_TH)
+        rows_RH, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TH, routing, self.num_experts)
+        out_RH = self.experts(rows_RH, tokens_per_expert_E)
+        y_TH = self.dispatcher.combine(out_RH, meta)
+        return y_TH.view_as(x_BSH), router_stats(routing, token_mask_T)
