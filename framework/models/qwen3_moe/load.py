@@ -64,7 +64,8 @@ def load_hf_weights(model: Qwen3MoeCausalLM, path: str) -> None:
             if name not in available:
                 if tied and name == "lm_head.weight":
                     continue
-                raise ValueError(f"{path}: checkpoint has no tensor {name} (shape {list(param.shape)})")
+                raise ValueError(f"{path}: checkpoint has no tensor {name} (shape {list(param.shape)}); "
+                                 "does config.json match the weights?")
             tensor = ckpt.get(name)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"{path}: {name}: model expects shape {list(param.shape)}, checkpoint has "

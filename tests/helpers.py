@@ -1,0 +1,50 @@
+"""Shared test fixtures: a tiny Qwen3-MoE config and comparison helpers."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+# H != I and H != 2I so a gate/up or transpose mix-up cannot pass by shape; multiples of 8 for _grouped_mm strides.
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, mlp_only_layers=[1], router_aux_loss_coef=0.02, output_router_logits=True,
+            max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def tiny_config(attn: str = "eager", **overrides) -> Qwen3MoeConfig:
+    config = Qwen3MoeConfig(**{**TINY, **overrides})
+    config._attn_implementation = attn
+    config._experts_implementation = "eager"
+    return config
+
+
+def stock_model(seed: int = 0, attn: str = "eager", **overrides) -> Qwen3MoeForCausalLM:
+    """Stock transformers model with eager experts and non-trivial weights everywhere (norms too)."""
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(tiny_config(attn, **overrides)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # ones would hide a missing norm weight
+            elif "gate.weight" in name:
+                p.normal_(0.0, 0.5)  # spread router logits so top-k choices are not near ties
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def batch(seed: int = 1, bsz: int = 3, seq: int = 11, vocab: int = 96, pad_right: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (bsz, seq), generator=g)
+    mask = torch.ones(bsz, seq, dtype=torch.long)
+    if pad_right:
+        mask[1, seq - 4:] = 0
+        mask[2, seq - 1:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
