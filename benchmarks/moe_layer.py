@@ -1,0 +1,135 @@
+"""One Qwen3-30B-A3B MoE layer, bf16, forward+backward, on one GPU: our backends against the stock alternatives.
+
+    python benchmarks/moe_layer.py [--tokens 4096 16384 65536] [--iters 20] [--out results.json]
+
+FLOPs per step = 18 * T * k * H * I (three expert GEMMs; forward, input grad, weight grad). Measured in the same run:
+the dense bf16 matmul ceiling (a large square GEMM), the stock transformers 5 Qwen3MoeSparseMoeBlock with
+experts_implementation="grouped_mm", and stock MegaBlocks dMoE (its own router and GroupedGLU). Times are medians of
+CUDA-event timings after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from framework.moe.experts import megablocks_import_error
+from framework.moe.layer import MoEBlock
+
+H, I, E, K = 2048, 768, 128, 8
+
+
+def time_ms(fn, iters: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def matmul_ceiling_tflops(iters: int) -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, iters)
+    return 2 * n**3 / ms / 1e9
+
+
+def fwd_bwd(module, x, dy, unpack=lambda out: out):
+    def step():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        unpack(module(x)).backward(dy)
+    return step
+
+
+def init_(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+    return module
+
+
+def ours(backend: str):
+    return init_(MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend=backend).cuda().bfloat16())
+
+
+def stock_transformers():
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+                         norm_topk_prob=True)
+    cfg._experts_implementation = "grouped_mm"
+    return init_(Qwen3MoeSparseMoeBlock(cfg).cuda().bfloat16())
+
+
+def stock_megablocks():
+    from megablocks.layers.arguments import Arguments
+    from megablocks.layers.dmoe import dMoE
+
+    args = Arguments(hidden_size=H, ffn_hidden_size=I, moe_num_experts=E, moe_top_k=K, mlp_type="glu",
+                     mlp_impl="grouped", activation_fn=F.silu, bias=False, return_bias=False,
+                     moe_normalize_expert_weights=1, moe_loss_weight=0.0, fp16=False, bf16=True,
+                     device=torch.cuda.current_device(), num_layers=1)
+    return init_(dMoE(args))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--backends", nargs="+", default=["grouped_mm", "megablocks"])
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    ceiling = matmul_ceiling_tflops(args.iters)
+    mb_missing = megablocks_import_error()
+    impls = {f"ours:{b}": (lambda b=b: ours(b), lambda o: o[0]) for b in args.backends
+             if not (b == "megablocks" and mb_missing)}
+    impls["transformers-5 grouped_mm block"] = (stock_transformers, lambda o: o)
+    if not mb_missing:
+        impls["megablocks dMoE"] = (stock_megablocks, lambda o: o)
+    rows = []
+    for tokens in args.tokens:
+        flops = 18 * tokens * K * H * I
+        x = torch.randn(1, tokens, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+        for name, (build, unpack) in impls.items():
+            module = build()
+            ms = time_ms(fwd_bwd(module, x, dy, unpack), args.iters)
+            rows.append({"tokens": tokens, "impl": name, "ms": ms, "tflops": flops / ms / 1e9})
+            del module
+            torch.cuda.empty_cache()
+        for r in rows:
+            if r["tokens"] == tokens:
+                r["ceiling_ms"] = flops / ceiling / 1e9
+    device = torch.cuda.get_device_name()
+    print(f"\n{device}; dense bf16 matmul ceiling {ceiling:.0f} TFLOP/s; FLOPs = 18*T*k*H*I; "
+          f"megablocks: {'ok' if not mb_missing else mb_missing}")
+    print(f"{'T':>6} {'impl':<34} {'ms':>8} {'TFLOP/s':>8} {'%ceil':>6} {'vs dMoE':>8} {'vs HF':>6}")
+    for r in rows:
+        same_t = {q["impl"]: q["ms"] for q in rows if q["tokens"] == r["tokens"]}
+        vs_mb = same_t.get("megablocks dMoE", float("nan")) / r["ms"]
+        vs_hf = same_t["transformers-5 grouped_mm block"] / r["ms"]
+        print(f"{r['tokens']:>6} {r['impl']:<34} {r['ms']:8.2f} {r['tflops']:8.0f} "
+              f"{100 * r['ceiling_ms'] / r['ms']:5.0f}% {vs_mb:7.2f}x {vs_hf:5.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device, "ceiling_tflops": ceiling, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
