@@ -41,22 +41,23 @@ trap 'rm -rf "$work"' EXIT
 pip_args=(--no-deps --no-build-isolation --no-cache-dir ${PIP_EXTRA_ARGS:-})
 
 sdist() {  # sdist NAME VERSION -> path of the .tar.gz
-  local name=$1 version=$2 file
+  local name=$1 version=$2 file pattern
+  pattern="${name//-/[-_]}-$version.tar.gz"  # index file names use '-' or '_'
   if [ -n "$wheelhouse" ]; then
-    file=$(ls "$wheelhouse"/"${name//-/[-_]}"-"$version".tar.gz 2>/dev/null | head -n 1)
+    file=$(ls "$wheelhouse"/$pattern 2>/dev/null | head -n 1)
     [ -n "$file" ] || { echo "install_gpu_extras.sh: no ${name}-${version}.tar.gz in $wheelhouse" >&2; exit 2; }
   else
     "$py" -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d "$work" "$name==$version" >&2
-    file=$(ls "$work"/"${name//-/[-_]}"-"$version".tar.gz | head -n 1)
+    file=$(ls "$work"/$pattern | head -n 1)
   fi
   echo "$file"
 }
 
 echo "== torch $("$py" -c 'import torch; print(torch.__version__)'), nvcc CUDA $nvcc_major, archs $TORCH_CUDA_ARCH_LIST, $jobs jobs"
-"$py" -m pip install -q "${pip_args[@]}" "$(sdist stanford-stk 0.7.1)"
-
-gg=$(sdist grouped-gemm 0.3.0)
-mb=$(sdist megablocks 0.10.0)
+stk=$(sdist stanford-stk 0.7.1) || exit 2
+gg=$(sdist grouped-gemm 0.3.0) || exit 2
+mb=$(sdist megablocks 0.10.0) || exit 2
+"$py" -m pip install -q "${pip_args[@]}" "$stk"
 tar -xzf "$mb" -C "$work"
 mb_src="$work/megablocks-0.10.0"
 if [ "$nvcc_major" -ge 13 ] && grep -q debug_synchronous "$mb_src/csrc/cumsum.h"; then
