@@ -28,6 +28,9 @@ _PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.mlp\.exper
                             r"(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 _STACKED_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.mlp\.experts)\.(?P<proj>gate_proj|up_proj)$")
+# Anything under an experts module: a key that matches this but none of the three layouts is an unknown layout, and
+# must not be passed through silently as if it were an ordinary (non-expert) tensor.
+_ANY_EXPERT_RE = re.compile(r"\.mlp\.experts\.")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ def detect_layout(keys: list[str] | set[str]) -> str | None:
     return found.pop() if found else None
 
 
+def unknown_expert_keys(keys: list[str] | set[str]) -> list[str]:
+    """Keys under an `.mlp.experts.` module that belong to none of the known layouts (sorted)."""
+    return sorted(k for k in keys if _ANY_EXPERT_RE.search(k) and not (
+        _PER_EXPERT_RE.match(k) or _STACKED_RE.match(k) or _FUSED_RE.match(k)))
+
+
 def fused_keys(prefix: str) -> tuple[str, str]:
     return f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
 
@@ -96,6 +105,12 @@ def check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> No
         if tuple(tensor.shape) == tuple(reversed(expected)) or sorted(tensor.shape) == sorted(expected):
             hint = " (transposed? this layout stores [out_features, in_features])"
         raise ValueError(f"{key}: expected shape {list(expected)}, found {list(tensor.shape)}{hint}")
+
+
+def check_dtype(key: str, dtype: object, expected: object, reference: str) -> None:
+    """All expert tensors of a layer share one dtype; stacking mixed dtypes would silently promote them."""
+    if dtype != expected:
+        raise ValueError(f"{key}: dtype {dtype} differs from {expected} of {reference}")
 
 
 def per_expert_to_fused(prefix: str, gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor],
