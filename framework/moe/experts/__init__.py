@@ -30,10 +30,22 @@ def megablocks_import_error() -> str | None:
     return None
 
 
+def has_fast_grouped_mm() -> bool:
+    """torch._grouped_mm has CUTLASS kernels on sm90+ (Hopper); elsewhere it loops over experts."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def resolve_backend(name: str) -> str:
-    """Validate a backend name and resolve "auto": megablocks when it can run, else grouped_mm."""
+    """Validate a backend name and resolve "auto".
+
+    auto: grouped_mm on Hopper or newer (measured on H100 at Qwen3-30B-A3B shapes: 2.4x faster than megablocks at
+    4096 tokens, 1.13x at 16384, within 8% at 65536: benchmarks/moe_layer.py); megablocks on older CUDA GPUs when it is
+    installed; grouped_mm otherwise (CPU included).
+    """
     if name == "auto":
-        return "megablocks" if megablocks_import_error() is None else "grouped_mm"
+        if has_fast_grouped_mm() or megablocks_import_error() is not None:
+            return "grouped_mm"
+        return "megablocks"
     if name not in BACKENDS:
         raise ValueError(f"unknown MoE backend {name!r}; expected one of auto, {', '.join(BACKENDS)}")
     if name == "megablocks":
