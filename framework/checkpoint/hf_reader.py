@@ -140,7 +140,8 @@ class HFCheckpoint:
             if ek.expert is not None:
                 other = layer.per_expert.get((ek.expert, ek.proj))
                 if other is not None:  # e.g. "experts.3." and "experts.03."
-                    raise ValueError(f"{self.path}: duplicate expert {ek.expert} of layer {ek.layer}: {other} and {key}")
+                    raise ValueError(f"{self.path}: duplicate expert {ek.expert} of layer {ek.layer}: {other} and "
+                                     f"{key}")
                 layer.per_expert[(ek.expert, ek.proj)] = key
             else:
                 layer.whole[ek.proj] = key

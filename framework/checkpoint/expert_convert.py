@@ -1,0 +1,183 @@
+"""Converting a Qwen3-MoE checkpoint directory from one expert layout to another, streaming layer by layer.
+
+Owns: the checks made before anything is written (config vs tensors, every expert present once, shapes, dtypes, no
+unknown layout), the conversion loop (one layer's non-expert tensors, then its experts, written through
+`ShardedWriter`, the input's shard maps released after every layer so memory stays near one output shard plus one
+layer's experts), and `verify_conversion` (re-read the output, compare with the input tensor by tensor, byte for byte).
+Input: any of per_expert / fused / stacked (see `hf_layout.py`); output: fused (`tools/moe_merge.py`) or per_expert
+(`tools/moe_split.py`). Every non-expert tensor and every non-weight file passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from framework.checkpoint import hf_layout as hl
+from framework.checkpoint.atomic_dir import atomic_output_dir, check_output_path
+from framework.checkpoint.hf_config import ExpertConfig, read_expert_config
+from framework.checkpoint.hf_reader import PROJS, HFCheckpoint
+from framework.checkpoint.hf_writer import ShardedWriter, copy_non_weight_files
+
+TARGETS = (hl.FUSED, hl.PER_EXPERT)
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class ConversionReport:
+    input_layout: str | None
+    output_layout: str
+    num_tensors: int
+    num_shards: int
+    total_size: int  # bytes of tensor data written
+    seconds: float
+    copied_files: list[str] = field(default_factory=list)
+    verified: bool = False
+
+
+def check_experts(ckpt: HFCheckpoint, cfg: ExpertConfig) -> None:
+    """Every check that can fail before a byte is written, from config.json and the shard headers alone."""
+    unknown = hl.unknown_expert_keys(ckpt.keys())
+    if unknown:
+        raise ValueError(f"{ckpt.path}: unknown expert layout: {unknown[0]} is neither per_expert "
+                         "(experts.{e}.{gate,up,down}_proj.weight), fused (experts.gate_up_proj / experts.down_proj) "
+                         "nor stacked (experts.gate_proj / up_proj / down_proj)")
+    found, expected = set(ckpt.layers), set(cfg.moe_layers)
+    if not found and expected:
+        raise ValueError(f"{ckpt.path}: no expert tensors in a known layout (per_expert / fused / stacked), but "
+                         f"{cfg.source} makes {len(expected)} layer(s) MoE, e.g. layer {min(expected)}")
+    for layer in sorted(found - expected):
+        raise ValueError(f"{ckpt.path}: layer {layer} has expert tensors but {cfg.source} makes it a dense layer "
+                         f"(num_hidden_layers={cfg.num_hidden_layers}, mlp_only_layers / decoder_sparse_step)")
+    for layer in sorted(expected - found):
+        raise ValueError(f"{ckpt.path}: {cfg.source} makes layer {layer} an MoE layer but the checkpoint has no "
+                         "expert tensors for it")
+    for layer in cfg.moe_layers:
+        ckpt.check_layer_experts(layer, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+
+
+def _write_order(ckpt: HFCheckpoint) -> list[tuple[str, int | None]]:
+    """(non-expert key, None) and (experts, layer) items grouped by layer, so each layer is read and written once."""
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    head, tail = [], []
+    for key in ckpt.non_expert_keys():
+        m = _LAYER_RE.search(key)
+        if m:
+            by_layer[int(m[1])].append(key)
+        else:
+            (head if "embed" in key else tail).append(key)
+    order: list[tuple[str, int | None]] = [(k, None) for k in sorted(head)]
+    for layer in sorted(set(by_layer) | set(ckpt.layers)):
+        order += [(k, None) for k in sorted(by_layer[layer])]
+        if layer in ckpt.layers:
+            order.append(("", layer))
+    return order + [(k, None) for k in sorted(tail)]
+
+
+def _write_layer_experts(ckpt: HFCheckpoint, writer: ShardedWriter, layer: int, cfg: ExpertConfig,
+                         target: str) -> None:
+    prefix = ckpt.layers[layer].prefix
+    hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    if target == hl.FUSED:
+        gate_up, down = ckpt.read_layer_experts(layer, cfg.num_experts, hidden, inter)
+        gu_key, d_key = hl.fused_keys(prefix)
+        writer.add(gu_key, gate_up)
+        writer.add(d_key, down)
+        return
+    for e in range(cfg.num_experts):
+        for proj, tensor in zip(PROJS, ckpt.read_expert(layer, e, hidden, inter)):
+            writer.add(hl.per_expert_key(prefix, e, proj), tensor)
+
+
+def convert_checkpoint(src: str, dst: str, target: str, max_shard_size: int | str = "5GB", overwrite: bool = False,
+                       verify: bool = False, log: Callable[[str], None] | None = None) -> ConversionReport:
+    """Write `src` with its experts in layout `target` (fused / per_expert) to a new directory `dst`.
+
+    `dst` appears only when everything (and `verify`, if asked) succeeded; it is replaced only with `overwrite`.
+    Raises ValueError / OSError with one-line messages for bad input.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target layout {target!r}; expected one of {', '.join(TARGETS)}")
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"input checkpoint directory not found: {src}")
+    check_output_path(dst, overwrite, (src,))  # fail before reading anything
+    log = log or (lambda _msg: None)
+    start = time.perf_counter()
+    cfg = read_expert_config(src)
+    with HFCheckpoint(src) as ckpt:
+        ckpt.check_shards()
+        check_experts(ckpt, cfg)
+        order = _write_order(ckpt)
+        with atomic_output_dir(dst, overwrite, (src,)) as tmp:
+            copied = copy_non_weight_files(src, tmp)
+            writer = ShardedWriter(tmp, max_shard_size, {"expert_layout": target})
+            for key, layer in order:
+                if layer is None:
+                    writer.add(key, ckpt.get(key))
+                    continue
+                _write_layer_experts(ckpt, writer, layer, cfg, target)
+                ckpt.release()
+                log(f"layer {layer}: experts written ({layer + 1}/{cfg.num_hidden_layers})")
+            index = writer.close()
+            report = ConversionReport(ckpt.layout, target, len(index["weight_map"]),
+                                      len(set(index["weight_map"].values())), writer.total_size, 0.0, copied)
+            if verify:
+                ckpt.release()
+                verify_conversion(src, tmp, target, cfg, log)
+                report.verified = True
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _check_same(key: str, expected: torch.Tensor, found: torch.Tensor) -> None:
+    if expected.dtype != found.dtype or expected.shape != found.shape:
+        raise ValueError(f"verify failed: {key}: output has {found.dtype} {list(found.shape)}, input "
+                         f"{expected.dtype} {list(expected.shape)}")
+    if not torch.equal(_as_bytes(expected), _as_bytes(found)):
+        raise ValueError(f"verify failed: {key}: output bytes differ from the input")
+
+
+def verify_conversion(src: str, out: str, target: str, cfg: ExpertConfig | None = None,
+                      log: Callable[[str], None] | None = None) -> None:
+    """Re-read `out` and check it against `src`: the expected tensor names and nothing else, the target layout, and
+    every tensor equal byte for byte (experts compared layer by layer in the fused form). ValueError on a mismatch."""
+    cfg = cfg or read_expert_config(src)
+    log = log or (lambda _msg: None)
+    hidden, inter, num_experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    with HFCheckpoint(src) as a, HFCheckpoint(out) as b:
+        b.check_shards()
+        if b.layout not in (target, None):
+            raise ValueError(f"verify failed: {out} has expert layout {b.layout}, expected {target}")
+        expected = set(a.non_expert_keys())
+        for layer in cfg.moe_layers:
+            prefix = a.layers[layer].prefix
+            expected |= set(hl.fused_keys(prefix)) if target == hl.FUSED else {
+                hl.per_expert_key(prefix, e, proj) for e in range(num_experts) for proj in PROJS}
+        missing, unexpected = sorted(expected - set(b.keys())), sorted(set(b.keys()) - expected)
+        if missing or unexpected:
+            raise ValueError(f"verify failed: {out}: " + (f"missing tensor {missing[0]}" if missing else
+                                                          f"unexpected tensor {unexpected[0]}"))
+        for key in a.non_expert_keys():
+            x = a.get(key)
+            _check_same(key, x, b.get(key))
+            if x.numel() * x.element_size() >= 64 << 20:  # embeddings / lm_head: unmap, as between layers
+                a.release()
+                b.release()
+        for layer in cfg.moe_layers:
+            for name, x, y in zip(("gate_up_proj", "down_proj"),
+                                  a.read_layer_experts(layer, num_experts, hidden, inter),
+                                  b.read_layer_experts(layer, num_experts, hidden, inter)):
+                _check_same(f"layer {layer} experts ({name}, fused form)", x, y)
+            a.release()
+            b.release()
+        log(f"verified: {len(expected)} output tensors match the input byte for byte")
