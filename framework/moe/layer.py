@@ -22,7 +22,8 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: nn.Module, backend: str):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # held here: all of them, or this rank's block under expert parallelism
+        self.first_expert = 0  # global id of expert 0 here
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act_fn = act

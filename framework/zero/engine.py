@@ -1,0 +1,69 @@
+"""deepspeed.initialize for Qwen3-MoE with expert parallelism: config checks, MoE-aware ZeRO setup.
+
+Owns: everything DeepSpeed-specific about MoE: rejecting ZeRO options that cannot work with expert partition groups,
+making the MoE block a ZeRO-3 leaf module (gathered and reduced as a unit, so ranks that route to different experts
+never issue mismatched collectives), and, for ZeRO-1/2, presenting MoE blocks as DeepSpeed MoE layers (the only way
+the stage-1/2 optimizer shards expert states over the EDP group and reduces expert gradients there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from framework.moe.layer import MoEBlock
+from framework.parallel.expert_parallel import check_expert_tags
+from framework.parallel.groups import ParallelGroups
+
+
+def check_ds_config(ds_config: dict[str, Any], ep_size: int, source: str = "DeepSpeed config") -> None:
+    """One-line errors for settings that cannot be combined with expert parallelism."""
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if ep_size > 1:
+        if zero.get("zero_hpz_partition_size", 1) > 1:
+            raise ValueError(f"{source}: zero_optimization.zero_hpz_partition_size="
+                             f"{zero['zero_hpz_partition_size']} (hpZ) cannot be combined with expert parallelism "
+                             f"(parallel.ep_size={ep_size}); set it to 1")
+        for key in ("zero_quantized_gradients", "zero_quantized_weights"):
+            if zero.get(key):
+                raise ValueError(f"{source}: zero_optimization.{key}=true cannot be combined with expert parallelism "
+                                 f"(parallel.ep_size={ep_size}); set it to false")
+        if ds_config.get("sequence_parallel_size", 1) > 1:
+            raise ValueError(f"{source}: sequence_parallel_size={ds_config['sequence_parallel_size']} cannot be "
+                             f"combined with expert parallelism (parallel.ep_size={ep_size}); set it to 1")
+        if stage in (1, 2):
+            for key in ("contiguous_gradients", "reduce_scatter"):
+                if zero.get(key, True) is False:
+                    raise ValueError(f"{source}: zero_optimization.{key}=false; ZeRO-{stage} with expert "
+                                     "parallelism needs it true")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{source}: zero_optimization.stage={stage}; expected 0, 1, 2 or 3")
+
+
+def _as_deepspeed_moe(model: nn.Module, groups: ParallelGroups) -> None:
+    """Make MoE blocks isinstance(deepspeed.moe.layer.MoE) without running its constructor (ZeRO-1/2 only)."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE  # noqa: PLC0415
+
+    for block in (m for m in model.modules() if isinstance(m, MoEBlock)):
+        block.__class__ = type("DeepSpeedMoEBlock", (MoEBlock, DeepSpeedMoE),
+                               {"set_deepspeed_parallelism": lambda self, *a, **k: None})
+        block.ep_size = groups.ep_size
+        block.num_local_experts = block.num_experts // groups.ep_size
+        block.expert_group_name = groups.group_name
+
+
+def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGroups, **kwargs):
+    """deepspeed.initialize with the MoE plumbing; returns what deepspeed.initialize returns."""
+    import deepspeed  # noqa: PLC0415
+    from deepspeed.utils import set_z3_leaf_modules  # noqa: PLC0415
+
+    check_ds_config(ds_config, groups.ep_size)
+    check_expert_tags(model, groups)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        set_z3_leaf_modules(model, [MoEBlock])
+    elif groups.ep_size > 1:
+        _as_deepspeed_moe(model, groups)
+    return deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config, **kwargs)

@@ -1,0 +1,32 @@
+"""Settings shared by the expert-parallel workers and their single-process reference."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.helpers import TINY
+
+MICRO, STEPS, LR, WD, CLIP = 2, 3, 1e-2, 0.01, 0.5
+
+
+def model_config() -> dict:
+    return dict(TINY)
+
+
+def global_batch(world: int, seq: int = 12):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, TINY["vocab_size"], (world * MICRO, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # padding on rank 0 only: exercises the masked aux loss
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def ds_config(stage: int, world: int) -> dict:
+    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True,
+            "reduce_bucket_size": 500}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=500)
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+            "train_batch_size": MICRO * world, "gradient_clipping": CLIP, "steps_per_print": 10**9,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "torch_adam": True}},
+            "zero_optimization": zero, "wall_clock_breakdown": False}

@@ -1,0 +1,58 @@
+"""One rank of the MoE-block expert-parallel runs with forced routing (started by test_ep_block.py).
+
+    python tests/distributed/ep_block_worker.py OUT_DIR
+
+Case "remote": rank 0's tokens all go to experts it does not hold, and rank 1's all to rank 0's experts.
+Case "starved": every rank's tokens go to the last rank's experts; the other ranks receive no rows at all.
+Rank 0 writes, per case, every rank's output and input gradient, the summed router gradient and the full expert
+gradients to OUT_DIR/block.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from framework.parallel.expert_parallel import apply_expert_parallel, gather_full_experts  # noqa: E402
+from framework.parallel.groups import init_parallel_groups  # noqa: E402
+from tests.distributed.block_case import E, case_inputs, make_block  # noqa: E402
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = init_parallel_groups(world, E)
+    results = {}
+    for case in ("remote", "starved"):
+        holder = torch.nn.ModuleDict({"moe": make_block()})
+        apply_expert_parallel(holder, groups)
+        block = holder["moe"]
+        xs, dys = case_inputs(case, world)
+        x = xs[rank].clone().requires_grad_()
+        y, stats = block(x)
+        (y * dys[rank]).sum().backward()
+        gate_grad = block.gate.weight.grad.clone()
+        dist.all_reduce(gate_grad)
+        results[case] = {"y": gather_rows(y.detach()), "x_grad": gather_rows(x.grad), "gate_grad": gate_grad,
+                         "gate_up_grad": gather_full_experts(block.experts.gate_up_proj.grad, groups),
+                         "down_grad": gather_full_experts(block.experts.down_proj.grad, groups),
+                         "local_rows": torch.tensor(float(block.experts.gate_up_proj.shape[0]))}
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "block.pt"))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

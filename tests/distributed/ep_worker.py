@@ -1,0 +1,74 @@
+"""One rank of the expert-parallel parity runs (started by test_ep_zero.py with RANK/WORLD_SIZE/MASTER_* set).
+
+    python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...]
+
+For each ZeRO stage: a tiny Qwen3-MoE, EP over the given size, 3 AdamW steps with clipping on a fixed global batch;
+rank 0 writes losses, the step-0 full gradients, the global grad norms and the final full parameters to
+OUT_DIR/stage{S}.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
+
+import framework  # noqa: E402
+from framework.parallel.expert_parallel import apply_expert_parallel, gather_full_experts  # noqa: E402
+from framework.parallel.groups import init_parallel_groups  # noqa: E402
+from framework.zero.engine import initialize  # noqa: E402
+from tests.distributed.common import LR, CLIP, MICRO, STEPS, WD, ds_config, global_batch, model_config  # noqa: E402
+
+
+def full_tensors(engine, groups, read) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in engine.module.named_parameters():
+        t = read(p).detach().float().clone()
+        if getattr(p, "ds_zero_placement_family", None) is not None:
+            t = gather_full_experts(t, groups)
+        out[name] = t
+    return out
+
+
+def run(stage: int, ep: int, out_dir: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = init_parallel_groups(ep, model_config()["num_experts"])
+    model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager", seed=0)
+    apply_expert_parallel(model, groups)
+    engine, *_ = initialize(model, ds_config(stage, world), groups)
+    ids, mask, labels = global_batch(world)
+    sl = slice(rank * MICRO, (rank + 1) * MICRO)
+    result = {"losses": [], "norms": []}
+    for step in range(STEPS):
+        out = engine(ids[sl], attention_mask=mask[sl], labels=labels[sl])
+        engine.backward(out.loss)
+        if step == 0:
+            result["grads"] = full_tensors(engine, groups, safe_get_full_grad)
+        engine.step()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        result["losses"].append(loss.item() / world)
+        result["norms"].append(float(engine.get_global_grad_norm()))
+    result["params"] = full_tensors(engine, groups, safe_get_full_fp32_param)
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, f"stage{stage}.pt"))
+    engine.destroy() if hasattr(engine, "destroy") else None
+
+
+def main() -> None:
+    out_dir, ep, stages = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3:]]
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in stages:
+        run(stage, ep, out_dir)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
