@@ -17,6 +17,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+# Before torch is imported: 2 MB pages for the multi-GB expert buffers; 4 KB page faults on fresh memory otherwise cost
+# about as much as the copy itself (measured: 0.55 s vs 0.30 s per 1.2 GB on the 2-core CPU machine).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from framework.checkpoint.cli import format_bytes, run_cli  # noqa: E402
 from framework.checkpoint.expert_convert import convert_checkpoint  # noqa: E402

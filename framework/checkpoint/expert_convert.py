@@ -117,14 +117,18 @@ def convert_checkpoint(src: str, dst: str, target: str, max_shard_size: int | st
         with atomic_output_dir(dst, overwrite, (src,)) as tmp:
             copied = copy_non_weight_files(src, tmp)
             writer = ShardedWriter(tmp, max_shard_size, {"expert_layout": target})
-            for key, layer in order:
-                if layer is None:
-                    writer.add(key, ckpt.get(key))
-                    continue
-                _write_layer_experts(ckpt, writer, layer, cfg, target)
-                ckpt.release()
-                log(f"layer {layer}: experts written ({layer + 1}/{cfg.num_hidden_layers})")
-            index = writer.close()
+            try:
+                for key, layer in order:
+                    if layer is None:
+                        writer.add(key, ckpt.get(key))
+                        continue
+                    _write_layer_experts(ckpt, writer, layer, cfg, target)
+                    ckpt.release()
+                    log(f"layer {layer}: experts converted ({layer + 1}/{cfg.num_hidden_layers})")
+                index = writer.close()
+            except BaseException:
+                writer.abort()  # the background write must stop before atomic_output_dir removes the directory
+                raise
             report = ConversionReport(ckpt.layout, target, len(index["weight_map"]),
                                       len(set(index["weight_map"].values())), writer.total_size, 0.0, copied)
             if verify:

@@ -1,7 +1,8 @@
 """Writing Hugging Face safetensors checkpoint directories in a stream of tensors, and copying the files around them.
 
 Owns: `ShardedWriter` (tensors in, `model-0000i-of-0000N.safetensors` shards of at most `max_shard_size` bytes plus
-`model.safetensors.index.json` out, holding at most one shard in memory) and `copy_non_weight_files` (config, tokenizer,
+`model.safetensors.index.json` out; a shard is written by a background thread while the next one fills, so reading
+and writing overlap and at most two shards are held in memory) and `copy_non_weight_files` (config, tokenizer,
 generation config, licence, ...: everything in a checkpoint directory except weights).
 
 Format marker: the index's `metadata` carries `expert_layout` ("fused" = transformers 5 `gate_up_proj` / `down_proj`,
@@ -16,6 +17,7 @@ import fnmatch
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from safetensors.torch import save_file
@@ -41,7 +43,10 @@ def parse_size(size: int | str) -> int:
 
 class ShardedWriter:
     """Collects tensors in order and writes them as shards of at most `max_shard_size` bytes (a single larger tensor
-    gets a shard of its own). Tensors are held until their shard is written: pass tensors that own their storage."""
+    gets a shard of its own). Tensors are held until their shard is written: pass tensors that own their storage.
+
+    save_file releases the GIL, so one background thread writes a full shard while the caller reads the next tensors;
+    `flush` waits for the previous write first, which bounds memory at two shards. Call `close` (or `abort`)."""
 
     def __init__(self, directory: str, max_shard_size: int | str = "5GB", metadata: dict[str, str] | None = None):
         self.directory = directory
@@ -54,6 +59,8 @@ class ShardedWriter:
         self.total_parameters = 0
         self._seen: set[str] = set()
         self.closed = False
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._in_flight: Future | None = None
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         if self.closed:
@@ -70,20 +77,40 @@ class ShardedWriter:
         self.total_parameters += tensor.numel()
 
     def flush(self) -> None:
-        """Write the pending tensors as the next shard and drop them from memory."""
+        """Start writing the pending tensors as the next shard (after the previous write has finished)."""
         if not self._pending:
             return
+        self._wait()
         # Final names need the shard count, known only at close(): write under a provisional name, rename then.
-        save_file(self._pending, os.path.join(self.directory, self._provisional(len(self._shards))),
-                  metadata={"format": "pt"})
+        path = os.path.join(self.directory, self._provisional(len(self._shards)))
+        self._in_flight = self._pool.submit(save_file, self._pending, path, {"format": "pt"})
         self._shards.append(list(self._pending))
         self._pending = {}
         self._pending_bytes = 0
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()  # re-raises a failed write (disk full, ...) here, in the caller's thread
+
+    def abort(self) -> None:
+        """Stop without writing the index (the caller removes the directory)."""
+        self.closed = True
+        self._pending = {}
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - the caller is already handling the error that made it abort
+            pass
+        self._pool.shutdown(wait=True)
 
     def close(self) -> dict:
         """Write the last shard, give every shard its final name and write the index; returns the index."""
         self.flush()
         self.closed = True
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
         count = len(self._shards)
         weight_map: dict[str, str] = {}
         for i, keys in enumerate(self._shards):
