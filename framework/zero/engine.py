@@ -1,7 +1,7 @@
 """deepspeed.initialize for Qwen3-MoE with expert parallelism: config checks, MoE-aware ZeRO setup.
 
 Owns: everything DeepSpeed-specific about MoE: rejecting ZeRO options that cannot work with expert partition groups,
-making the MoE block a ZeRO-3 leaf module (gathered and reduced as a unit, so ranks that route to different experts
+tagging expert parameters for per-parameter partition groups, making the MoE block a ZeRO-3 leaf module (gathered and reduced as a unit, so ranks that route to different experts
 never issue mismatched collectives), and, for ZeRO-1/2, presenting MoE blocks as DeepSpeed MoE layers (the only way
 the stage-1/2 optimizer shards expert states over the EDP group and reduces expert gradients there).
 """
@@ -13,8 +13,47 @@ from typing import Any
 from torch import nn
 
 from framework.moe.layer import MoEBlock
-from framework.parallel.expert_parallel import check_expert_tags
+from framework.parallel.ep_dispatch import AllToAllDispatcher
 from framework.parallel.groups import ParallelGroups
+
+# DeepSpeed's AutoEP family tag: stage3.py averages these gradients over the whole DP world (each EP rank's expert
+# gradient already holds every EP peer's tokens) and adds an all-reduce over the EP group to the gradient norm.
+EXPERT_FAMILY = "autoep_expert"
+
+
+def _tag_expert_param(param: nn.Parameter, groups: ParallelGroups) -> None:
+    param.allreduce = False  # engine._broadcast_model: broadcast inside the EDP group only
+    param.group_name = groups.group_name
+    param.ds_zero_partition_process_group = groups.edp_group  # zero.Init: shard over EDP, not the world
+    param.ds_zero_partition_group_name = groups.group_name
+    param.ds_zero_placement_family = EXPERT_FAMILY
+
+
+def tag_expert_params(model: nn.Module, groups: ParallelGroups) -> None:
+    """Tag every expert-parallel parameter for DeepSpeed. Must run after the model is materialised (to_empty and
+    dtype casts make new Parameter objects) and before deepspeed.initialize converts it. Without these tags DeepSpeed
+    fails silently (measured): rank 0's experts broadcast over the others, or expert gradients exactly ep x too large.
+    """
+    for block in (m for m in model.modules() if isinstance(m, MoEBlock)):
+        if isinstance(block.dispatcher, AllToAllDispatcher):
+            for p in block.experts.parameters():
+                _tag_expert_param(p, groups)
+
+
+def check_expert_tags(model: nn.Module, groups: ParallelGroups) -> None:
+    """Fail before training when an expert parameter lacks a tag that DeepSpeed would silently do without (DeepSpeed
+    checks nothing for custom MoE modules)."""
+    if groups.ep_size == 1:
+        return
+    for block in (m for m in model.modules() if isinstance(m, MoEBlock)):
+        if not isinstance(block.dispatcher, AllToAllDispatcher):
+            raise RuntimeError("ep_size > 1 but an MoE block still dispatches locally: call apply_expert_parallel "
+                               "before building the engine")
+        for name, p in block.experts.named_parameters():
+            if getattr(p, "ds_zero_placement_family", None) != EXPERT_FAMILY or \
+                    getattr(p, "ds_zero_partition_process_group", None) is not groups.edp_group or \
+                    getattr(p, "allreduce", True) is not False:
+                raise RuntimeError(f"expert parameter {name} is missing its expert-parallel DeepSpeed tags")
 
 
 def check_ds_config(ds_config: dict[str, Any], ep_size: int, source: str = "DeepSpeed config") -> None:
@@ -60,6 +99,7 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGrou
     from deepspeed.utils import set_z3_leaf_modules  # noqa: PLC0415
 
     check_ds_config(ds_config, groups.ep_size)
+    tag_expert_params(model, groups)
     check_expert_tags(model, groups)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:

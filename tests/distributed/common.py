@@ -6,7 +6,7 @@ import torch
 
 from tests.helpers import TINY
 
-MICRO, STEPS, LR, WD, CLIP = 2, 3, 1e-2, 0.01, 0.5
+MICRO, STEPS, LR, WD, CLIP = 2, 3, 1e-3, 0.01, 0.5
 
 
 def model_config() -> dict:

@@ -40,8 +40,9 @@ def full_tensors(engine, groups, read) -> dict[str, torch.Tensor]:
 def run(stage: int, ep: int, out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = init_parallel_groups(ep, model_config()["num_experts"])
-    model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager", seed=0)
-    apply_expert_parallel(model, groups)
+    # Experts are sliced on the meta device: each rank allocates and initialises only its own block.
+    model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager", seed=0,
+                                 prepare=lambda m: apply_expert_parallel(m, groups))
     engine, *_ = initialize(model, ds_config(stage, world), groups)
     ids, mask, labels = global_batch(world)
     sl = slice(rank * MICRO, (rank + 1) * MICRO)

@@ -12,7 +12,7 @@ def single_process_run(world: int) -> dict:
     model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     ids, mask, labels = global_batch(world)
-    result = {"losses": [], "norms": []}
+    result = {"losses": [], "norms": [], "initial": {n: p.detach().clone() for n, p in model.named_parameters()}}
     for step in range(STEPS):
         # each data-parallel rank averages its own micro-batch; DeepSpeed then averages over ranks
         losses = [model(ids[r * MICRO:(r + 1) * MICRO], attention_mask=mask[r * MICRO:(r + 1) * MICRO],

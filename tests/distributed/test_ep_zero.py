@@ -43,3 +43,5 @@ def test_ep2_matches_single_process(ep2_results, reference, stage):
         assert rel_err(got["grads"][name], g) <= TOL, (stage, name, rel_err(got["grads"][name], g))
     for name, p in reference["params"].items():
         assert rel_err(got["params"][name], p) <= TOL, (stage, name, rel_err(got["params"][name], p))
+        # the comparison means something only if 3 steps moved the weights well beyond the tolerance
+        assert rel_err(p, reference["initial"][name]) > 100 * TOL, name

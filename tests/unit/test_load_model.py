@@ -113,3 +113,33 @@ def test_config_disagreeing_with_tensors(stock_and_dirs, tmp_path):
     path = write_checkpoint(str(tmp_path / "dense"), stock.state_dict(), {**TINY, "mlp_only_layers": [1, 2]})
     with pytest.raises(ValueError, match="does config.json match the weights"):
         framework.load_model(path)
+
+
+def keep_experts(lo: int, hi: int):
+    """A stand-in for expert parallelism's meta-device step: keep experts [lo, hi) of every MoE block."""
+    def prepare(model):
+        for block in model.moe_blocks():
+            for name in ("gate_up_proj", "down_proj"):
+                full = getattr(block.experts, name)
+                setattr(block.experts, name, torch.nn.Parameter(full[lo:hi].clone()))
+            block.experts.first_expert, block.experts.num_experts = lo, hi - lo
+    return prepare
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused", "stacked"])
+def test_expert_block_reads_only_its_slice(stock_and_dirs, layout):
+    stock, dirs, _ = stock_and_dirs
+    part = framework.load_model(dirs[layout], backend="eager", prepare=keep_experts(2, 6))
+    full = stock.state_dict()
+    for name, tensor in part.state_dict().items():
+        expected = full[name][2:6] if ".mlp.experts." in name else full[name]
+        assert torch.equal(tensor, expected), name
+    assert part.model.layers[0].mlp.experts.gate_up_proj.is_meta is False
+
+
+def test_random_init_is_the_same_whatever_expert_block_is_kept():
+    full = framework.load_model(dict(TINY), backend="eager", seed=5)
+    part = framework.load_model(dict(TINY), backend="eager", seed=5, prepare=keep_experts(4, 8))
+    for name, tensor in part.state_dict().items():
+        expected = full.state_dict()[name]
+        assert torch.equal(tensor, expected[4:8] if ".mlp.experts." in name else expected), name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Callable
 
 import torch
 from transformers import Qwen3MoeConfig
@@ -26,18 +27,24 @@ def _has_weights(path: str) -> bool:
 
 def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", attn_implementation: str | None = None,
-               aux_loss_coef: float | None = None, z_loss_coef: float = 0.0, seed: int = 0) -> Qwen3MoeCausalLM:
+               aux_loss_coef: float | None = None, z_loss_coef: float = 0.0, seed: int = 0,
+               prepare: Callable[[Qwen3MoeCausalLM], None] | None = None) -> Qwen3MoeCausalLM:
     """A Qwen3-MoE causal LM on our MoE layer.
 
     `path_or_config`: an HF checkpoint directory (per-expert, fused or stacked expert layout), a directory or path of a
     config.json, a config dict or a `Qwen3MoeConfig` (the last three: random initialisation with `seed`).
     `backend`: auto / megablocks / grouped_mm / eager. `aux_loss_coef`: defaults to config.router_aux_loss_coef.
+    `prepare`: applied to the model while its parameters are still on the meta device (e.g. expert parallelism keeping
+    only this rank's experts), so that only the parameters it leaves are allocated, read or initialised. Random
+    initialisation is seeded per parameter and per expert: the same weights whatever `prepare` keeps.
     """
     config = load_hf_config(path_or_config)
     config = Qwen3MoeConfig.from_dict(config.to_dict())  # our own copy: we set the attention implementation on it
     config._attn_implementation = attn_implementation or "sdpa"
     with torch.device("meta"):
         model = Qwen3MoeCausalLM(config, backend=backend, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+    if prepare is not None:
+        prepare(model)
     model.to_empty(device=device)
     model.to(dtype)
     # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
@@ -45,7 +52,7 @@ def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto
     if isinstance(path_or_config, str) and _has_weights(path_or_config):
         load_hf_weights(model, path_or_config)
     else:
-        model.init_weights(torch.Generator(device=device).manual_seed(seed))
+        model.init_weights(seed)
     return model
 
 
@@ -84,7 +91,8 @@ def load_hf_weights(model: Qwen3MoeCausalLM, path: str) -> None:
                              "a dense layer (mlp_only_layers / decoder_sparse_step)")
         for layer in moe_layers:
             experts = model.model.layers[layer].mlp.experts
+            expert_range = (experts.first_expert, experts.first_expert + experts.num_experts)
             gate_up, down = ckpt.read_layer_experts(layer, config.num_experts, config.hidden_size,
-                                                    config.moe_intermediate_size)
+                                                    config.moe_intermediate_size, expert_range=expert_range)
             experts.gate_up_proj.copy_(gate_up)
             experts.down_proj.copy_(down)

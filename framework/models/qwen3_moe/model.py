@@ -8,6 +8,7 @@ Single-process: no distributed imports.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -105,14 +106,21 @@ class Qwen3MoeCausalLM(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoEBlock)]
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """transformers' initialisation: normal(0, initializer_range) for matrices, ones for norms."""
+    def init_weights(self, seed: int = 0) -> None:
+        """transformers' initialisation (normal(0, initializer_range) for matrices, ones for norms), drawn from one
+        generator per parameter and per expert, so a rank holding a block of experts gets exactly that block."""
         std = self.config.initializer_range
+        experts = {id(m.experts.gate_up_proj): m.experts for m in self.moe_blocks()}
+        experts.update({id(m.experts.down_proj): m.experts for m in self.moe_blocks()})
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif id(p) in experts:
+                first = experts[id(p)].first_expert
+                for e in range(p.shape[0]):
+                    p[e].normal_(0.0, std, generator=_generator(seed, f"{name}/{first + e}", p.device))
             else:
-                p.normal_(0.0, std, generator=generator)
+                p.normal_(0.0, std, generator=_generator(seed, name, p.device))
         pad = self.config.pad_token_id
         if pad is not None:
             self.model.embed_tokens.weight[pad].zero_()
@@ -149,6 +157,10 @@ class Qwen3MoeCausalLM(nn.Module):
             if stats and self.z_loss_coef:
                 out.loss = out.loss + self.z_loss_coef * out.z_loss
         return out
+
+
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
