@@ -1,5 +1,9 @@
-"""EP=2 on 2 gloo processes under ZeRO-3 and ZeRO-2 equals one process with EP=1: loss, gradients, grad norm,
-parameters after 3 clipped AdamW steps (fp32, 1e-5 relative)."""
+"""Expert parallelism on gloo processes under ZeRO-3 and ZeRO-2 equals one process with EP=1: loss, gradients,
+global grad norm, parameters after 3 clipped AdamW steps (fp32, 1e-5 relative).
+
+Topologies: world 2 / EP 2 (experts split, no EDP sharding), world 4 / EP 2 (experts also sharded over EDP groups of 2),
+world 4 / EP 4.
+"""
 
 from __future__ import annotations
 
@@ -15,33 +19,32 @@ from tests.helpers import rel_err
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
 TOL = 1e-5
+RUNS = {(2, 2): (3, 2), (4, 2): (3, 2), (4, 4): (3,)}  # (world, ep) -> ZeRO stages
 
 
-@pytest.fixture(scope="module")
-def ep2_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ep2")
-    run_workers(WORKER, [str(out), "2", "3", "2"], world=2)
-    return {stage: torch.load(out / f"stage{stage}.pt") for stage in (3, 2)}
+@pytest.fixture(scope="module", params=sorted(RUNS), ids=lambda we: f"world{we[0]}-ep{we[1]}")
+def run(request, tmp_path_factory):
+    world, ep = request.param
+    out = tmp_path_factory.mktemp(f"w{world}ep{ep}")
+    stages = RUNS[(world, ep)]
+    run_workers(WORKER, [str(out), str(ep), *map(str, stages)], world=world)
+    results = {stage: torch.load(out / f"stage{stage}.pt") for stage in stages}
+    return world, results, single_process_run(world=world)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return single_process_run(world=2)
-
-
-@pytest.mark.parametrize("stage", [3, 2])
-def test_ep2_matches_single_process(ep2_results, reference, stage):
-    got = ep2_results[stage]
-    for step, (a, b) in enumerate(zip(got["losses"], reference["losses"])):
-        assert abs(a - b) <= TOL * abs(b), (stage, step, a, b)
-    for step, (a, b) in enumerate(zip(got["norms"], reference["norms"])):
-        assert abs(a - b) <= TOL * abs(b), (stage, "grad norm", step, a, b)
+def test_ep_matches_single_process(run):
+    world, results, reference = run
     assert reference["norms"][0] > 0.5  # clipping (max norm 0.5) is active, so the global norm matters
-    assert set(got["grads"]) == set(reference["grads"])
-    for name, g in reference["grads"].items():
-        assert got["grads"][name].shape == g.shape, name
-        assert rel_err(got["grads"][name], g) <= TOL, (stage, name, rel_err(got["grads"][name], g))
-    for name, p in reference["params"].items():
-        assert rel_err(got["params"][name], p) <= TOL, (stage, name, rel_err(got["params"][name], p))
-        # the comparison means something only if 3 steps moved the weights well beyond the tolerance
-        assert rel_err(p, reference["initial"][name]) > 100 * TOL, name
+    for stage, got in results.items():
+        for step, (a, b) in enumerate(zip(got["losses"], reference["losses"])):
+            assert abs(a - b) <= TOL * abs(b), (stage, step, a, b)
+        for step, (a, b) in enumerate(zip(got["norms"], reference["norms"])):
+            assert abs(a - b) <= TOL * abs(b), (stage, "grad norm", step, a, b)
+        assert set(got["grads"]) == set(reference["grads"])
+        for name, g in reference["grads"].items():
+            assert got["grads"][name].shape == g.shape, name
+            assert rel_err(got["grads"][name], g) <= TOL, (stage, name, rel_err(got["grads"][name], g))
+        for name, p in reference["params"].items():
+            assert rel_err(got["params"][name], p) <= TOL, (stage, name, rel_err(got["params"][name], p))
+            # the comparison means something only if 3 steps moved the weights well beyond the tolerance
+            assert rel_err(p, reference["initial"][name]) > 100 * TOL, name
