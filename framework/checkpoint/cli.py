@@ -39,3 +39,27 @@ def format_bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def convert_main(argv: list[str] | None, description: str, in_flag: str, in_help: str, out_flag: str,
+                 target_layout: str, verb: str) -> int:
+    """The command line shared by moe_merge and moe_split: parse, convert to `target_layout`, print one summary line."""
+    import argparse  # noqa: PLC0415
+
+    from framework.checkpoint.expert_convert import convert_checkpoint  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(in_flag, required=True, help=in_help)
+    p.add_argument(out_flag, required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--max_shard_size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--verify", action="store_true", help="re-read the output and compare it with the input")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = vars(p.parse_args(argv))
+    src, dst = args[in_flag.lstrip("-")], args[out_flag.lstrip("-")]
+    log = None if args["quiet"] else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = convert_checkpoint(src, dst, target_layout, args["max_shard_size"], args["overwrite"], args["verify"], log)
+    print(f"{verb} {report.input_layout} -> {report.output_layout}: {report.num_tensors} tensors, "
+          f"{format_bytes(report.total_size)} in {report.num_shards} shard(s), {len(report.copied_files)} other "
+          f"file(s) copied, {report.seconds:.1f} s{', verified' if report.verified else ''} -> {dst}")
+    return 0
