@@ -65,9 +65,8 @@ def load_hf_weights(model: Qwen3MoeCausalLM, path: str) -> None:
         used: set[str] = set()
         tied = config.tie_word_embeddings
         for name, param in model.named_parameters(remove_duplicate=False):
-            m = _EXPERT_PARAM_RE.match(name)
-            if m:
-                continue
+            if _EXPERT_PARAM_RE.match(name):
+                continue  # experts are read layer by layer below
             if name not in available:
                 if tied and name == "lm_head.weight":
                     continue
