@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Qwen3MoeConfig
 from transformers.activations import ACT2FN
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
@@ -76,11 +77,15 @@ class DecoderStack(nn.Module):
 
 
 def causal_mask(attention_mask_BS: torch.Tensor | None, batch: int, seq: int, dtype: torch.dtype,
-                device: torch.device) -> torch.Tensor:
-    """Additive [B, 1, S, S] mask: causal, and keys that are padding masked out (finite min avoids NaN rows)."""
+                device: torch.device, position_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive [B, 1, S, S] mask: causal, keys that are padding masked out (finite min avoids NaN rows), and, given
+    position ids, block-diagonal over packed documents: a document starts wherever its position id is 0."""
     allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril().expand(batch, 1, seq, seq)
     if attention_mask_BS is not None:
         allowed = allowed & attention_mask_BS.bool()[:, None, None, :]
+    if position_ids_BS is not None:
+        doc_BS = (position_ids_BS == 0).cumsum(-1).expand(batch, seq)
+        allowed = allowed & (doc_BS[:, None, :, None] == doc_BS[:, None, None, :])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
@@ -101,6 +106,9 @@ class Qwen3MoeCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.aux_loss_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
         self.z_loss_coef = z_loss_coef
+        # Recompute each decoder layer in backward instead of keeping its activations (non-reentrant checkpointing:
+        # works with ZeRO-3's parameter hooks and with the EP all-to-all, which every rank recomputes alike).
+        self.activation_checkpointing = False
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [m for m in self.modules() if isinstance(m, MoEBlock)]
@@ -127,20 +135,27 @@ class Qwen3MoeCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+        """`position_ids` [B, S], when given, also mark packed documents: each 0 starts a document that attends only
+        to itself (the trainer's packed batches); without them every row is one sequence."""
         batch, seq = input_ids.shape
         h = self.model.embed_tokens(input_ids)
+        packed_position_ids = position_ids
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
         position_embeddings = self.model.rotary_emb(h, position_ids)
-        if attention_mask is None and self.config._attn_implementation == "sdpa":
+        if attention_mask is None and packed_position_ids is None and self.config._attn_implementation == "sdpa":
             mask = None  # sdpa applies the causal mask itself (is_causal), the fast path
         else:
-            mask = causal_mask(attention_mask, batch, seq, h.dtype, h.device)
+            mask = causal_mask(attention_mask, batch, seq, h.dtype, h.device, packed_position_ids)
         token_mask_T = None if attention_mask is None else attention_mask.reshape(-1)
 
         stats: list[RouterStats] = []
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h, layer_stats = layer(h, position_embeddings, mask, token_mask_T)
+            if recompute:
+                h, layer_stats = checkpoint(layer, h, position_embeddings, mask, token_mask_T, use_reentrant=False)
+            else:
+                h, layer_stats = layer(h, position_embeddings, mask, token_mask_T)
             if layer_stats is not None:
                 stats.append(layer_stats)
         logits = self.lm_head(self.model.norm(h))

@@ -1,0 +1,95 @@
+"""The run configuration: typed sections of the YAML that `launch/pretrain.py` reads.
+
+Owns: every key a user may write, its type, default and range. Unknown keys are errors (a typo must not silently
+train with a default). Cross-key arithmetic that needs the world size lives in framework/config/load.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    # An HF checkpoint directory (weights + config.json: fine-tuning / continued pretraining) or a directory or file
+    # holding only config.json (random initialisation). Exactly one of `path` and `hf_config` must be given.
+    path: str | None = None
+    hf_config: dict[str, Any] | None = None  # inline Qwen3-MoE config.json fields (random initialisation)
+    num_layers: int | None = Field(None, ge=1)  # keep only the first N layers (reduced-depth runs at real widths)
+    tokenizer: str | None = None  # default: model.path when it holds a tokenizer, else the tokenizer we ship
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        if (self.path is None) == (self.hf_config is None):
+            raise ValueError("set exactly one of model.path (an HF checkpoint or config dir) and model.hf_config")
+        return self
+
+
+class DataSection(Section):
+    paths: list[str] = Field(default_factory=list)  # files or folders: jsonl, parquet, txt/md, datasets.save_to_disk
+    use_demo_corpus: bool = False  # train on the small corpus built locally from Python's own docstrings
+    eval_paths: list[str] = Field(default_factory=list)
+    text_field: str = "text"
+    seq_len: int = Field(2048, ge=8)
+    shuffle: bool = True
+    cache_dir: str | None = None  # tokenised-data cache; default OUTPUT_DIR/data_cache
+
+
+class TrainSection(Section):
+    output_dir: str = "runs/default"
+    max_steps: int = Field(1000, ge=1)
+    micro_batch_size: int = Field(1, ge=1)  # sequences per GPU per forward
+    global_batch_size: int = Field(8, ge=1)  # sequences per optimizer step over all GPUs
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # final lr of cosine/linear decay, as a fraction of lr
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    activation_checkpointing: bool = False
+    seed: int = 0
+    log_steps: int = Field(10, ge=1)
+    save_steps: int = Field(0, ge=0)  # 0: save only at the end
+    keep_last: int = Field(2, ge=1)  # checkpoints kept on disk (older ones are deleted after a newer one is complete)
+    eval_steps: int = Field(0, ge=0)  # 0: no evaluation
+    eval_batches: int = Field(8, ge=1)  # micro batches per rank per evaluation
+    resume: str | None = None  # "auto" (newest checkpoint in output_dir, if any) or a checkpoint directory
+    peak_tflops: float | None = Field(None, gt=0)  # per-GPU dense bf16 peak for MFU; default: known from the device
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+class MoESection(Section):
+    backend: Literal["auto", "megablocks", "grouped_mm", "eager"] = "auto"
+    aux_loss_coef: float | None = Field(None, ge=0)  # default: the model config's router_aux_loss_coef
+    z_loss_coef: float = Field(0.0, ge=0)
+
+
+class ParallelSection(Section):
+    ep_size: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 3
+
+
+class ExportSection(Section):
+    at_end: bool = True  # write an HF directory to OUTPUT_DIR/hf when training finishes
+    format: Literal["hf", "merged"] = "hf"  # hf: per-expert tensors as on the hub; merged: fused gate_up_proj/down_proj
+    max_shard_size: str = "5GB"
+
+
+class RunConfig(Section):
+    model: ModelSection
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    moe: MoESection = Field(default_factory=MoESection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    export: ExportSection = Field(default_factory=ExportSection)
