@@ -22,7 +22,7 @@ class ModelSection(Section):
     hf_config: dict[str, Any] | None = None  # inline Qwen3-MoE config.json fields (random initialisation)
     num_layers: int | None = Field(None, ge=1)  # keep only the first N layers (reduced-depth runs at real widths)
     tokenizer: str | None = None  # default: model.path when it holds a tokenizer, else the tokenizer we ship
-    dtype: Literal["bf16", "fp32"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     @model_validator(mode="after")

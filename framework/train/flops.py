@@ -1,0 +1,44 @@
+"""Model FLOPs per token and the hardware peak, for TFLOP/s/GPU and MFU.
+
+Formula (the one Megatron and DeepSpeed's anchors use, so our figures compare with theirs): a training token costs
+6 x the matmul parameters it touches (forward 2, backward 4): per layer the attention projections q/k/v/o, and in MoE
+layers the top-k experts' three SwiGLU matrices plus the router (dense layers: their MLP); then the LM head; plus causal
+attention 6 x S x (heads x head_dim) per layer (QK^T and AV, 2 S d each forward, halved by causality, x3 for
+training). Packed documents are counted as if each row were one causal sequence, like the anchors. Embedding lookups,
+norms and activations are not counted. MFU = achieved model FLOP/s / the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen3MoeConfig
+
+from framework.models.qwen3_moe.config import is_moe_layer
+
+# Dense bf16 tensor-core peak per GPU in TFLOP/s (no sparsity), from the vendor data sheets (SXM parts).
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.5, "H200": 989.5, "H800": 989.5, "GH200": 989.5, "A100": 312.0, "B200": 2250.0}
+
+
+def flops_per_token(config: Qwen3MoeConfig, seq_len: int) -> float:
+    h = config.hidden_size
+    qd = config.num_attention_heads * config.head_dim
+    kvd = config.num_key_value_heads * config.head_dim
+    matmul_params = h * config.vocab_size  # LM head
+    for layer in range(config.num_hidden_layers):
+        matmul_params += h * qd + 2 * h * kvd + qd * h
+        if is_moe_layer(config, layer):
+            matmul_params += config.num_experts_per_tok * 3 * h * config.moe_intermediate_size + h * config.num_experts
+        else:
+            matmul_params += 3 * h * config.intermediate_size
+    return 6.0 * matmul_params + 6.0 * config.num_hidden_layers * seq_len * qd
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak if we know it (None on CPU or unknown GPUs: set train.peak_tflops)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_TFLOPS[key]
+    return None

@@ -1,0 +1,326 @@
+"""The pretraining run: build everything from a RunConfig, train on the DeepSpeed engine, log, save, resume, export.
+
+Owns: the order of start-up (distributed, groups, tokenizer, data, model, engine, resume), the step loop with gradient
+accumulation, evaluation, and when checkpoints and the export happen. What each piece does lives in its own module:
+config (framework/config), data (framework/data), model (framework/models), EP (framework/parallel), DeepSpeed
+(framework/zero), metrics / checkpoints / export (framework/train).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from framework.config.deepspeed import build_ds_config
+from framework.config.load import ConfigError, gradient_accumulation_steps
+from framework.config.schema import RunConfig
+from framework.train.checkpointing import CheckpointManager, rng_state, set_rng_state
+from framework.train.flops import flops_per_token, peak_tflops
+from framework.train.metrics import MetricsWriter, WindowMeter, peak_memory_gb
+from framework.train.schedule import LRSchedule
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed() -> Runtime:
+    """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU. A plain `python launch/pretrain.py` (no
+    launcher) runs as a world of one."""
+    import deepspeed  # noqa: PLC0415
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        deepspeed.init_distributed(dist_backend="nccl")
+    else:
+        device = torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="gloo")
+    return Runtime(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Fault injection for the crash tests: FRAMEWORK_FAULT=mid_save:4 SIGKILLs every rank at that point."""
+    if os.environ.get("FRAMEWORK_FAULT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
+
+
+def model_source(cfg: RunConfig):
+    """What load_model gets: a checkpoint path, or a config dict (with model.num_layers applied)."""
+    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
+    from framework.models.qwen3_moe.load import _has_weights  # noqa: PLC0415
+
+    if cfg.model.path is not None and _has_weights(cfg.model.path):
+        if cfg.model.num_layers is not None:
+            raise ConfigError(f"model.num_layers={cfg.model.num_layers} with model.path={cfg.model.path} holding "
+                              "weights: reduced depth is for random initialisation; remove one of them")
+        return cfg.model.path
+    raw = load_hf_config(cfg.model.path if cfg.model.path is not None else dict(cfg.model.hf_config)).to_dict()
+    if cfg.model.num_layers is not None:
+        raw["num_hidden_layers"] = cfg.model.num_layers
+        raw["mlp_only_layers"] = [i for i in raw.get("mlp_only_layers") or [] if i < cfg.model.num_layers]
+        if "layer_types" in raw:
+            raw["layer_types"] = raw["layer_types"][:cfg.model.num_layers]
+    for private in [k for k in raw if k.startswith("_")]:
+        raw.pop(private)
+    return raw
+
+
+def tokenizer_dir(cfg: RunConfig) -> str:
+    from framework.data import DEMO_TOKENIZER_DIR  # noqa: PLC0415
+
+    if cfg.model.tokenizer is not None:
+        return cfg.model.tokenizer
+    if cfg.model.path is not None and os.path.exists(os.path.join(cfg.model.path, "tokenizer_config.json")):
+        return cfg.model.path
+    return DEMO_TOKENIZER_DIR
+
+
+def check_before_start(cfg: RunConfig, world_size: int) -> None:
+    """Everything that can be checked without building anything (runs on every rank before the model exists)."""
+    gradient_accumulation_steps(cfg, world_size)
+    if not cfg.data.paths and not cfg.data.use_demo_corpus:
+        raise ConfigError("data.paths is empty: list jsonl/parquet/txt files or folders, or set "
+                          "data.use_demo_corpus=true")
+    for path in cfg.data.paths + cfg.data.eval_paths:
+        if not os.path.exists(path):
+            raise ConfigError(f"data: {path} does not exist")
+    if cfg.train.eval_steps and not cfg.data.eval_paths:
+        raise ConfigError(f"train.eval_steps={cfg.train.eval_steps} but data.eval_paths is empty")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_user: dict[str, Any] | None = None, ds_source: str = "DeepSpeed config"):
+        import framework  # noqa: PLC0415
+        from framework.data import PackedDataLoader, build_demo_corpus, load_tokenizer  # noqa: PLC0415
+        from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: PLC0415
+        from framework.parallel.groups import check_ep_size, init_parallel_groups  # noqa: PLC0415
+        from framework.zero.engine import initialize  # noqa: PLC0415
+
+        self.cfg = cfg
+        self.rt = rt = init_distributed()
+        check_before_start(cfg, rt.world_size)
+        source = model_source(cfg)
+        self.dtype = resolve_dtype(cfg, rt.device)
+        self.gas = gradient_accumulation_steps(cfg, rt.world_size)
+        self.ds_config = build_ds_config(cfg, rt.world_size, self.dtype == torch.bfloat16, ds_user, ds_source)
+        self.output_dir = os.path.abspath(cfg.train.output_dir)
+        self.ckpt = CheckpointManager(self.output_dir, cfg.train.keep_last, rt.rank)
+        resume_from = self.ckpt.resolve(cfg.train.resume)
+
+        self.tokenizer_dir = tokenizer_dir(cfg)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        if rt.rank == 0:
+            os.makedirs(self.output_dir, exist_ok=True)
+            self.ckpt.remove_stale_temporaries()
+        dist.barrier()
+        cache_dir = cfg.data.cache_dir or os.path.join(self.output_dir, "data_cache")
+        paths = list(cfg.data.paths)
+        if cfg.data.use_demo_corpus:
+            if rt.rank == 0:
+                build_demo_corpus(cache_dir)
+            dist.barrier()
+            paths.append(build_demo_corpus(cache_dir))
+        loader_args = dict(tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                           dp_rank=rt.rank, dp_world=rt.world_size, text_field=cfg.data.text_field, cache_dir=cache_dir)
+        self.loader = PackedDataLoader(paths, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **loader_args)
+        self.eval_loader = None
+        if cfg.data.eval_paths:
+            self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), seed=0, shuffle=False, **loader_args)
+            self.eval_start = self.eval_loader.state_dict()
+
+        from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
+
+        hf_config = load_hf_config(source)
+        if len(self.tokenizer) > hf_config.vocab_size:
+            raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(self.tokenizer)} tokens but the model's "
+                              f"vocab_size is {hf_config.vocab_size}; raise model vocab_size or use another tokenizer")
+        check_ep_size(cfg.parallel.ep_size, rt.world_size, hf_config.num_experts)
+        self.groups = init_parallel_groups(cfg.parallel.ep_size, hf_config.num_experts)
+        torch.manual_seed(cfg.train.seed)
+        model = framework.load_model(source, backend=cfg.moe.backend, dtype=self.dtype, device=rt.device,
+                                     attn_implementation=cfg.model.attn_implementation,
+                                     aux_loss_coef=cfg.moe.aux_loss_coef, z_loss_coef=cfg.moe.z_loss_coef,
+                                     seed=cfg.train.seed, prepare=lambda m: apply_expert_parallel(m, self.groups))
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len)
+        self.peak_tflops = cfg.train.peak_tflops or peak_tflops(rt.device)
+        schedule = LRSchedule(cfg.train.lr_schedule, cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+        self.engine, *_ = initialize(model, self.ds_config, self.groups,
+                                     lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.model = model
+        self.step = 0
+        if resume_from is not None:
+            self._resume(*resume_from)
+        if rt.rank == 0:
+            self._write_run_files()
+        self.metrics = MetricsWriter(self.output_dir, rt.rank == 0, cfg.train.tensorboard,
+                                     self.step if resume_from is not None else None)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def _write_run_files(self) -> None:
+        with open(os.path.join(self.output_dir, "ds_config.json"), "w") as f:
+            json.dump(self.ds_config, f, indent=2)
+        with open(os.path.join(self.output_dir, "run_config.yaml"), "w") as f:
+            yaml.safe_dump(self.cfg.model_dump(), f, sort_keys=False)
+
+    def save(self) -> str:
+        from framework.train.export import hf_config_dict  # noqa: PLC0415
+        from framework.zero.checkpoint_io import save_engine_checkpoint  # noqa: PLC0415
+
+        step, rank = self.step, self.rt.rank
+
+        def write_rank_files(directory: str) -> None:
+            torch.save({"step": step, "data": self.loader.state_dict(), "rng": rng_state(),
+                        "world_size": self.rt.world_size}, os.path.join(directory, f"trainer_state_rank{rank}.pt"))
+
+        def write_shared_files(directory: str) -> None:
+            with open(os.path.join(directory, "config.json"), "w") as f:
+                json.dump(hf_config_dict(self.model.config), f, indent=2, sort_keys=True)
+            with open(os.path.join(directory, "run_config.yaml"), "w") as f:
+                yaml.safe_dump(self.cfg.model_dump(), f, sort_keys=False)
+            self.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+            _fault_point("mid_save", step)
+
+        return self.ckpt.save(step, lambda root, tag: save_engine_checkpoint(self.engine, self.groups, root, tag,
+                                                                              {"step": step}),
+                              write_rank_files, write_shared_files)
+
+    def _resume(self, root: str, tag: str) -> None:
+        from framework.zero.checkpoint_io import load_engine_checkpoint  # noqa: PLC0415
+
+        state_path = os.path.join(root, tag, f"trainer_state_rank{self.rt.rank}.pt")
+        if not os.path.exists(state_path):
+            raise ConfigError(f"resume: {state_path} is missing; the checkpoint was written by a run with a different "
+                              f"number of processes than {self.rt.world_size}")
+        load_engine_checkpoint(self.engine, self.groups, root, tag)
+        state = torch.load(state_path, weights_only=False)
+        self.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        if self.rt.rank == 0:
+            print(f"resumed from {os.path.join(root, tag)} at step {self.step}", flush=True)
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def _batch(self, loader) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.rt.device, non_blocking=True) for k, v in next(loader).items()}
+
+    def evaluate(self) -> dict[str, float]:
+        self.eval_loader.load_state_dict(self.eval_start)  # the same batches every evaluation
+        self.engine.eval()
+        total = torch.zeros((), device=self.rt.device)
+        with torch.no_grad():
+            for _ in range(self.cfg.train.eval_batches):
+                b = self._batch(self.eval_loader)
+                out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+                total += out.lm_loss.float()
+        self.engine.train()
+        dist.all_reduce(total)
+        loss = total.item() / (self.cfg.train.eval_batches * self.rt.world_size)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def train(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        tokens_per_micro = cfg.train.micro_batch_size * cfg.data.seq_len
+        meter = WindowMeter(rt.device)
+        bar = None
+        if rt.rank == 0 and cfg.train.progress_bar:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        while self.step < cfg.train.max_steps:
+            for _ in range(self.gas):
+                b = self._batch(self.loader)
+                out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+                self.engine.backward(out.loss)
+                self.engine.step()
+                meter.add_micro_batch(out.loss, out.lm_loss, out.aux_loss, out.router_stats, tokens_per_micro)
+            self.step += 1
+            meter.steps += 1
+            last = self.step == cfg.train.max_steps
+            if self.step % cfg.train.log_steps == 0 or last:
+                self._log(meter, bar)
+                meter.reset()
+            if cfg.train.eval_steps and (self.step % cfg.train.eval_steps == 0 or last):
+                record = {"step": self.step, **self.evaluate()}
+                self.metrics.write(record)
+                self._print(bar, f"step {self.step}: eval loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}")
+            if (cfg.train.save_steps and self.step % cfg.train.save_steps == 0) or last:
+                path = self.save()
+                self._print(bar, f"step {self.step}: saved {path}")
+                _fault_point("after_save", self.step)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if cfg.export.at_end:
+            self.export(os.path.join(self.output_dir, "hf"))
+        self.metrics.close()
+
+    def _log(self, meter: WindowMeter, bar) -> None:
+        record = meter.window_record(self.rt.world_size)
+        elapsed = record.pop("elapsed_s")
+        tokens_per_s = meter.tokens / elapsed
+        norm = self.engine.get_global_grad_norm()
+        record = {"step": self.step, **record, "lr": self.engine.get_lr()[0],
+                  "grad_norm": float(norm) if norm is not None else None,
+                  "tokens_per_s_per_gpu": round(tokens_per_s, 1),
+                  "tflops_per_gpu": round(tokens_per_s * self.flops_per_token / 1e12, 3),
+                  "mfu": round(tokens_per_s * self.flops_per_token / 1e12 / self.peak_tflops, 4)
+                  if self.peak_tflops else None,
+                  "mem_gb": round(peak_memory_gb(self.rt.device), 2), "time": time.time()}
+        self.metrics.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        self._print(bar, f"step {self.step}: loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, aux "
+                         f"{record['aux_loss']:.4f}) lr {record['lr']:.2e} grad norm {record['grad_norm']:.3f} | "
+                         f"{record['tokens_per_s_per_gpu']:.0f} tok/s/GPU {record['tflops_per_gpu']:.1f} TFLOP/s/GPU"
+                         f" | mem {record['mem_gb']:.1f} GB"
+                         + (f" | expert load max/mean {record['expert_load_max_over_mean']}"
+                            if record.get("expert_load_max_over_mean") else ""))
+
+    def _print(self, bar, text: str) -> None:
+        if self.rt.rank != 0:
+            return
+        if bar is not None:
+            bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def export(self, out: str) -> None:
+        from framework.train.export import export_live  # noqa: PLC0415
+
+        export_live(self.engine.module, self.groups, out, self.cfg.export.format, self.dtype, self.tokenizer_dir,
+                    self.cfg.export.max_shard_size)
+        self._print(None, f"exported Hugging Face model to {out} ({self.cfg.export.format} format)")
