@@ -1,0 +1,74 @@
+"""Pretrain (or continue pretraining) Qwen3-MoE on DeepSpeed.
+
+    deepspeed [--hostfile H] [--num_gpus N] launch/pretrain.py [--config X.yaml] [--deepspeed Y.json]
+              [--resume auto|CHECKPOINT] [section.key=value ...]
+    python launch/pretrain.py --hostfile H [--num_gpus N] ...   # checks hostfile and config, then runs the line above
+    python launch/pretrain.py                                   # the demo: model_configs/demo.yaml on this machine
+
+Configuration errors stop every process before any work, with one line naming the file, key and fix (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout without installing
+
+DEMO_CONFIG = os.path.join(REPO, "model_configs", "demo.yaml")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (default: the demo, model_configs/demo.yaml)")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON whose ZeRO/communication settings override the defaults")
+    parser.add_argument("--resume", help="'auto' (newest checkpoint in train.output_dir) or a checkpoint directory")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by DeepSpeed's launcher
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 parallel.ep_size=4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from framework.cluster import prelaunch, split_launcher_args, wants_prelaunch  # noqa: PLC0415
+    from framework.config import ConfigError, load_run_config  # noqa: PLC0415
+
+    script = os.path.abspath(__file__)
+    launch_by_hand = wants_prelaunch([script, *argv])
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        # `python launch/pretrain.py --hostfile H ...`: the launcher options are ours to check, then DeepSpeed's.
+        args = parse_args(split_launcher_args(argv)[1] if launch_by_hand else argv)
+        overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+        config_path = args.config or DEMO_CONFIG
+        cfg = load_run_config(config_path, overrides)
+        if launch_by_hand:
+            hf = cfg.model.hf_config or {}
+            command = prelaunch([script, *argv], cfg.parallel.ep_size, hf.get("num_experts"),
+                                cfg.train.micro_batch_size, cfg.train.global_batch_size)
+            print("launching: " + " ".join(command), flush=True)
+            os.execvp(command[0], command)
+        from framework.config.deepspeed import read_ds_json  # noqa: PLC0415
+        from framework.train.trainer import Trainer  # noqa: PLC0415
+
+        ds_user = read_ds_json(args.deepspeed) if args.deepspeed else None
+        if rank0 and not args.config:
+            print(f"no --config given: running the demo ({os.path.relpath(DEMO_CONFIG)})", flush=True)
+        trainer = Trainer(cfg, ds_user, args.deepspeed or "DeepSpeed config")
+        trainer.train()
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (ValueError, RuntimeError) as e:
+        if not launch_by_hand:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)  # hostfile / world-size problems, one line each
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
