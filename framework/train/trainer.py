@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ def init_distributed() -> Runtime:
     launcher) runs as a world of one."""
     import deepspeed  # noqa: PLC0415
 
+    # DeepSpeed calls collectives that newer torch marks deprecated, once per step: noise, not news, in a training log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -260,6 +263,7 @@ class Trainer:
 
             bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         while self.step < cfg.train.max_steps:
+            self.step_lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on after it)
             for _ in range(self.gas):
                 b = self._batch(self.loader)
                 out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
@@ -293,7 +297,7 @@ class Trainer:
         elapsed = record.pop("elapsed_s")
         tokens_per_s = meter.tokens / elapsed
         norm = self.engine.get_global_grad_norm()
-        record = {"step": self.step, **record, "lr": self.engine.get_lr()[0],
+        record = {"step": self.step, **record, "lr": self.step_lr,
                   "grad_norm": float(norm) if norm is not None else None,
                   "tokens_per_s_per_gpu": round(tokens_per_s, 1),
                   "tflops_per_gpu": round(tokens_per_s * self.flops_per_token / 1e12, 3),

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Qwen3MoeConfig
 from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
     Qwen3MoeMLP,
@@ -32,8 +33,10 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class CausalLMOutput:
-    logits: torch.Tensor  # [B, S, V]
+class CausalLMOutput(ModelOutput):
+    """A dict as well as a dataclass (transformers' ModelOutput): DeepSpeed ZeRO-3 finds the tensors in it to hook."""
+
+    logits: torch.Tensor | None = None  # [B, S, V]
     loss: torch.Tensor | None = None  # token CE (+ aux_loss_coef * aux_loss + z_loss_coef * z_loss) when labels given
     aux_loss: torch.Tensor | None = None  # load-balancing loss as transformers computes it (None without MoE layers)
     z_loss: torch.Tensor | None = None
