@@ -59,7 +59,8 @@ class TrainSection(Section):
     activation_checkpointing: bool = False
     seed: int = 0
     log_steps: int = Field(10, ge=1)
-    save_steps: int = Field(0, ge=0)  # 0: save only at the end
+    save_steps: int = Field(0, ge=0)  # 0: no periodic saves
+    save_at_end: bool = True
     keep_last: int = Field(2, ge=1)  # checkpoints kept on disk (older ones are deleted after a newer one is complete)
     eval_steps: int = Field(0, ge=0)  # 0: no evaluation
     eval_batches: int = Field(8, ge=1)  # micro batches per rank per evaluation

@@ -27,9 +27,6 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import datasets
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 SUFFIX_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
@@ -134,6 +131,8 @@ class ArrowSource:
         dataset = dataset.select_columns([text_field])
         column = dataset.data.column(text_field)
         if column.null_count:
+            import pyarrow.compute as pc  # noqa: PLC0415
+
             first = pc.index(pc.is_null(column), True).as_py()
             raise ValueError(f"{path}: {column.null_count} of {dataset.num_rows} rows have no {text_field!r} "
                              f"(first at row {first})")
@@ -147,6 +146,7 @@ class ArrowSource:
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """No progress bars or error logs from `datasets` (our exception says it in one line), restored afterwards."""
+    import datasets  # noqa: PLC0415
     bars_were_off = datasets.are_progress_bars_disabled()
     level = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
@@ -177,13 +177,21 @@ def _is_blank(path: str, limit: int = 1 << 16) -> bool:
 
 
 def _num_parquet_rows(path: str) -> int:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError...
         raise ValueError(f"{path}: cannot be read as parquet ({_root_cause(e)})") from e
 
 
-def _load_dataset(file: DataFile, cache_dir: str | None) -> datasets.Dataset:
+def _load_dataset(file: DataFile, cache_dir: str | None) -> "datasets.Dataset":  # noqa: F821
+    # Imported here: plain-text corpora need neither datasets nor pyarrow (about 70 MB of wheels).
+    try:
+        import datasets  # noqa: PLC0415
+    except ImportError:
+        raise ValueError(f"{file.path}: reading {_KIND_NAMES[file.kind]} needs the datasets package; "
+                         "pip install datasets") from None
     if file.kind != "saved" and _is_blank(file.path):
         raise ValueError(f"{file.path}: no documents (the file is empty)")
     if file.kind == "parquet" and _num_parquet_rows(file.path) == 0:

@@ -280,7 +280,7 @@ class Trainer:
                 record = {"step": self.step, **self.evaluate()}
                 self.metrics.write(record)
                 self._print(bar, f"step {self.step}: eval loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}")
-            if (cfg.train.save_steps and self.step % cfg.train.save_steps == 0) or last:
+            if (cfg.train.save_steps and self.step % cfg.train.save_steps == 0) or (last and cfg.train.save_at_end):
                 path = self.save()
                 self._print(bar, f"step {self.step}: saved {path}")
                 _fault_point("after_save", self.step)
@@ -297,13 +297,15 @@ class Trainer:
         elapsed = record.pop("elapsed_s")
         tokens_per_s = meter.tokens / elapsed
         norm = self.engine.get_global_grad_norm()
+        memory = torch.tensor(peak_memory_gb(self.rt.device), device=self.rt.device)
+        dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # EP ranks differ (routing): report the fullest GPU
         record = {"step": self.step, **record, "lr": self.step_lr,
                   "grad_norm": float(norm) if norm is not None else None,
                   "tokens_per_s_per_gpu": round(tokens_per_s, 1),
                   "tflops_per_gpu": round(tokens_per_s * self.flops_per_token / 1e12, 3),
                   "mfu": round(tokens_per_s * self.flops_per_token / 1e12 / self.peak_tflops, 4)
                   if self.peak_tflops else None,
-                  "mem_gb": round(peak_memory_gb(self.rt.device), 2), "time": time.time()}
+                  "mem_gb": round(memory.item(), 2), "time": time.time()}
         self.metrics.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")

@@ -1,0 +1,147 @@
+"""End-to-end training throughput through launch/pretrain.py, beside stock DeepSpeed's anchors, in one run.
+
+    python benchmarks/e2e.py --num_gpus 4 --ep 4 [--layers 8] [--seq 4096] [--mbs 1] [--gc 1] [--steps 12]
+        [--backends megablocks,grouped_mm] [--anchors autoep,leaf] [--anchor_script PATH] [--out DIR]
+
+Each row is a separate launch (DeepSpeed's runner, --num_gpus N) of the same model: Qwen3-30B-A3B widths
+(model_configs/qwen3-30b-a3b-8l.yaml) at --layers depth, seq --seq, micro batch --mbs per GPU, activation
+checkpointing --gc, bf16, ZeRO-3, torch AdamW. Ours trains on the demo corpus (packed documents, read as .txt files), the anchors on
+random tokens; both count model FLOPs with the same formula (framework/train/flops.py, printed below). Throughput is
+the median over the steps after --warmup; memory is torch.cuda.max_memory_allocated (max over ranks for ours, rank 0
+for the anchors, whose ranks are symmetric). The table also gives each row's first-step loss (backend parity: same seed, same data) and the
+last loss (falling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "model_configs", "qwen3-30b-a3b-8l.yaml")
+FORMULA = ("model FLOPs/token = 6 x (per layer: q,k,v,o projections + top-k experts' 3 matrices + router; + LM head)"
+           " + 6 x layers x seq x heads x head_dim (causal attention)")
+
+
+def runner(num_gpus: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port", str(port)]
+
+
+def run_ours(args, backend: str, out: str, port: int) -> dict:
+    overrides = [f"model.num_layers={args.layers}", f"data.seq_len={args.seq}", f"data.paths=[{demo_text_folder(args.out)}]",
+                 f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs * args.num_gpus}",
+                 f"train.activation_checkpointing={'true' if args.gc else 'false'}", f"moe.backend={backend}",
+                 f"parallel.ep_size={args.ep}", f"train.max_steps={args.steps}", "train.log_steps=1",
+                 "train.save_steps=0", "train.save_at_end=false", "export.at_end=false", "train.progress_bar=false",
+                 "train.tensorboard=false", "train.warmup_steps=2", f"train.output_dir={out}"]
+    cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config] + overrides
+    log = _run(cmd, os.path.join(out + ".log"), {})
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"loss"' in line]
+    timed = steps[args.warmup:]
+    return {"row": f"ours {backend} ep{args.ep}", "tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
+            "tflops_per_gpu": statistics.median(s["tflops_per_gpu"] for s in timed),
+            "mem_gb": max(s["mem_gb"] for s in steps), "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
+            "steps": len(steps), "log": log}
+
+
+def demo_text_folder(out: str) -> str:
+    """The demo corpus as one .txt file per document: plain text needs neither datasets nor pyarrow, which the offline
+    GPU image lacks."""
+    from framework.data.demo import demo_documents  # noqa: PLC0415
+
+    folder = os.path.abspath(os.path.join(out, "demo_txt"))
+    if not os.path.isdir(folder):
+        os.makedirs(folder + ".tmp", exist_ok=True)
+        for i, doc in enumerate(demo_documents()):
+            with open(os.path.join(folder + ".tmp", f"{i:05d}.txt"), "w") as f:
+                f.write(doc["text"])
+        os.rename(folder + ".tmp", folder)
+    return folder
+
+
+def run_anchor(args, mode: str, out: str, port: int) -> dict:
+    env = {"MODE": mode, "LAYERS": str(args.layers), "SEQ": str(args.seq), "MBS": str(args.mbs),
+           "GC": "1" if args.gc else "0"}
+    log = _run(runner(args.num_gpus, port) + [args.anchor_script], out + ".log", env)
+    with open(log) as f:
+        lines = [line for line in f if line.startswith("RESULT ")]
+    if not lines:
+        return {"row": f"anchor {mode}", "error": f"no RESULT line; see {log}"}
+    r = json.loads(lines[-1][len("RESULT "):])
+    return {"row": f"anchor {mode}" + (f" ep{args.num_gpus}" if mode == "autoep" else ""),
+            "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "tflops_per_gpu": r["model_tflops_per_gpu"],
+            "mem_gb": r["max_mem_gb"], "first_loss": r["losses"][0], "last_loss": r["losses"][-1],
+            "steps": len(r["losses"]), "log": log}
+
+
+def _run(cmd: list[str], log: str, env: dict[str, str]) -> str:
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=REPO)
+    print(f"[{time.time() - start:.0f} s] rc={proc.returncode} {' '.join(cmd[-3:])} -> {log}", flush=True)
+    if proc.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"run failed (rc={proc.returncode}), log {log}:\n{tail}")
+    return log
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=CONFIG, help="the run YAML whose model is benchmarked")
+    p.add_argument("--num_gpus", type=int, default=4)
+    p.add_argument("--ep", type=int, default=4)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--mbs", type=int, default=1)
+    p.add_argument("--gc", type=int, default=1)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backends", default="megablocks,grouped_mm")
+    p.add_argument("--anchors", default="autoep")
+    p.add_argument("--anchor_script", default=os.path.join(REPO, "..", "shared", "anchors", "deepspeed_e2e.py"))
+    p.add_argument("--out", default="e2e_results")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    port = 29600
+    for backend in [b for b in args.backends.split(",") if b]:
+        port += 1
+        try:
+            rows.append(run_ours(args, backend, os.path.abspath(os.path.join(args.out, f"ours-{backend}")), port))
+        except RuntimeError as e:
+            rows.append({"row": f"ours {backend}", "error": str(e)[-500:]})
+    for mode in [m for m in args.anchors.split(",") if m]:
+        port += 1
+        try:
+            rows.append(run_anchor(args, mode, os.path.abspath(os.path.join(args.out, f"anchor-{mode}")), port))
+        except RuntimeError as e:
+            rows.append({"row": f"anchor {mode}", "error": str(e)[-500:]})
+    with open(os.path.join(args.out, "e2e.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    import torch  # noqa: PLC0415
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"\n{args.num_gpus}x {card}, layers={args.layers} seq={args.seq} mbs={args.mbs} gc={args.gc}, "
+          f"median of steps {args.warmup + 1}-{args.steps}\n{FORMULA}")
+    print(f"{'row':<28}{'tok/s/GPU':>11}{'TFLOP/s/GPU':>13}{'mem GB':>8}{'loss 1st':>10}{'loss last':>10}")
+    base = next((r for r in rows if r["row"].startswith("anchor") and "error" not in r), None)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['row']:<28} FAILED: {r['error'][-300:]}")
+            continue
+        ratio = f"  {r['tflops_per_gpu'] / base['tflops_per_gpu']:.2f}x {base['row']}" if base else ""
+        print(f"{r['row']:<28}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>13.1f}{r['mem_gb']:>8.1f}"
+              f"{r['first_loss']:>10.4f}{r['last_loss']:>10.4f}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
