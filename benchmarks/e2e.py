@@ -119,12 +119,14 @@ def main() -> None:
             rows.append(run_ours(args, backend, os.path.abspath(os.path.join(args.out, f"ours-{backend}")), port))
         except RuntimeError as e:
             rows.append({"row": f"ours {backend}", "error": str(e)[-500:]})
+        print("ROW", json.dumps(rows[-1]), flush=True)
     for mode in [m for m in args.anchors.split(",") if m]:
         port += 1
         try:
             rows.append(run_anchor(args, mode, os.path.abspath(os.path.join(args.out, f"anchor-{mode}")), port))
         except RuntimeError as e:
             rows.append({"row": f"anchor {mode}", "error": str(e)[-500:]})
+        print("ROW", json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=2)
     import torch  # noqa: PLC0415
