@@ -1,0 +1,83 @@
+"""One rank of the GPU expert-parallel parity run (started by test_ep_gpu.py through DeepSpeed's launcher, NCCL).
+
+    python -m deepspeed.launcher.runner --num_gpus N tests/gpu/ep_gpu_worker.py OUT_DIR BACKEND
+
+For ZeRO-3 and ZeRO-2, and EP=1 then EP=N on the same N GPUs: a small Qwen3-MoE in bf16 with the given MoE backend,
+3 clipped AdamW steps on a fixed global batch; rank 0 writes losses, global grad norms, the step-0 full gradients and
+the final full fp32 parameters to OUT_DIR/stage{S}_ep{E}.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
+
+import framework  # noqa: E402
+from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
+from framework.parallel.groups import init_parallel_groups  # noqa: E402
+from framework.zero.engine import initialize  # noqa: E402
+from tests.distributed.ep_worker import full_tensors  # noqa: E402
+
+CONFIG = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
+              mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
+              num_experts_per_tok=4, norm_topk_prob=True, router_aux_loss_coef=0.01, max_position_embeddings=512,
+              tie_word_embeddings=False)
+MICRO, SEQ, STEPS, LR, CLIP = 2, 256, 3, 1e-3, 0.5
+
+
+def ds_config(stage: int, world: int) -> dict:
+    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 5e7}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "train_batch_size": MICRO * world,
+            "gradient_clipping": CLIP, "steps_per_print": 10**9, "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
+            "zero_optimization": zero}
+
+
+def run(stage: int, ep: int, backend: str, out_dir: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = init_parallel_groups(ep, CONFIG["num_experts"])
+    model = framework.load_model(dict(CONFIG), backend=backend, dtype=torch.bfloat16, device="cuda", seed=0,
+                                 prepare=lambda m: apply_expert_parallel(m, groups))
+    engine, *_ = initialize(model, ds_config(stage, world), groups)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, CONFIG["vocab_size"], (world * MICRO, SEQ), generator=g).cuda()
+    mine = ids[rank * MICRO:(rank + 1) * MICRO]
+    result = {"losses": [], "norms": []}
+    for step in range(STEPS):
+        out = engine(mine, labels=mine)
+        engine.backward(out.loss)
+        if step == 0:
+            result["grads"] = full_tensors(engine, groups, safe_get_full_grad)
+        engine.step()
+        loss = out.loss.detach().float().clone()
+        dist.all_reduce(loss)
+        result["losses"].append(loss.item() / world)
+        result["norms"].append(float(engine.get_global_grad_norm()))
+    result["params"] = full_tensors(engine, groups, safe_get_full_fp32_param)
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, f"stage{stage}_ep{ep}.pt"))
+    engine.destroy() if hasattr(engine, "destroy") else None
+
+
+def main() -> None:
+    out_dir, backend = sys.argv[1], sys.argv[2]
+    deepspeed.init_distributed(dist_backend="nccl")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    for stage in (3, 2):
+        for ep in (1, dist.get_world_size()):
+            run(stage, ep, backend, out_dir)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
