@@ -1,0 +1,219 @@
+"""One rank of the checkpoint save/resume runs (started by test_train_checkpoint.py with RANK/WORLD_SIZE/MASTER_* set).
+
+    python tests/distributed/ckpt_worker.py OUT_DIR PHASE CASE [CASE ...]     CASE = z{stage}ep{ep}[bf16|bf16acc32]
+
+PHASE "train", per case: (a) a fresh engine runs STEPS steps uninterrupted; (b) another fresh engine runs SAVE_AT
+steps, saves to OUT_DIR/CASE/step{SAVE_AT}.partial, which rank 0 renames to step{SAVE_AT} after adding config.json and
+a tokenizer folder (as the trainer does), records the full fp32 parameters at that point, then keeps training to STEPS
+(a save must not disturb the run).
+PHASE "resume", per case: a fresh engine first tries to load the previous case's checkpoint (another ZeRO stage or EP
+size: must fail with one line, before touching anything), then loads its own and runs the remaining steps.
+PHASE "both": train then resume in one process (new engines; a ZeRO-3 engine cannot load right after it saved).
+Rank 0 writes OUT_DIR/CASE/{train,resume}.pt with losses, learning rates and full fp32 parameters; every rank's output
+goes to OUT_DIR/rank{r}.log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+
+import framework  # noqa: E402
+from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
+from framework.parallel.groups import init_parallel_groups  # noqa: E402
+from framework.zero.checkpoint_io import load_engine_checkpoint, save_engine_checkpoint  # noqa: E402
+from framework.zero.engine import initialize  # noqa: E402
+from tests.distributed.common import CLIP, LR, MICRO, WD, model_config  # noqa: E402
+from tests.distributed.ep_worker import full_tensors  # noqa: E402
+
+STEPS, SAVE_AT = 4, 2
+TAG = f"step{SAVE_AT}"
+
+
+def parse_case(case: str) -> tuple[int, int, str]:
+    """z{stage}ep{ep}[bf16 | bf16acc32] -> ZeRO stage, EP size, dtype (bf16acc32: bf16 weights with fp32 gradient
+    accumulation, which DeepSpeed runs on its BF16_Optimizer under ZeRO-1)."""
+    m = re.fullmatch(r"z(\d)ep(\d+)(bf16|bf16acc32)?", case)
+    return int(m[1]), int(m[2]), m[3] or "fp32"
+
+
+def ds_config(stage: int, world: int, dtype: str = "fp32") -> dict:
+    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True,
+            "reduce_bucket_size": 500}
+    if stage == 3:
+        # norms (32 elements) stay persistent, matrices are partitioned: both kinds go through the checkpoint
+        zero.update(stage3_param_persistence_threshold=100, stage3_prefetch_bucket_size=500)
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+            "train_batch_size": MICRO * world, "gradient_clipping": CLIP, "steps_per_print": 10**9,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "torch_adam": True}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": LR / 4, "warmup_max_lr": LR,
+                                                          "warmup_num_steps": 3, "warmup_type": "linear"}},
+            "zero_optimization": zero, "wall_clock_breakdown": False, "bf16": {"enabled": dtype != "fp32"},
+            **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bf16acc32" else {})}
+
+
+def batch(step: int, world: int, seq: int = 12):
+    """A different fixed global batch for every step (so that resuming at the wrong step would show)."""
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, model_config()["vocab_size"], (world * MICRO, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -(step + 1):] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def build(case: str):
+    stage, ep, dtype = parse_case(case)
+    groups = init_parallel_groups(ep, model_config()["num_experts"])
+    model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager", seed=0,
+                                 dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
+                                 prepare=lambda m: apply_expert_parallel(m, groups))
+    engine, *_ = initialize(model, ds_config(stage, dist.get_world_size(), dtype), groups)
+    return engine, groups, model.config
+
+
+def train_steps(engine, first: int, last: int, record: dict) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for step in range(first, last):
+        ids, mask, labels = batch(step, world)
+        sl = slice(rank * MICRO, (rank + 1) * MICRO)
+        record["lrs"].append(engine.get_lr()[0])
+        out = engine(ids[sl], attention_mask=mask[sl], labels=labels[sl])
+        engine.backward(out.loss)
+        engine.step()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        record["losses"].append(loss.item() / world)
+
+
+def fp32_params(engine, groups) -> dict[str, torch.Tensor]:
+    return full_tensors(engine, groups, safe_get_full_fp32_param)
+
+
+def module_params(engine, groups) -> dict[str, torch.Tensor]:
+    """The weights the forward pass uses (gathered under ZeRO-3), as fp32."""
+    def read(p):
+        if engine.zero_optimization_stage() == 3:
+            with deepspeed.zero.GatheredParameters([p]):
+                return p.detach().clone()
+        return p.detach()
+
+    return full_tensors(engine, groups, read)
+
+
+def save(case_dir: str, rank: int, result: dict) -> None:
+    if rank == 0:
+        torch.save(result, os.path.join(case_dir, f"{result['phase']}.pt"))
+
+
+def train(case: str, out_dir: str) -> None:
+    rank = dist.get_rank()
+    case_dir = os.path.join(out_dir, case)
+    os.makedirs(case_dir, exist_ok=True)
+    result = {"phase": "train", "full": {"losses": [], "lrs": []}, "saved": {"losses": [], "lrs": []}}
+
+    engine, groups, _ = build(case)
+    result["initial"] = fp32_params(engine, groups)
+    train_steps(engine, 0, STEPS, result["full"])
+    result["full"]["params"] = fp32_params(engine, groups)
+    engine.destroy()
+
+    engine, groups, config = build(case)
+    train_steps(engine, 0, SAVE_AT, result["saved"])
+    result["at_save"] = fp32_params(engine, groups)
+    result["at_save_module"] = module_params(engine, groups)
+    # saved under a temporary name and renamed, as the trainer does: nothing may depend on the tag directory's name
+    client_state = {"step": SAVE_AT, "case": case, "data": [1, 2, 3]}
+    save_engine_checkpoint(engine, groups, case_dir, f"{TAG}.partial", client_state)
+    if rank == 0:  # what the trainer writes next to the engine state
+        tag_dir = os.path.join(case_dir, f"{TAG}.partial")
+        config.save_pretrained(tag_dir)
+        os.makedirs(os.path.join(tag_dir, "tokenizer"), exist_ok=True)
+        with open(os.path.join(tag_dir, "tokenizer", "tokenizer_config.json"), "w") as f:
+            f.write('{"model_max_length": 64}\n')
+        os.rename(tag_dir, os.path.join(case_dir, TAG))
+        with open(os.path.join(case_dir, "latest"), "w") as f:
+            f.write(TAG)
+    dist.barrier()
+    train_steps(engine, SAVE_AT, STEPS, result["saved"])
+    result["saved"]["params"] = fp32_params(engine, groups)
+    engine.destroy()
+    save(case_dir, rank, result)
+
+
+def resume(case: str, out_dir: str, wrong: str | None) -> None:
+    rank = dist.get_rank()
+    case_dir = os.path.join(out_dir, case)
+    result = {"phase": "resume", "losses": [], "lrs": []}
+    engine, groups, _ = build(case)
+    if wrong is not None:
+        try:
+            load_engine_checkpoint(engine, groups, os.path.join(out_dir, wrong), TAG)
+            result["wrong_error"] = None
+        except ValueError as exc:
+            result["wrong_error"] = str(exc)
+    client = load_engine_checkpoint(engine, groups, case_dir, TAG)
+    result["client_state"] = client
+    result["global_steps"] = engine.global_steps
+    result["loaded_module"] = module_params(engine, groups)
+    result["loaded"] = fp32_params(engine, groups)
+    train_steps(engine, SAVE_AT, STEPS, result)
+    result["params"] = fp32_params(engine, groups)
+    engine.destroy()
+    save(case_dir, rank, result)
+
+
+def quiet_output(out_dir: str) -> int:
+    """Send this process's stdout/stderr (DeepSpeed's and torch's warnings run to ~90 KB a rank) to a log file and
+    return the original stdout's descriptor: run_workers drains the ranks' pipes one after the other, so a rank that
+    fills its 64 KB pipe blocks while the rank being drained waits for it in a collective."""
+    log = os.open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.log"),
+                  os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    saved = os.dup(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return saved
+
+
+def main() -> None:
+    out_dir, phase, cases = sys.argv[1], sys.argv[2], sys.argv[3:]
+    os.makedirs(out_dir, exist_ok=True)
+    saved = quiet_output(out_dir)
+    try:
+        run(out_dir, phase, cases)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.log"), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 6000))
+            os.write(saved, f.read())  # the end of the log (with the traceback) for run_workers' failure message
+        raise
+
+
+def run(out_dir: str, phase: str, cases: list[str]) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    if phase not in ("train", "resume", "both"):
+        raise SystemExit(f"unknown phase {phase}")
+    if phase in ("train", "both"):
+        for case in cases:
+            train(case, out_dir)
+    if phase in ("resume", "both"):
+        for i, case in enumerate(cases):
+            resume(case, out_dir, wrong=cases[i - 1] if len(cases) > 1 else None)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
