@@ -1,6 +1,6 @@
 """launch/pretrain.py end to end on CPU: loss falls, resume equals an uninterrupted run, a SIGKILL in the middle of a
 save leaves the previous checkpoint, and the exported HF directory (EP=2, ZeRO-3, two processes) gives stock
-transformers the same eval loss the training model measured."""
+transformers the same eval loss the training model measured, and tools/ds_to_hf.py gives the same tensors from the checkpoint."""
 
 from __future__ import annotations
 
@@ -105,6 +105,25 @@ def test_ep2_zero3_export_matches_stock_transformers(tmp_path, corpus):
             b = next(loader)
             losses.append(stock_lm_loss(model, b))
     assert sum(losses) / len(losses) == pytest.approx(eval_loss, rel=1e-5)
+
+    # On demand, from the final checkpoint, without GPUs or processes: the same tensors as the live export.
+    offline = tmp_path / "offline_hf"
+    export = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ds_to_hf.py"), "--checkpoint",
+                             str(out / "checkpoints"), "--output", str(offline)], capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr[-2000:]
+    live, again = read_safetensors(out / "hf"), read_safetensors(offline)
+    assert set(live) == set(again) and len(live) == 80  # 3 layers, 2 with 8 per-expert triples
+    assert all(torch.equal(live[k], again[k]) for k in live)
+
+
+def read_safetensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(folder, name)))
+    return tensors
 
 
 def stock_lm_loss(model, batch) -> float:
