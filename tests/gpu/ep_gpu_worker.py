@@ -46,11 +46,12 @@ def ds_config(stage: int, world: int) -> dict:
 def run(stage: int, ep: int, backend: str, out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = init_parallel_groups(ep, CONFIG["num_experts"])
-    model = framework.load_model(dict(CONFIG), backend=backend, dtype=torch.bfloat16, device="cuda", seed=0,
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to try the script without a GPU
+    model = framework.load_model(dict(CONFIG), backend=backend, dtype=torch.bfloat16, device=device, seed=0,
                                  prepare=lambda m: apply_expert_parallel(m, groups))
     engine, *_ = initialize(model, ds_config(stage, world), groups)
     g = torch.Generator().manual_seed(11)
-    ids = torch.randint(0, CONFIG["vocab_size"], (world * MICRO, SEQ), generator=g).cuda()
+    ids = torch.randint(0, CONFIG["vocab_size"], (world * MICRO, SEQ), generator=g).to(device)
     mine = ids[rank * MICRO:(rank + 1) * MICRO]
     result = {"losses": [], "norms": []}
     for step in range(STEPS):
@@ -70,9 +71,10 @@ def run(stage: int, ep: int, backend: str, out_dir: str) -> None:
 
 
 def main() -> None:
-    out_dir, backend = sys.argv[1], sys.argv[2]
-    deepspeed.init_distributed(dist_backend="nccl")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    out_dir, backend = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it first
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     for stage in (3, 2):
         for ep in (1, dist.get_world_size()):
             run(stage, ep, backend, out_dir)
