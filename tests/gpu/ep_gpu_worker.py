@@ -4,7 +4,8 @@
 
 For ZeRO-3 and ZeRO-2, and EP=1 then EP=N on the same N GPUs: a small Qwen3-MoE in bf16 with the given MoE backend,
 3 clipped AdamW steps on a fixed global batch; rank 0 writes losses, global grad norms, the step-0 full gradients and
-the final full fp32 parameters to OUT_DIR/stage{S}_ep{E}.pt.
+the final full fp32 parameters to OUT_DIR/stage{S}_ep{E}.pt; first, the same in fp32 with grouped_mm, EP=1, ZeRO-3
+(OUT_DIR/fp32_reference.pt).
 """
 
 from __future__ import annotations
@@ -33,23 +34,23 @@ CONFIG = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_inter
 MICRO, SEQ, STEPS, LR, CLIP = 2, 256, 3, 1e-3, 0.5
 
 
-def ds_config(stage: int, world: int) -> dict:
+def ds_config(stage: int, world: int, bf16: bool) -> dict:
     zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 5e7}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "train_batch_size": MICRO * world,
-            "gradient_clipping": CLIP, "steps_per_print": 10**9, "bf16": {"enabled": True},
+            "gradient_clipping": CLIP, "steps_per_print": 10**9, "bf16": {"enabled": bf16},
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
             "zero_optimization": zero}
 
 
-def run(stage: int, ep: int, backend: str, out_dir: str) -> None:
+def run(stage: int, ep: int, backend: str, dtype: torch.dtype, out_dir: str, name: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = init_parallel_groups(ep, CONFIG["num_experts"])
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to try the script without a GPU
-    model = framework.load_model(dict(CONFIG), backend=backend, dtype=torch.bfloat16, device=device, seed=0,
+    model = framework.load_model(dict(CONFIG), backend=backend, dtype=dtype, device=device, seed=0,
                                  prepare=lambda m: apply_expert_parallel(m, groups))
-    engine, *_ = initialize(model, ds_config(stage, world), groups)
+    engine, *_ = initialize(model, ds_config(stage, world, dtype == torch.bfloat16), groups)
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, CONFIG["vocab_size"], (world * MICRO, SEQ), generator=g).to(device)
     mine = ids[rank * MICRO:(rank + 1) * MICRO]
@@ -66,7 +67,7 @@ def run(stage: int, ep: int, backend: str, out_dir: str) -> None:
         result["norms"].append(float(engine.get_global_grad_norm()))
     result["params"] = full_tensors(engine, groups, safe_get_full_fp32_param)
     if rank == 0:
-        torch.save(result, os.path.join(out_dir, f"stage{stage}_ep{ep}.pt"))
+        torch.save(result, os.path.join(out_dir, f"{name}.pt"))
     engine.destroy() if hasattr(engine, "destroy") else None
 
 
@@ -75,9 +76,12 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    world = dist.get_world_size()
+    # fp32 reference: the yardstick for how far bf16 alone moves the numbers (megablocks is bf16-only)
+    run(3, 1, "grouped_mm", torch.float32, out_dir, "fp32_reference")
     for stage in (3, 2):
-        for ep in (1, dist.get_world_size()):
-            run(stage, ep, backend, out_dir)
+        for ep in (1, world):
+            run(stage, ep, backend, torch.bfloat16, out_dir, f"stage{stage}_ep{ep}")
     dist.barrier()
 
 

@@ -1,9 +1,10 @@
 """Expert parallelism on 2 and 4 GPUs (NCCL) equals EP=1 on the same GPUs, with the megablocks backend in bf16.
 
-Same weights (seeded per expert), same global batch; ZeRO-3 and ZeRO-2; 3 clipped AdamW steps. Routing decisions are
-the same on both sides (the router sees the same tokens and gathered weights), so what differs is only bf16 rounding
-in different token groupings and reduction orders. Tolerances, stated: loss and global grad norm 1e-2 relative; each
-gathered gradient and each final fp32 parameter 2e-2 relative (L2 over the tensor).
+Same weights (seeded per expert), same global batch; ZeRO-3 and ZeRO-2; 3 clipped AdamW steps. What may differ is
+bf16 rounding (other token groupings, other reduction orders), which is largest in the router's gradient (measured:
+3e-2 between EP=2 and EP=1). So the yardstick is an fp32 run (grouped_mm, EP=1): for every gathered step-0 gradient
+and every final fp32 parameter, EP=N's relative error to fp32 must stay within 2x EP=1's bf16 error + 5e-3 (EP adds
+no error of its own beyond bf16 noise); loss and global grad norm within 1e-2 relative of EP=1's.
 """
 
 from __future__ import annotations
@@ -36,19 +37,19 @@ def test_ep_equals_ep1_megablocks_bf16(world, tmp_path):
            str(29700 + world), WORKER, str(tmp_path), "megablocks"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    fp32 = torch.load(tmp_path / "fp32_reference.pt")
     for stage in (3, 2):
-        ref = torch.load(tmp_path / f"stage{stage}_ep1.pt")
+        ep1 = torch.load(tmp_path / f"stage{stage}_ep1.pt")
         got = torch.load(tmp_path / f"stage{stage}_ep{world}.pt")
-        for a, b in zip(got["losses"], ref["losses"]):
-            assert abs(a - b) <= 1e-2 * abs(b), (stage, got["losses"], ref["losses"])
-        for a, b in zip(got["norms"], ref["norms"]):
-            assert abs(a - b) <= 1e-2 * abs(b), (stage, got["norms"], ref["norms"])
-        worst = {}
-        for name, g in ref["grads"].items():
-            assert got["grads"][name].shape == g.shape, name
-            worst[name] = rel(got["grads"][name], g)
-            assert worst[name] <= 2e-2, (stage, name, worst[name])
-        for name, p in ref["params"].items():
-            assert rel(got["params"][name], p) <= 2e-2, (stage, name, rel(got["params"][name], p))
-        print(f"world {world} stage {stage}: losses {got['losses']} vs {ref['losses']}; worst grad rel err "
-              f"{max(worst.values()):.2e} ({max(worst, key=worst.get)})")
+        for a, b in zip(got["losses"] + got["norms"], ep1["losses"] + ep1["norms"]):
+            assert abs(a - b) <= 1e-2 * abs(b), (stage, got["losses"], ep1["losses"], got["norms"], ep1["norms"])
+        report = []
+        for kind in ("grads", "params"):
+            for name, ref in fp32[kind].items():
+                assert got[kind][name].shape == ref.shape, name
+                bf16_error, ep_error = rel(ep1[kind][name], ref), rel(got[kind][name], ref)
+                assert ep_error <= 2 * bf16_error + 5e-3, (stage, kind, name, ep_error, bf16_error)
+                report.append((ep_error - bf16_error, kind, name, ep_error, bf16_error))
+        _, kind, name, ep_error, bf16_error = max(report)
+        print(f"world {world} stage {stage}: losses EP={world} {got['losses']} EP=1 {ep1['losses']}; largest extra "
+              f"error from EP: {kind} {name} {ep_error:.2e} vs fp32 (EP=1 bf16: {bf16_error:.2e})")
