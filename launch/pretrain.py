@@ -50,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                                 cfg.train.micro_batch_size, cfg.train.global_batch_size)
             print("launching: " + " ".join(command), flush=True)
             os.execvp(command[0], command)
-        from framework.config.deepspeed import read_ds_json  # noqa: PLC0415
+        from framework.config.deepspeed import build_ds_config, read_ds_json  # noqa: PLC0415
         from framework.train.trainer import Trainer  # noqa: PLC0415
 
         ds_user = read_ds_json(args.deepspeed) if args.deepspeed else None
+        # the whole DeepSpeed JSON checked against the YAML now, before any process group or model exists
+        build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), True, ds_user, args.deepspeed or "DeepSpeed config")
         if rank0 and not args.config:
             print(f"no --config given: running the demo ({os.path.relpath(DEMO_CONFIG)})", flush=True)
         trainer = Trainer(cfg, ds_user, args.deepspeed or "DeepSpeed config")

@@ -7,31 +7,106 @@ the precision; a user's JSON owns ZeRO and communication knobs. A JSON value tha
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from typing import Any
 
 from framework.config.load import ConfigError, gradient_accumulation_steps
 from framework.config.schema import RunConfig
 from framework.zero.engine import check_ds_config
 
-# Per-stage ZeRO defaults. Buckets and prefetch of 5e8 elements hold a 30B-A3B layer's local experts; the persistence
-# threshold keeps routers and norms (< 1e6 elements) resident instead of gathering them every forward.
+# Per-stage ZeRO defaults; "auto" marks the values sized from the model (see auto_sizes). Without a model at hand
+# (estimates before one is built) the autos fall back to 5e8 buckets and a 1e6 persistence threshold.
 ZERO_DEFAULTS: dict[int, dict[str, Any]] = {
     0: {},
-    1: {"reduce_bucket_size": 5e8},
-    2: {"overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True, "reduce_bucket_size": 5e8,
-        "allgather_bucket_size": 5e8},
-    3: {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 5e8,
-        "stage3_prefetch_bucket_size": 5e8, "stage3_param_persistence_threshold": 1e6,
+    1: {"reduce_bucket_size": "auto", "allgather_bucket_size": "auto"},
+    2: {"overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True, "reduce_bucket_size": "auto",
+        "allgather_bucket_size": "auto"},
+    3: {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
         "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9},
 }
+FALLBACK_AUTO = {"bucket": int(5e8), "persistence": int(1e6)}
 _YAML_OWNED = ("optimizer", "scheduler", "fp16", "bf16")
+_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "prefetch_bucket_size")
+_PERSISTENCE_KEYS = ("stage3_param_persistence_threshold", "param_persistence_threshold")
+
+
+def auto_sizes(hf_config, ep_size: int) -> dict[str, int]:
+    """Bucket = one MoE layer's local expert tensors (E/ep x 3 x H x I elements): a reduce or a prefetch then moves a
+    whole layer's experts at once instead of several partial rounds (HF's "auto" of H^2 is 100x too small for MoE).
+    Persistence threshold = just above the router (E x H): routers and norms stay resident on every rank instead of
+    being gathered each forward; the smallest projection (k/v: H x kv_heads x head_dim) stays partitioned."""
+    if hf_config is None:
+        return dict(FALLBACK_AUTO)
+    h = hf_config.hidden_size
+    local_experts = max(1, hf_config.num_experts // ep_size)
+    bucket = local_experts * 3 * h * hf_config.moe_intermediate_size
+    router = hf_config.num_experts * h
+    smallest_projection = h * hf_config.num_key_value_heads * hf_config.head_dim
+    return {"bucket": max(bucket, int(1e7)), "persistence": min(router + 1, smallest_projection)}
+
+
+def _known_top_level_keys() -> set[str]:
+    """DeepSpeed reads its JSON with dict.get, so it never rejects a misspelt key. Its key names are the lowercase
+    string constants of its config modules, plus the section names below that live elsewhere."""
+    import importlib  # noqa: PLC0415
+
+    keys = {"zero_optimization", "tensorboard", "wandb", "csv_monitor", "comet", "expert_parallel", "compile",
+            "timers", "tensor_parallel", "sequence_parallel_size", "sparse_gradients", "amp", "elasticity",
+            "graph_harvesting", "pld", "hybrid_engine", "weight_quantization", "compression_training",
+            "zero_force_ds_cpu_optimizer", "zero_allow_untested_optimizer", "flops_profiler", "comms_logger",
+            "checkpoint", "aio", "data_efficiency", "autotuning", "activation_checkpointing", "nebula"}
+    for name in ("deepspeed.runtime.constants", "deepspeed.runtime.activation_checkpointing.config",
+                 "deepspeed.profiling.constants", "deepspeed.autotuning.constants", "deepspeed.comm.constants",
+                 "deepspeed.runtime.data_pipeline.constants", "deepspeed.runtime.swap_tensor.constants",
+                 "deepspeed.checkpoint.constants"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        keys.update(v for k, v in vars(module).items()
+                    if k.isupper() and isinstance(v, str) and re.fullmatch(r"[a-z][a-z0-9_]*", v))
+    return keys
+
+
+def check_user_json(user: dict[str, Any], source: str) -> None:
+    """Unknown or misspelt keys: one line with the closest known key (DeepSpeed would ignore a top-level typo and
+    print a multi-line pydantic error for a ZeRO one)."""
+    known = _known_top_level_keys()
+    for key in user:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ConfigError(f"{source}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    zero = user.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{source}: zero_optimization must be an object")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # noqa: PLC0415
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    fields = set(DeepSpeedZeroConfig.model_fields)
+    fields |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+    for key in zero:
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            raise ConfigError(f"{source}: unknown key zero_optimization.{key}"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+    try:
+        DeepSpeedZeroConfig(**{k: v for k, v in zero.items() if v != "auto"})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{source}: zero_optimization.{where}: {first['msg']} (found {first.get('input')!r})") from None
 
 
 def build_ds_config(cfg: RunConfig, world_size: int, bf16: bool, user: dict[str, Any] | None = None,
-                    source: str = "DeepSpeed config") -> dict[str, Any]:
+                    source: str = "DeepSpeed config", hf_config=None) -> dict[str, Any]:
+    """The resolved DeepSpeed JSON. `hf_config` sizes the "auto" buckets (see auto_sizes); None: fallback sizes."""
     gas = gradient_accumulation_steps(cfg, world_size)
-    ds: dict[str, Any] = dict(user or {})
+    if user:
+        check_user_json(user, source)
+    ds: dict[str, Any] = json.loads(json.dumps(user or {}))  # a deep copy: the caller's dict stays as written
     for key in _YAML_OWNED:
         if key in ds:
             raise ConfigError(f"{source}: remove the {key!r} block; the run's YAML sets it (train.lr, "
@@ -55,14 +130,27 @@ def build_ds_config(cfg: RunConfig, world_size: int, bf16: bool, user: dict[str,
     for key, value in ZERO_DEFAULTS[stage].items():
         if zero.get(key, "auto") == "auto":
             zero[key] = value
+    sizes = auto_sizes(hf_config, cfg.parallel.ep_size)
+    for key, value in list(zero.items()):
+        if value == "auto":
+            if key in _BUCKET_KEYS:
+                zero[key] = sizes["bucket"]
+            elif key in _PERSISTENCE_KEYS:
+                zero[key] = sizes["persistence"]
+            else:
+                raise ConfigError(f'{source}: zero_optimization.{key}="auto" is not resolved by this framework; '
+                                  "give a value")
     zero["stage"] = stage
     ds["zero_optimization"] = zero
     ds["bf16"] = {"enabled": bf16}
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
     ds.setdefault("wall_clock_breakdown", False)
+    # torch's AdamW on the GPU; with the optimizer offloaded, DeepSpeed's CPU Adam (built on first use) instead, since
+    # DeepSpeed refuses a torch optimizer for offloaded states and torch's is several times slower on CPU.
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": cfg.train.lr, "betas": [cfg.train.adam_beta1, cfg.train.adam_beta2], "eps": cfg.train.adam_eps,
-        "weight_decay": cfg.train.weight_decay, "torch_adam": True, "adam_w_mode": True}}
+        "weight_decay": cfg.train.weight_decay, "torch_adam": not offloaded, "adam_w_mode": True}}
     check_ds_config(ds, cfg.parallel.ep_size, source)
     return ds
 

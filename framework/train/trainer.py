@@ -137,7 +137,6 @@ class Trainer:
         source = model_source(cfg)
         self.dtype = resolve_dtype(cfg, rt.device)
         self.gas = gradient_accumulation_steps(cfg, rt.world_size)
-        self.ds_config = build_ds_config(cfg, rt.world_size, self.dtype == torch.bfloat16, ds_user, ds_source)
         self.output_dir = os.path.abspath(cfg.train.output_dir)
         self.ckpt = CheckpointManager(self.output_dir, cfg.train.keep_last, rt.rank)
         resume_from = self.ckpt.resolve(cfg.train.resume)
@@ -170,6 +169,13 @@ class Trainer:
             raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(self.tokenizer)} tokens but the model's "
                               f"vocab_size is {hf_config.vocab_size}; raise model vocab_size or use another tokenizer")
         check_ep_size(cfg.parallel.ep_size, rt.world_size, hf_config.num_experts)
+        self.ds_config = build_ds_config(cfg, rt.world_size, self.dtype == torch.bfloat16, ds_user, ds_source,
+                                         hf_config)
+        if rt.rank == 0:
+            zero = self.ds_config["zero_optimization"]
+            print(f"DeepSpeed: ZeRO-{zero['stage']}, " + ", ".join(
+                f"{k}={v:.3g}" for k, v in zero.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and k != "stage") + f" (resolved JSON: {os.path.join(self.output_dir, 'ds_config.json')})", flush=True)
         self.groups = init_parallel_groups(cfg.parallel.ep_size, hf_config.num_experts)
         torch.manual_seed(cfg.train.seed)
         model = framework.load_model(source, backend=cfg.moe.backend, dtype=self.dtype, device=rt.device,

@@ -138,3 +138,18 @@ def stock_lm_loss(model, batch) -> float:
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100).item()
+
+
+@pytest.mark.parametrize("name, overrides", [("zero3_ep", []), ("zero2_ep", ["parallel.zero_stage=2"]),
+                                             ("zero3", [])])
+def test_shipped_ds_configs_train(tmp_path, corpus, name, overrides):
+    """Each shipped JSON works as it is (CPU, one process, EP=1); its resolved copy lands in the output dir."""
+    train, _ = corpus
+    out = tmp_path / name
+    proc = run([f"data.paths=[{train}]", "train.max_steps=2", "train.save_at_end=false", "export.at_end=false",
+                f"train.output_dir={out}", *overrides, "--deepspeed", os.path.join(REPO, "ds_configs", f"{name}.json")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = json.load(open(out / "ds_config.json"))
+    assert resolved["zero_optimization"]["stage"] == (2 if name == "zero2_ep" else 3)
+    assert "auto" not in json.dumps(resolved)
+    assert sorted(train_records(str(out))) == [1, 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -116,3 +117,37 @@ def test_cli_bad_config_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {bad}: unknown key train.max_step; known keys here: "
                                                 f"{proc.stderr.split('known keys here: ')[1].strip()}"]
     assert "max_steps" in proc.stderr
+
+
+@pytest.mark.parametrize("name, overrides", [("zero3_ep", ["parallel.ep_size=4"]), ("zero3_ep_offload", []),
+                                             ("zero2_ep", ["parallel.zero_stage=2", "parallel.ep_size=4"]),
+                                             ("zero3", [])])
+def test_shipped_ds_configs_resolve(name, overrides):
+    from framework.models.qwen3_moe.config import load_hf_config
+
+    cfg = load_run_config(os.path.join(CONFIGS, "qwen3-30b-a3b-8l.yaml"), overrides)
+    path = os.path.join(REPO, "ds_configs", f"{name}.json")
+    ds = build_ds_config(cfg, 4, True, read_ds_json(path), path, load_hf_config(cfg.model.hf_config))
+    zero = ds["zero_optimization"]
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 4 and ds["gradient_accumulation_steps"] == 1
+    if name != "zero3":  # auto: one layer's local experts (128/4 x 3 x 2048 x 768) and just above the router
+        assert zero["reduce_bucket_size"] == 32 * 3 * 2048 * 768
+    if zero["stage"] == 3 and name != "zero3":
+        assert zero["stage3_prefetch_bucket_size"] == 32 * 3 * 2048 * 768
+        assert zero["stage3_param_persistence_threshold"] == 128 * 2048 + 1
+    assert ds["optimizer"]["params"]["torch_adam"] is (name != "zero3_ep_offload")
+
+
+@pytest.mark.parametrize("user, message", [
+    ({"zero_optimisation": {}}, "unknown key 'zero_optimisation'; did you mean 'zero_optimization'?"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_sizee": 1}},
+     "unknown key zero_optimization.reduce_bucket_sizee; did you mean 'reduce_bucket_size'?"),
+    ({"zero_optimization": {"stage": 3, "overlap_comm": "maybe"}}, "zero_optimization.overlap_comm: Input should be"),
+    ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, 'sub_group_size="auto" is not resolved'),
+])
+def test_ds_json_key_errors(user, message):
+    cfg = load_run_config(os.path.join(CONFIGS, "tiny.yaml"))
+    with pytest.raises(ConfigError) as err:
+        build_ds_config(cfg, 2, False, user, "y.json")
+    assert str(err.value).startswith("y.json: ") and message in str(err.value) and "\n" not in str(err.value)
