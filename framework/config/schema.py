@@ -23,7 +23,8 @@ class ModelSection(Section):
     num_layers: int | None = Field(None, ge=1)  # keep only the first N layers (reduced-depth runs at real widths)
     tokenizer: str | None = None  # default: model.path when it holds a tokenizer, else the tokenizer we ship
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # auto: flash varlen over packed documents on CUDA (torch >= 2.10), else sdpa with a block-diagonal mask
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":

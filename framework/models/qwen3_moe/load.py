@@ -15,6 +15,7 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
 from framework.checkpoint.hf_reader import HFCheckpoint
+from framework.models.qwen3_moe.attention import resolve_attention
 from framework.models.qwen3_moe.config import load_hf_config
 from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
 
@@ -40,7 +41,7 @@ def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto
     """
     config = load_hf_config(path_or_config)
     config = Qwen3MoeConfig.from_dict(config.to_dict())  # our own copy: we set the attention implementation on it
-    config._attn_implementation = attn_implementation or "sdpa"
+    config._attn_implementation = resolve_attention(attn_implementation or "sdpa")
     with torch.device("meta"):
         model = Qwen3MoeCausalLM(config, backend=backend, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
     if prepare is not None:

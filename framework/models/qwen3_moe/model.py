@@ -25,6 +25,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeRotaryEmbedding,
 )
 
+from framework.models.qwen3_moe.attention import document_boundaries, register_varlen_attention
 from framework.models.qwen3_moe.config import SUPPORTED_ATTENTION, is_moe_layer
 from framework.moe.aux_loss import RouterStats, load_balancing_loss, router_z_loss
 from framework.moe.layer import MoEBlock
@@ -56,9 +57,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, h_BSH, position_embeddings, attention_mask, token_mask_T):
+    def forward(self, h_BSH, position_embeddings, attention_mask, token_mask_T, cu_seqlens=None):
+        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}  # varlen attention's document boundaries
         attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(h_BSH),
-                                     position_embeddings=position_embeddings, attention_mask=attention_mask)
+                                     position_embeddings=position_embeddings, attention_mask=attention_mask, **extra)
         h_BSH = h_BSH + attn_out
         x = self.post_attention_layernorm(h_BSH)
         if isinstance(self.mlp, MoEBlock):
@@ -99,6 +101,8 @@ class Qwen3MoeCausalLM(nn.Module):
         super().__init__()
         if config._attn_implementation is None:
             config._attn_implementation = "sdpa"
+        if config._attn_implementation == "varlen":
+            register_varlen_attention()
         if config._attn_implementation not in SUPPORTED_ATTENTION:
             raise ValueError(f"attention implementation {config._attn_implementation!r} is not supported; "
                              f"expected one of {', '.join(SUPPORTED_ATTENTION)}")
@@ -146,7 +150,13 @@ class Qwen3MoeCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
         position_embeddings = self.model.rotary_emb(h, position_ids)
-        if attention_mask is None and packed_position_ids is None and self.config._attn_implementation == "sdpa":
+        cu_seqlens = None
+        if self.config._attn_implementation == "varlen":
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("varlen attention takes packed documents (position_ids), not padding masks; use "
+                                 "attn_implementation='sdpa' for padded batches")
+            mask, cu_seqlens = None, document_boundaries(packed_position_ids, batch, seq, h.device)
+        elif attention_mask is None and packed_position_ids is None and self.config._attn_implementation == "sdpa":
             mask = None  # sdpa applies the causal mask itself (is_causal), the fast path
         else:
             mask = causal_mask(attention_mask, batch, seq, h.dtype, h.device, packed_position_ids)
@@ -156,9 +166,10 @@ class Qwen3MoeCausalLM(nn.Module):
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
             if recompute:
-                h, layer_stats = checkpoint(layer, h, position_embeddings, mask, token_mask_T, use_reentrant=False)
+                h, layer_stats = checkpoint(layer, h, position_embeddings, mask, token_mask_T, cu_seqlens,
+                                            use_reentrant=False)
             else:
-                h, layer_stats = layer(h, position_embeddings, mask, token_mask_T)
+                h, layer_stats = layer(h, position_embeddings, mask, token_mask_T, cu_seqlens)
             if layer_stats is not None:
                 stats.append(layer_stats)
         logits = self.lm_head(self.model.norm(h))
