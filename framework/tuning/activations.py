@@ -1,0 +1,158 @@
+"""Activation memory of one training step of our Qwen3-MoE, from the tensors autograd keeps (bf16 model).
+
+Legend: B micro batch, S sequence, T = B*S tokens, H hidden, Q = heads x head_dim, KV = kv_heads x head_dim,
+I expert FFN, Id dense FFN, E experts, K top-k, V vocabulary, L layers.
+Owns: bytes per token of every tensor saved for backward, layer by layer (framework/models/qwen3_moe/model.py with
+transformers' Qwen3MoeAttention and RMSNorm, framework/moe/: router, torch dispatch, grouped-GEMM SwiGLU experts,
+bmm combine), the loss (cross-entropy on logits.float()), and the peaks of three moments of a step:
+  loss            the LM head's backward: fp32 log-probabilities and their gradients, the largest transient;
+  layer_backward  one decoder layer's backward (with checkpointing: recomputed, so all of its activations at once);
+  optimizer_step  the trainer still holds the step's output, so the bf16 logits live through engine.step().
+Saved-tensor lists were checked op by op with torch.autograd.graph.saved_tensors_hooks on a real layer.
+Assumes balanced routing (each rank's experts get T*K rows); a skewed router adds rows on the busiest rank.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from framework.tuning.params import ModelShape
+
+BF16, FP32, INT64 = 2, 4, 8
+ATTENTION_KINDS = ("varlen", "sdpa", "eager")
+
+
+def rmsnorm_saved(width: int) -> int:
+    """Per normalised row: Qwen3MoeRMSNorm keeps x.float() (pow and mul need it), the bf16 normalised x (for the
+    weight's gradient) and one fp32 rsqrt."""
+    return FP32 * width + BF16 * width + FP32
+
+
+@functools.lru_cache(maxsize=None)
+def varlen_takes_gqa() -> bool:
+    """framework/models/qwen3_moe/attention.py passes enable_gqa where torch's varlen_attn accepts it (torch 2.13)
+    and repeats k, v to all heads otherwise; the estimate follows the torch installed here."""
+    import inspect  # noqa: PLC0415
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
+    except ImportError:
+        return False
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def _kv_width_at_kernel(s: ModelShape, attention: str) -> int:
+    return s.kv_width if attention == "varlen" and varlen_takes_gqa() else s.q_width
+
+
+def attention_saved(s: ModelShape, attention: str, seq: int) -> int:
+    """Bytes per token kept by one attention block."""
+    per_token = rmsnorm_saved(s.hidden) + BF16 * s.hidden  # input norm; its output is saved by q/k/v projections
+    per_token += s.heads * rmsnorm_saved(s.head_dim) + s.kv_heads * rmsnorm_saved(s.head_dim)  # q_norm, k_norm
+    # The kernel keeps q, k, v and its output, which o_proj also keeps (same storage). k and v come repeated to all
+    # heads (repeat_kv materialises them) except for varlen on a torch whose kernel takes GQA. RoPE keeps nothing:
+    # cos/sin need no gradient, so q * cos saves only cos.
+    per_token += 2 * BF16 * s.q_width + 2 * BF16 * _kv_width_at_kernel(s, attention)
+    if attention == "eager":
+        per_token += (FP32 + BF16) * s.heads * seq  # softmax output in fp32, its bf16 copy for probs @ v
+    else:
+        per_token += FP32 * s.heads  # log-sum-exp of the flash / memory-efficient kernels
+    return per_token
+
+
+def moe_saved(s: ModelShape, ep_size: int) -> int:
+    """Bytes per token kept by one MoE block (router, dispatch, SwiGLU experts on T*K rows, combine)."""
+    h, k, e, inter = s.hidden, s.top_k, s.num_experts, s.moe_intermediate
+    per_token = rmsnorm_saved(h) + BF16 * h  # post-attention norm; its output is saved by the router
+    # softmax probs fp32 [T,E]; the z-loss's logits.float() [T,E] and logsumexp [T]; top-k ids, values, their sum,
+    # bf16 combine weights.
+    per_token += FP32 * e + FP32 * e + FP32 + INT64 * k + FP32 * k + FP32 + BF16 * k
+    per_token += 2 * INT64 * k  # sort order and its inverse (gather backward)
+    if ep_size > 1:
+        per_token += 2 * INT64 * k  # regroup of received rows by local expert, and its inverse
+    per_token += BF16 * k * h  # expert-sorted rows, input of the first grouped GEMM
+    per_token += BF16 * k * 2 * inter + BF16 * k * inter + BF16 * k * inter  # gate_up [R,2I], silu(gate), silu*up
+    per_token += BF16 * k * h  # expert outputs back in token order, kept by the weighted-sum bmm
+    return per_token
+
+
+def dense_mlp_saved(s: ModelShape) -> int:
+    """Bytes per token kept by a dense SwiGLU MLP layer (mlp_only_layers): gate, silu(gate), up, silu*up."""
+    return rmsnorm_saved(s.hidden) + BF16 * s.hidden + 4 * BF16 * s.dense_intermediate
+
+
+def layer_saved(s: ModelShape, layer: int, attention: str, seq: int, ep_size: int) -> int:
+    mlp = moe_saved(s, ep_size) if s.moe_layers[layer] else dense_mlp_saved(s)
+    return attention_saved(s, attention, seq) + mlp
+
+
+def layer_backward_workspace(s: ModelShape, layer: int, attention: str, seq: int) -> int:
+    """Bytes per token of gradients alive at once inside a layer's backward, beyond its saved activations.
+    Attention: grad of the output, then grads of q and repeated k, v while the kernel's inputs are still held.
+    MoE: grad of the block output and grad of the K expert outputs per token (the bmm frees its saved rows only after
+    the permute's gradient exists)."""
+    attn = 2 * BF16 * s.q_width + 2 * BF16 * _kv_width_at_kernel(s, attention)
+    attn += (FP32 + BF16) * s.heads * seq if attention == "eager" else 0
+    if s.moe_layers[layer]:
+        mlp = BF16 * s.hidden + BF16 * s.top_k * s.hidden
+    else:
+        mlp = BF16 * s.hidden + 2 * BF16 * s.dense_intermediate
+    return max(attn, mlp)
+
+
+def loss_backward_peak(s: ModelShape) -> int:
+    """Bytes per token at the cross-entropy's backward: bf16 logits, fp32 log-softmax output (kept by log_softmax),
+    the fp32 gradient nll_loss writes, and log_softmax's fp32 input gradient: (2 + 4 + 4 + 4) x V."""
+    return (BF16 + 3 * FP32) * s.vocab
+
+
+def final_norm_saved(s: ModelShape) -> int:
+    return rmsnorm_saved(s.hidden) + BF16 * s.hidden  # the final norm, and its output kept by lm_head
+
+
+def mask_bytes(micro_batch: int, seq: int, attention: str) -> int:
+    """sdpa and eager get an explicit additive [B, 1, S, S] bf16 mask for packed documents; varlen needs none."""
+    return 0 if attention == "varlen" else BF16 * micro_batch * seq * seq
+
+
+@dataclass(frozen=True)
+class ActivationPeaks:
+    """Activation bytes (per GPU) at the three moments of a step; see the module docstring."""
+
+    loss: int
+    layer_backward: int
+    optimizer_step: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.loss, self.layer_backward, self.optimizer_step)
+
+
+def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: bool, attention: str,
+                     ep_size: int) -> ActivationPeaks:
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention {attention!r}: expected one of {', '.join(ATTENTION_KINDS)}")
+    tokens = micro_batch * seq
+    layers = range(s.num_layers)
+    saved = [layer_saved(s, i, attention, seq, ep_size) for i in layers]
+    workspace = [layer_backward_workspace(s, i, attention, seq) for i in layers]
+    # rotary cos/sin [B,S,head_dim] bf16 and the mask live through forward and backward
+    common = tokens * 2 * BF16 * s.head_dim + mask_bytes(micro_batch, seq, attention)
+    logits = tokens * BF16 * s.vocab  # CausalLMOutput.logits, held by the trainer until the next micro batch
+    if checkpointing:
+        # non-reentrant checkpoint per layer keeps only each layer's input [B,S,H]; backward recomputes one layer
+        stored = tokens * BF16 * s.hidden * s.num_layers
+        one_layer = tokens * max(a + w for a, w in zip(saved, workspace))
+        return ActivationPeaks(
+            loss=common + stored + tokens * (final_norm_saved(s) + loss_backward_peak(s)),
+            layer_backward=common + stored + logits + one_layer,
+            optimizer_step=logits)
+    everything = tokens * sum(saved)
+    # out.z_loss is computed even with z_loss_coef 0; its graph (logsumexp's fp32 logits) is never backpropagated,
+    # so it lives as long as the output does.
+    z_graph = tokens * s.num_moe_layers * (FP32 * s.num_experts + FP32)
+    return ActivationPeaks(
+        loss=common + everything + tokens * (final_norm_saved(s) + loss_backward_peak(s)),
+        layer_backward=common + everything + logits + tokens * workspace[-1],
+        optimizer_step=logits + z_graph)

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""ZeRO / expert-parallel tuning for a run config.
+
+    python tools/tune_zero.py estimate --config model_configs/qwen3-30b-a3b.yaml --num_gpus 16 [--ep_size 8]
+        [--zero_stage 3] [--offload] [--micro_batch_size 1] [--seq_len 4096] [--activation_checkpointing on|off]
+        [--attention auto|varlen|sdpa|eager] [--deepspeed my.json] [--gpu_memory_gb 80] [--gpus_per_node 8]
+        [section.key=value ...]
+
+estimate: per-GPU memory of parameters, gradients, optimizer states, activations (with and without activation
+checkpointing), communication / prefetch buffers and the total, at the loss backward, a layer's backward and the
+optimizer step, and whether the peak fits the GPU (framework/tuning/estimate.py says what each term is). Unset flags
+come from the config (parallel.ep_size, parallel.zero_stage, train.micro_batch_size, data.seq_len,
+train.activation_checkpointing, model.attn_implementation); the DeepSpeed settings are the ones launch/pretrain.py
+would use (framework/config/deepspeed.py), with --deepspeed JSON on top as in a run. No GPU needed.
+
+Errors (a bad flag, config key or combination) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+from framework.checkpoint.cli import UserError, run_cli  # noqa: E402
+
+PROG = "tune_zero"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through run_cli instead of usage + message
+        command = self.prog.split()[-1]
+        raise UserError(message if command == PROG else f"{command}: {message}")
+
+
+# ---- estimate -------------------------------------------------------------------------------------------------------
+def add_estimate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config YAML (model_configs/*.yaml)")
+    p.add_argument("--num_gpus", type=int, required=True, help="GPUs (processes) of the run, over all nodes")
+    p.add_argument("--ep_size", type=int, help="expert-parallel size (default parallel.ep_size)")
+    p.add_argument("--zero_stage", type=int, help="ZeRO stage 0-3 (default parallel.zero_stage)")
+    p.add_argument("--offload", action="store_true", help="optimizer states and fp32 master weights on the CPU")
+    p.add_argument("--micro_batch_size", type=int, help="sequences per GPU (default train.micro_batch_size)")
+    p.add_argument("--seq_len", type=int, help="tokens per sequence (default data.seq_len)")
+    p.add_argument("--activation_checkpointing", choices=("on", "off"),
+                   help="default train.activation_checkpointing")
+    p.add_argument("--attention", choices=("auto", "varlen", "sdpa", "eager"),
+                   help="default model.attn_implementation; auto = varlen where torch has it, as on the GPUs")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON with ZeRO settings, as given to launch/pretrain.py")
+    p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80, H100)")
+    p.add_argument("--gpus_per_node", type=int, help="for CPU memory per node with --offload (default min(N, 8))")
+    p.add_argument("overrides", nargs="*", help="section.key=value config overrides, e.g. model.num_layers=8")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """CLI flags as config overrides (applied after the positional ones, so a flag wins), each checked first so that
+    the error names the flag."""
+    for flag in ("num_gpus", "micro_batch_size", "seq_len", "gpus_per_node"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} {value}: must be >= 1")
+    if args.gpu_memory_gb <= 0:
+        raise UserError(f"--gpu_memory_gb {args.gpu_memory_gb:g}: must be > 0")
+    if args.zero_stage is not None and args.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"--zero_stage {args.zero_stage}: unknown ZeRO stage; expected 0, 1, 2 or 3")
+    flags = {"parallel.ep_size": args.ep_size, "parallel.zero_stage": args.zero_stage,
+             "train.micro_batch_size": args.micro_batch_size, "data.seq_len": args.seq_len,
+             "train.activation_checkpointing": None if args.activation_checkpointing is None
+             else args.activation_checkpointing == "on"}
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items() if v is not None]
+
+
+def _attention(name: str) -> str:
+    """What a GPU run resolves "auto" to (framework/models/qwen3_moe/attention.py): varlen where torch has it."""
+    if name != "auto":
+        return name
+    return "varlen" if importlib.util.find_spec("torch.nn.attention.varlen") is not None else "sdpa"
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from framework.config import load_run_config  # noqa: PLC0415
+    from framework.config.deepspeed import build_ds_config, read_ds_json  # noqa: PLC0415
+    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
+    from framework.parallel.groups import check_ep_size  # noqa: PLC0415
+    from framework.train.trainer import model_source  # noqa: PLC0415
+    from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
+    from framework.tuning.report import format_report  # noqa: PLC0415
+
+    cfg = load_run_config(args.config, list(args.overrides) + _flag_overrides(args))
+    n, stage = args.num_gpus, cfg.parallel.zero_stage
+    if args.offload and stage == 0:
+        raise UserError("--offload needs parallel.zero_stage 1, 2 or 3 (ZeRO-0 has no optimizer partitions)")
+    hf_config = load_hf_config(model_source(cfg))
+    check_ep_size(cfg.parallel.ep_size, n, hf_config.num_experts)
+    notes = []
+    per_step = cfg.train.micro_batch_size * n
+    if cfg.train.global_batch_size % per_step:  # memory does not depend on gradient accumulation
+        notes.append(f"note: train.global_batch_size ({cfg.train.global_batch_size}) does not divide over {n} GPUs "
+                     f"x micro batch {cfg.train.micro_batch_size}; estimated with {per_step} (memory does not "
+                     "depend on it)")
+        cfg.train.global_batch_size = per_step
+    user = read_ds_json(args.deepspeed) if args.deepspeed else {}
+    if args.offload:
+        zero = dict(user.get("zero_optimization", {}))
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        user = {**user, "zero_optimization": zero}
+    ds = build_ds_config(cfg, n, True, user, args.deepspeed or "DeepSpeed config", hf_config=hf_config)
+    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    est = estimate_memory(hf_config, n, cfg.parallel.ep_size, stage, cfg.train.micro_batch_size, cfg.data.seq_len,
+                          cfg.train.activation_checkpointing, offload, ds,
+                          _attention(args.attention or cfg.model.attn_implementation))
+    print("\n".join([f"config    {args.config}", *notes, format_report(est, args.gpu_memory_gb, args.gpus_per_node)]))
+    return 0
+
+
+# ---- commands -------------------------------------------------------------------------------------------------------
+# name -> (add its arguments, run it). A `search` command (measured trials, framework/tuning/search.py) goes here,
+# beside `estimate`, whose estimate_memory(...).fits(...) it can use to skip trials that cannot fit.
+COMMANDS = {
+    "estimate": (add_estimate_args, run_estimate, "per-GPU memory estimate of a run config (no GPU needed)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (add_args, _, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command][1](args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, PROG))
