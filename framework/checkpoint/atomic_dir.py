@@ -3,6 +3,10 @@
 Owns: refusing to replace an existing output unless asked, the temporary sibling directory the work is written into
 (`<out>.tmp-<pid>`, same filesystem so the final rename is atomic), and cleaning it up on failure. A run killed hard
 (SIGKILL, power loss) leaves only a `.tmp-<pid>` directory, never something that looks like a finished checkpoint.
+
+Durability: before the rename every file and directory in the temporary directory is fsynced (files a writer already
+synced cost nothing more), and after it the parent directory, so a power loss cannot leave a renamed `out` whose files
+are empty or missing: `out` holds either the old content or all of the new.
 """
 
 from __future__ import annotations
@@ -30,6 +34,31 @@ def check_output_path(out: str, overwrite: bool, inputs: tuple[str, ...] = ()) -
         raise FileNotFoundError(f"parent directory of the output does not exist: {parent}")
 
 
+def fsync_tree(root: str) -> None:
+    """fsync every regular file and directory under `root` (directories last, deepest first)."""
+    dirs = []
+    for current, _, files in os.walk(root):
+        dirs.append(current)
+        for name in files:
+            path = os.path.join(current, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                _fsync(path, os.O_RDONLY)
+    for current in reversed(dirs):
+        _fsync(current, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
 @contextmanager
 def atomic_output_dir(out: str, overwrite: bool = False, inputs: tuple[str, ...] = ()) -> Iterator[str]:
     """Yield a fresh temporary directory next to `out`; on a clean exit it becomes `out` (replacing an old one only
@@ -45,13 +74,21 @@ def atomic_output_dir(out: str, overwrite: bool = False, inputs: tuple[str, ...]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    check_output_path(out, overwrite)  # someone may have created it while we worked
+    try:
+        fsync_tree(tmp)
+        check_output_path(out, overwrite)  # someone may have created it while we worked
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    parent = os.path.dirname(out)
     if os.path.lexists(out):
         # Directories cannot be renamed over each other: move the old one aside, so `out` is always either the old
         # checkpoint, absent for an instant, or the new one, never a mix of both.
         old = f"{out}.old-{os.getpid()}"
         os.rename(out, old)
         os.rename(tmp, out)
+        fsync_dir(parent)
         shutil.rmtree(old)
     else:
         os.rename(tmp, out)
+        fsync_dir(parent)

@@ -1,15 +1,21 @@
 """Converting a Qwen3-MoE checkpoint directory from one expert layout to another, streaming layer by layer.
 
 Owns: the checks made before anything is written (config vs tensors, every expert present once, shapes, dtypes, no
-unknown layout), the conversion loop (one layer's non-expert tensors, then its experts, written through
-`ShardedWriter`, the input's shard maps released after every layer so memory stays near one output shard plus one
-layer's experts), and `verify_conversion` (re-read the output, compare with the input tensor by tensor, byte for byte).
+unknown layout), the conversion loop, and `verify_conversion` (re-read the output, compare with the input tensor by
+tensor, byte for byte).
+
+The loop goes layer by layer: the layer's output tensors take their places in the output (`ShardedWriter.begin`), then
+the input bytes they are made of (a layout change only rearranges each expert's gate / up / down matrices) are read in
+file order with large sequential reads into a small ring of reused, page-aligned buffers, and written from there to
+their final place in the output, while the next reads go on. Memory stays near the ring (256 MB) plus one output
+shard's small tensors, whatever the checkpoint or layer size; no per-byte allocation, no copy in user space.
 Input: any of per_expert / fused / stacked (see `hf_layout.py`); output: fused (`tools/moe_merge.py`) or per_expert
 (`tools/moe_split.py`). Every non-expert tensor and every non-weight file passes through unchanged.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import time
@@ -20,12 +26,18 @@ from dataclasses import dataclass, field
 import torch
 
 from framework.checkpoint import hf_layout as hl
+from framework.checkpoint import safetensors_io as sio
 from framework.checkpoint.atomic_dir import atomic_output_dir, check_output_path
 from framework.checkpoint.hf_config import ExpertConfig, read_expert_config
 from framework.checkpoint.hf_reader import PROJS, HFCheckpoint
-from framework.checkpoint.hf_writer import ShardedWriter, copy_non_weight_files
+from framework.checkpoint.hf_writer import ShardedWriter, TensorSink, copy_non_weight_files
 
 TARGETS = (hl.FUSED, hl.PER_EXPERT)
+# Input is read in file order, READ_BYTES at a time, into RING_BUFFERS reused buffers; the writer writes from them
+# while the next ones are read. Memory for the weights is therefore RING_BUFFERS x READ_BYTES plus the small tensors
+# waiting for the end of their output shard, whatever the checkpoint or layer size.
+READ_BYTES = 32 << 20
+RING_BUFFERS = 8
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -80,19 +92,81 @@ def _write_order(ckpt: HFCheckpoint) -> list[tuple[str, int | None]]:
     return order + [(k, None) for k in sorted(tail)]
 
 
-def _write_layer_experts(ckpt: HFCheckpoint, writer: ShardedWriter, layer: int, cfg: ExpertConfig,
-                         target: str) -> None:
-    prefix = ckpt.layers[layer].prefix
-    hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
-    if target == hl.FUSED:
-        gate_up, down = ckpt.read_layer_experts(layer, cfg.num_experts, hidden, inter)
-        gu_key, d_key = hl.fused_keys(prefix)
-        writer.add(gu_key, gate_up)
-        writer.add(d_key, down)
-        return
-    for e in range(cfg.num_experts):
-        for proj, tensor in zip(PROJS, ckpt.read_expert(layer, e, hidden, inter)):
-            writer.add(hl.per_expert_key(prefix, e, proj), tensor)
+class _Ring:
+    """A few reused page-aligned read buffers of `size` bytes, handed out in turn; a buffer is handed out again only
+    once the writer has written everything queued before it was last returned (`ShardedWriter.written`). Reused memory
+    costs nothing per byte; fresh memory costs a page fault (and, in a VM, often a host fault) per 4 KB, about as long
+    as reading it from the disk. Aligned memory goes to the disk with direct I/O as it is."""
+
+    def __init__(self, writer: ShardedWriter, count: int, size: int):
+        self.writer = writer
+        self.free = collections.deque((sio.aligned_empty((size,), torch.uint8), None) for _ in range(count))
+
+    def get(self) -> torch.Tensor:
+        buffer, fence = self.free.popleft()
+        if fence is not None:
+            fence.wait()
+        return buffer
+
+    def done(self, buffer: torch.Tensor) -> None:
+        self.free.append((buffer, self.writer.written()))
+
+
+def _convert_group(ckpt: HFCheckpoint, writer: ShardedWriter, ring: _Ring, keys: list[str], layer: int | None,
+                   cfg: ExpertConfig, target: str) -> None:
+    """One layer (or the tensors before / after the layers): its output tensors take their places in the output in
+    order, then the input bytes they are made of are read in file order and handed to them as they arrive."""
+    ranges: list[tuple[str, int, int, tuple[TensorSink, int]]] = []
+    sinks: list[TensorSink] = []
+    for key in keys:
+        info = ckpt.info(key)
+        if info.torch_dtype is None:  # a dtype only safetensors reads (the writer refuses what it cannot store)
+            writer.add(key, ckpt.get(key))
+            continue
+        sinks.append(writer.begin(key, info.shape, info.torch_dtype))
+        ranges.append((key, 0, info.nbytes, (sinks[-1], 0)))
+    if layer is not None:
+        num_experts, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        matrices = ckpt.expert_matrices(layer, num_experts, hidden, inter)
+        dtype = ckpt.layer_dtype(layer, num_experts, hidden, inter)
+        prefix = ckpt.layers[layer].prefix
+        matrix = inter * hidden * dtype.itemsize
+        if target == hl.FUSED:  # gate_up[e] = gate_e then up_e; down[e] = down_e
+            gate_up = writer.begin(hl.fused_keys(prefix)[0], (num_experts, 2 * inter, hidden), dtype)
+            down = writer.begin(hl.fused_keys(prefix)[1], (num_experts, hidden, inter), dtype)
+            sinks += [gate_up, down]
+            where = {"gate_proj": (gate_up, 0), "up_proj": (gate_up, matrix), "down_proj": (down, 0)}
+            ranges += [(key, offset, n, (where[proj][0], (2 if proj != "down_proj" else 1) * e * matrix
+                                         + where[proj][1])) for e, proj, key, offset, n in matrices]
+        else:
+            shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+            out = {}
+            for e, proj, *_ in matrices:  # the hub's order: expert by expert, gate, up, down
+                out[(e, proj)] = writer.begin(hl.per_expert_key(prefix, e, proj), shapes[proj], dtype)
+                sinks.append(out[(e, proj)])
+            ranges += [(key, offset, n, (out[(e, proj)], 0)) for e, proj, key, offset, n in matrices]
+
+    def emit(tag: tuple[TensorSink, int], pos: int, data: torch.Tensor) -> None:
+        sink, base = tag
+        sink.write(base + pos, data)
+
+    ckpt.stream(ranges, ring, emit, chunk=READ_BYTES)
+    for sink in sinks:
+        sink.close()
+
+
+def _groups(ckpt: HFCheckpoint) -> list[tuple[list[str], int | None]]:
+    """(non-expert keys, MoE layer or None) per layer, plus the tensors before and after the layers, in the order
+    they are written: embeddings, then layer by layer (its other tensors, then its experts), then the rest."""
+    groups: list[tuple[list[str], int | None]] = []
+    keys: list[str] = []
+    for key, layer in _write_order(ckpt):
+        if layer is None:
+            keys.append(key)
+            continue
+        groups.append((keys, layer))
+        keys = []
+    return groups + [(keys, None)] if keys else groups
 
 
 def convert_checkpoint(src: str, dst: str, target: str, max_shard_size: int | str = "5GB", overwrite: bool = False,
@@ -113,18 +187,16 @@ def convert_checkpoint(src: str, dst: str, target: str, max_shard_size: int | st
     with HFCheckpoint(src) as ckpt:
         ckpt.check_shards()
         check_experts(ckpt, cfg)
-        order = _write_order(ckpt)
         with atomic_output_dir(dst, overwrite, (src,)) as tmp:
             copied = copy_non_weight_files(src, tmp)
             writer = ShardedWriter(tmp, max_shard_size, {"expert_layout": target})
             try:
-                for key, layer in order:
-                    if layer is None:
-                        writer.add(key, ckpt.get(key))
-                        continue
-                    _write_layer_experts(ckpt, writer, layer, cfg, target)
+                ring = _Ring(writer, RING_BUFFERS, READ_BYTES)
+                for keys, layer in _groups(ckpt):
+                    _convert_group(ckpt, writer, ring, keys, layer, cfg, target)
                     ckpt.release()
-                    log(f"layer {layer}: experts converted ({layer + 1}/{cfg.num_hidden_layers})")
+                    if layer is not None:
+                        log(f"layer {layer}: experts converted ({layer + 1}/{cfg.num_hidden_layers})")
                 index = writer.close()
             except BaseException:
                 writer.abort()  # the background write must stop before atomic_output_dir removes the directory

@@ -5,16 +5,22 @@ in any layout as the fused [E,2I,H] / [E,H,I] pair, optionally only a contiguous
 or one expert at a time; header-only checks of a layer's expert tensors (presence, shapes, dtypes) and of the index
 against the shards. Does not own the model or writing checkpoints (see `hf_writer.py`).
 
-Shards are memory-mapped by safetensors; pages read through a map count in the process's RSS until it is closed, so
-long streaming jobs call `release()` between layers to keep RSS bounded.
+Reads go through `safetensors_io`: shard headers are parsed once, and a layer's expert tensors are read with a few
+large sequential `preadv` calls straight into the preallocated fused buffers (the hub stores a layer's 3 x E expert
+tensors next to each other, so they coalesce), never through a memory map: no page-fault-bound copies, no file pages
+in RSS. `expert_matrices` + `stream` serve layout conversion: where each expert matrix lies, and a file-order read of
+byte ranges through caller-provided (reused) buffers. A non-expert tensor of a dtype that module does not know is
+read through safetensors' `safe_open`. `release()` closes the open files (and any such maps) between layers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -22,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from framework.checkpoint import hf_layout as hl
+from framework.checkpoint import safetensors_io as sio
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -58,10 +65,12 @@ class HFCheckpoint:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         self.path = path
+        self._headers: dict[str, sio.Header] = {}
         self.key_to_file = self._key_map(path)
         self.layout = hl.detect_layout(self.key_to_file)
         self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, object] = {}  # safe_open fallback, for dtypes safetensors_io does not read
+        self._fds: dict[str, int] = {}
         self.layers = self._group_expert_keys()
 
     def __enter__(self) -> "HFCheckpoint":
@@ -73,9 +82,12 @@ class HFCheckpoint:
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
     def release(self) -> None:
-        """Unmap every open shard (they reopen on the next read); see the module docstring for why."""
+        """Close every open shard (they reopen on the next read; parsed headers are kept)."""
         self.close()
 
     def check_shards(self) -> None:
@@ -91,9 +103,7 @@ class HFCheckpoint:
             return  # a single file, or loose shards already scanned key by key in _key_map
         seen: dict[str, str] = {}
         for shard in sorted(set(self.key_to_file.values())):
-            with safe_open(os.path.join(self.path, shard), framework="pt") as f:
-                keys = set(f.keys())
-            for key in keys:
+            for key in self._header(shard).tensors:
                 if key in seen:
                     raise ValueError(f"{self.path}: tensor {key} is in both {seen[key]} and {shard}")
                 seen[key] = shard
@@ -102,8 +112,7 @@ class HFCheckpoint:
                 where = f"it is in {seen[key]}" if key in seen else "no shard holds it"
                 raise ValueError(f"{self.path}: missing tensor {key} in shard {shard} named by the index ({where})")
 
-    @staticmethod
-    def _key_map(path: str) -> dict[str, str]:
+    def _key_map(self, path: str) -> dict[str, str]:
         index = os.path.join(path, INDEX_NAME)
         if os.path.exists(index):
             with open(index) as f:
@@ -122,11 +131,10 @@ class HFCheckpoint:
             raise FileNotFoundError(f"{path}: no {INDEX_NAME} and no *.safetensors files")
         key_to_file: dict[str, str] = {}
         for shard in shards:
-            with safe_open(os.path.join(path, shard), framework="pt") as f:
-                for key in f.keys():
-                    if key in key_to_file:
-                        raise ValueError(f"{path}: tensor {key} is in both {key_to_file[key]} and {shard}")
-                    key_to_file[key] = shard
+            for key in self._header(shard).tensors:
+                if key in key_to_file:
+                    raise ValueError(f"{path}: tensor {key} is in both {key_to_file[key]} and {shard}")
+                key_to_file[key] = shard
         return key_to_file
 
     def _group_expert_keys(self) -> dict[int, LayerExperts]:
@@ -153,6 +161,29 @@ class HFCheckpoint:
                 safe_open(os.path.join(self.path, shard), framework="pt"))
         return self._handles[shard]
 
+    def _header(self, shard: str) -> sio.Header:
+        if shard not in self._headers:
+            self._headers[shard] = sio.read_header(os.path.join(self.path, shard))
+        return self._headers[shard]
+
+    def _fd(self, shard: str) -> int:
+        if shard not in self._fds:
+            fd = os.open(os.path.join(self.path, shard), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
+            self._fds[shard] = fd
+        return self._fds[shard]
+
+    def info(self, key: str) -> sio.TensorInfo:
+        """Where `key` lies in its shard (dtype, shape, byte range), from the shard's header."""
+        shard = self.key_to_file.get(key)
+        if shard is None:
+            raise KeyError(f"{self.path}: tensor {key} not found")
+        info = self._header(shard).tensors.get(key)
+        if info is None:
+            raise ValueError(f"{self.path}: missing tensor {key} in shard {shard} named by the index")
+        return info
+
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
@@ -160,21 +191,49 @@ class HFCheckpoint:
         stacked = self.layout == hl.STACKED
         return [k for k in self.key_to_file if hl.parse_expert_key(k, stacked_down=stacked) is None]
 
+    def _read_into(self, plan: list[tuple[str, int, torch.Tensor]]) -> None:
+        """Fill each destination (contiguous) with the bytes of `key` from byte `offset` of that tensor, all of one
+        shard's ranges in one sorted, coalesced pass of large `preadv` calls."""
+        by_shard: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
+        for key, offset, dest in plan:
+            info = self.info(key)
+            view = sio.byte_view(dest)
+            if offset < 0 or offset + len(view) > info.nbytes:
+                raise ValueError(f"{self.path}: read of bytes {offset}..{offset + len(view)} of {key} past its "
+                                 f"{info.nbytes} bytes")
+            by_shard[self.key_to_file[key]].append((info.start + offset, view))
+        for shard, ranges in by_shard.items():
+            sio.read_ranges(self._fd(shard), ranges, os.path.join(self.path, shard))
+
     def get(self, key: str) -> torch.Tensor:
-        if key not in self.key_to_file:
-            raise KeyError(f"{self.path}: tensor {key} not found")
-        return self._handle(self.key_to_file[key]).get_tensor(key)
+        info = self.info(key)
+        if info.torch_dtype is None:
+            return self._handle(self.key_to_file[key]).get_tensor(key)
+        out = torch.empty(info.shape, dtype=info.torch_dtype)
+        self._read_into([(key, 0, out)])
+        return out
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the first dimension, reading only those bytes."""
-        return self._handle(self.key_to_file[key]).get_slice(key)[start:stop]
+        """Rows [start, stop) of the first dimension (clamped like a slice), reading only those bytes."""
+        info = self.info(key)
+        if info.torch_dtype is None or not info.shape:
+            return self._handle(self.key_to_file[key]).get_slice(key)[start:stop]
+        start, stop, _ = slice(start, stop).indices(info.shape[0])
+        stop = max(start, stop)
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.torch_dtype)
+        self._read_into([(key, start * self._row_bytes(info), out)])
+        return out
+
+    @staticmethod
+    def _row_bytes(info: sio.TensorInfo) -> int:
+        return math.prod(info.shape[1:]) * info.torch_dtype.itemsize
 
     def shape(self, key: str) -> list[int]:
-        return list(self._handle(self.key_to_file[key]).get_slice(key).get_shape())
+        return list(self.info(key).shape)
 
     def dtype(self, key: str) -> str:
         """The stored dtype as safetensors names it ("BF16", "F32", ...), from the header."""
-        return self._handle(self.key_to_file[key]).get_slice(key).get_dtype()
+        return self.info(key).dtype
 
     def check_layer_experts(self, layer: int, num_experts: int, hidden: int, inter: int) -> str:
         """Check one layer's expert tensors against the config from the headers alone: every expert present once,
@@ -235,31 +294,39 @@ class HFCheckpoint:
                            expert_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's experts [lo, hi) as fused gate_up [e,2I,H] and down [e,H,I], whatever the stored layout.
 
-        Fills preallocated outputs one stored tensor at a time, so the peak is one layer's experts plus one tensor.
+        Reads every stored tensor straight into its place in the two preallocated outputs (gate and up of an expert
+        are next to each other in both the hub's files and gate_up), with a few large sequential reads per shard, so
+        the peak is one layer's experts.
         """
         lo, hi = expert_range or (0, num_experts)
-        self.check_layer_experts(layer, num_experts, hidden, inter)
-        entry = self.layers[layer]
-        if entry.layout == hl.FUSED:
-            gu_key, d_key = hl.fused_keys(entry.prefix)
-            return self.get_rows(gu_key, lo, hi), self.get_rows(d_key, lo, hi)
-        if entry.layout == hl.STACKED:
-            g_key, u_key, d_key = hl.stacked_keys(entry.prefix)
-            down = self.get_rows(d_key, lo, hi)
-            gate_up = torch.empty((hi - lo, 2 * inter, hidden), dtype=down.dtype)
-            gate_up[:, :inter] = self.get_rows(g_key, lo, hi)
-            gate_up[:, inter:] = self.get_rows(u_key, lo, hi)
-            return gate_up, down
-        gate_up = down = None
-        for i, e in enumerate(range(lo, hi)):
-            g, u, d = (self.get(entry.per_expert[(e, proj)]) for proj in PROJS)
-            if gate_up is None:
-                gate_up = torch.empty((hi - lo, 2 * inter, hidden), dtype=g.dtype)
-                down = torch.empty((hi - lo, hidden, inter), dtype=d.dtype)
-            gate_up[i, :inter], gate_up[i, inter:], down[i] = g, u, d
-        if gate_up is None:
-            raise ValueError(f"{self.path}: empty expert range {lo}..{hi} for layer {layer}")
+        dtype = self.layer_dtype(layer, num_experts, hidden, inter)
+        gate_up = torch.empty((max(hi - lo, 0), 2 * inter, hidden), dtype=dtype)
+        down = torch.empty((max(hi - lo, 0), hidden, inter), dtype=dtype)
+        self.read_layer_experts_into(layer, num_experts, hidden, inter, gate_up, down, expert_range)
         return gate_up, down
+
+    def layer_dtype(self, layer: int, num_experts: int, hidden: int, inter: int) -> torch.dtype:
+        """The torch dtype of a layer's experts, after `check_layer_experts`."""
+        name = self.check_layer_experts(layer, num_experts, hidden, inter)
+        if name not in sio.DTYPES:
+            raise ValueError(f"{self.path}: layer {layer} experts have dtype {name}, which torch cannot hold")
+        return sio.DTYPES[name]
+
+    def read_layer_experts_into(self, layer: int, num_experts: int, hidden: int, inter: int, gate_up: torch.Tensor,
+                                down: torch.Tensor, expert_range: tuple[int, int] | None = None) -> None:
+        """`read_layer_experts` into given contiguous gate_up [e,2I,H] and down [e,H,I] (e.g. reused buffers, or the
+        model's own parameters)."""
+        lo, hi = expert_range or (0, num_experts)
+        if not 0 <= lo <= hi <= num_experts:
+            raise ValueError(f"{self.path}: expert range {lo}..{hi} of layer {layer} is outside its {num_experts} "
+                             "experts")
+        dtype = self.layer_dtype(layer, num_experts, hidden, inter)
+        for name, out, shape in (("gate_up", gate_up, (hi - lo, 2 * inter, hidden)),
+                                 ("down", down, (hi - lo, hidden, inter))):
+            if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+                raise ValueError(f"{name} buffer: expected contiguous CPU {dtype} {list(shape)}, got {out.dtype} "
+                                 f"{list(out.shape)}")
+        self._read_into(self._expert_plan(self.layers[layer], lo, hi, inter, hidden, gate_up, down))
 
     def read_expert(self, layer: int, expert: int, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                       torch.Tensor]:
@@ -268,12 +335,70 @@ class HFCheckpoint:
         entry = self.layers[layer]
         if entry.layout == hl.PER_EXPERT:
             return tuple(self.get(entry.per_expert[(expert, proj)]) for proj in PROJS)
-        if entry.layout == hl.FUSED:
-            gu_key, d_key = hl.fused_keys(entry.prefix)
-            gu = self._handle(self.key_to_file[gu_key]).get_slice(gu_key)
-            gate, up = gu[expert:expert + 1, :inter][0], gu[expert:expert + 1, inter:][0]
-            return gate, up, self.get_rows(d_key, expert, expert + 1)[0]
-        return tuple(self.get_rows(key, expert, expert + 1)[0] for key in hl.stacked_keys(entry.prefix))
+        key = hl.fused_keys(entry.prefix)[0] if entry.layout == hl.FUSED else hl.stacked_keys(entry.prefix)[0]
+        dtype = self.info(key).torch_dtype
+        if dtype is None:
+            raise ValueError(f"{self.path}: {key} has dtype {self.info(key).dtype}, which torch cannot hold")
+        out = tuple(torch.empty(s, dtype=dtype) for s in ((inter, hidden), (inter, hidden), (hidden, inter)))
+        matrices = self._matrices(entry, expert, expert + 1, inter * hidden * dtype.itemsize)
+        self._read_into([(key, offset, dest) for (_, _, key, offset, _), dest in zip(matrices, out)])
+        return out
+
+    def expert_matrices(self, layer: int, num_experts: int, hidden: int, inter: int,
+                        expert_range: tuple[int, int] | None = None) -> list[tuple[int, str, str, int, int]]:
+        """Where each expert's gate [I,H], up [I,H] and down [H,I] matrix is stored, whatever the layout: (expert,
+        proj, key, byte offset in that stored tensor, nbytes), for experts [lo, hi). Converting layouts is moving
+        these byte ranges; see `stream`. Checks the layer first."""
+        lo, hi = expert_range or (0, num_experts)
+        dtype = self.layer_dtype(layer, num_experts, hidden, inter)
+        return self._matrices(self.layers[layer], lo, hi, inter * hidden * dtype.itemsize)
+
+    @staticmethod
+    def _matrices(entry: LayerExperts, lo: int, hi: int, matrix: int) -> list[tuple[int, str, str, int, int]]:
+        out = []
+        for e in range(lo, hi):
+            if entry.layout == hl.FUSED:  # gate_up[e] is gate_e then up_e
+                gu_key, d_key = hl.fused_keys(entry.prefix)
+                where = [(gu_key, 2 * e * matrix), (gu_key, (2 * e + 1) * matrix), (d_key, e * matrix)]
+            elif entry.layout == hl.STACKED:
+                where = [(key, e * matrix) for key in hl.stacked_keys(entry.prefix)]
+            else:
+                where = [(entry.per_expert[(e, proj)], 0) for proj in PROJS]
+            out += [(e, proj, key, offset, matrix) for proj, (key, offset) in zip(PROJS, where)]
+        return out
+
+    def stream(self, ranges: list[tuple[str, int, int, object]], buffers,
+               emit: Callable[[object, int, torch.Tensor], None], chunk: int = sio.READ_CHUNK) -> None:
+        """Read (key, byte offset in that tensor, nbytes, tag) ranges in file order, shard by shard, with reads of up
+        to `chunk` bytes into buffers from `buffers.get()` (contiguous uint8 tensors of at least `chunk` bytes, e.g.
+        a ring of reused ones); after each read, `emit(tag, offset in the range, bytes)` for every part of a range
+        it holds, then `buffers.done(buffer)`. Nothing is allocated per byte read."""
+        by_shard: dict[str, list[tuple[int, int, object]]] = defaultdict(list)
+        for key, offset, nbytes, tag in ranges:
+            info = self.info(key)
+            if offset < 0 or offset + nbytes > info.nbytes:
+                raise ValueError(f"{self.path}: read of bytes {offset}..{offset + nbytes} of {key} past its "
+                                 f"{info.nbytes} bytes")
+            by_shard[self.key_to_file[key]].append((info.start + offset, nbytes, tag))
+        for shard in sorted(by_shard):
+            path, fd = os.path.join(self.path, shard), self._fd(shard)
+            for start, span, parts in sio.group_reads(by_shard[shard], chunk):
+                buffer = buffers.get()
+                sio.preadv_full(fd, [sio.byte_view(buffer)[:span]], start, path)
+                for rel, n, tag, pos in parts:
+                    emit(tag, pos, buffer[rel:rel + n])
+                buffers.done(buffer)
+
+    def _expert_plan(self, entry: LayerExperts, lo: int, hi: int, inter: int, hidden: int, gate_up: torch.Tensor,
+                     down: torch.Tensor) -> list[tuple[str, int, torch.Tensor]]:
+        """(key, byte offset in that tensor, destination) for experts [lo, hi) into gate_up [e,2I,H] / down [e,H,I],
+        one item per expert and stored matrix (neighbours in the file are read by one call anyway)."""
+        plan: list[tuple[str, int, torch.Tensor]] = []
+        for e, proj, key, offset, _ in self._matrices(entry, lo, hi, inter * hidden * gate_up.element_size()):
+            i = e - lo
+            dest = {"gate_proj": gate_up[i, :inter], "up_proj": gate_up[i, inter:], "down_proj": down[i]}[proj]
+            plan.append((key, offset, dest))
+        return plan
 
     def _require(self, layer: int, keys: list[str]) -> None:
         missing = [k for k in keys if k not in self.key_to_file]

@@ -4,6 +4,7 @@ every one-line error a user can cause."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from framework.checkpoint import expert_convert
+from framework.checkpoint import expert_convert, hf_writer
 from framework.checkpoint.cli import run_cli
 from framework.checkpoint.hf_writer import INDEX_NAME
 
@@ -221,21 +222,22 @@ def test_overwrite_and_atomic_failure(ckpts, merged, tmp_path, monkeypatch, caps
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert os.listdir(out) == ["stale.txt"]
 
-    # A failure half-way (disk full, say) leaves the old output as it was and no temporary directory.
+    # A failure half-way (disk full in the background writer, say) leaves the old output as it was and no temporary
+    # directory; the error reaches the command line as one line.
     calls = {"n": 0}
-    real_add = expert_convert.ShardedWriter.add
+    real_write_all = hf_writer.sio.write_all
 
-    def failing_add(self, key, tensor):
+    def failing_write_all(fd, data, offset=None):
         calls["n"] += 1
-        if calls["n"] == 20:
+        if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        return real_add(self, key, tensor)
+        return real_write_all(fd, data, offset)
 
-    monkeypatch.setattr(expert_convert.ShardedWriter, "add", failing_add)
+    monkeypatch.setattr(hf_writer.sio, "write_all", failing_write_all)
     assert run_tool(merge_tool, "moe_merge", "--raw_hf_path", ckpts["raw"], "--merge_hf_path", out, "--overwrite",
-                    "--quiet") == 2
+                    "--max_shard_size", "30KB", "--quiet") == 2
     assert "No space left on device" in capsys.readouterr().err
-    assert os.listdir(out) == ["stale.txt"] and os.listdir(tmp_path) == ["out"]
+    assert calls["n"] >= 5 and os.listdir(out) == ["stale.txt"] and os.listdir(tmp_path) == ["out"]
     monkeypatch.undo()
 
     assert run_tool(merge_tool, "moe_merge", "--raw_hf_path", ckpts["raw"], "--merge_hf_path", out, "--overwrite",
@@ -320,7 +322,6 @@ def test_input_errors_are_one_line(ckpts, tmp_path, capsys, case):
     assert run_tool(tool, prog, flags[0], src, flags[1], out, "--quiet") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
-    import re
     assert re.search(pattern, err), err
     assert sorted(os.listdir(tmp_path)) == ["in"]  # nothing written, not even a temporary directory
 
@@ -409,3 +410,188 @@ def test_download_passes_patterns_and_maps_hub_errors(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert err == ("download_hf_model: error: org/private: repository not found, or not visible to this token "
                    "(unauthorised? set HF_TOKEN)\n")
+
+
+# ---- the I/O underneath: safetensors_io and the streaming ShardedWriter ----
+
+from framework.checkpoint import safetensors_io as sio  # noqa: E402
+from framework.checkpoint.hf_reader import HFCheckpoint  # noqa: E402
+
+
+def test_group_reads_cover_every_byte_once():
+    ranges = [(0, 10, "a"), (10, 5, "b"), (100, 70, "c"), (15, 0, "empty"), (400, 3, "d")]
+    reads = sio.group_reads(ranges, chunk=32, max_gap=40)
+    got: dict[str, list[tuple[int, int]]] = {}
+    for start, span, parts in reads:
+        assert span <= 32 or len(parts) == 1
+        for rel, n, tag, pos in parts:
+            assert 0 <= rel and rel + n <= span
+            got.setdefault(tag, []).append((start + rel - pos, pos, n))
+    for offset, nbytes, tag in ranges:
+        pieces = sorted(got[tag], key=lambda p: p[1])
+        assert all(p[0] == offset for p in pieces)  # every piece maps back to its range's start
+        assert sum(p[2] for p in pieces) == nbytes and [p[1] for p in pieces] == list(range(0, max(nbytes, 1), 32))
+
+
+def test_read_ranges_fills_buffers(tmp_path):
+    data = bytes(range(256)) * 64  # 16 KB
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    spans = [(5, 100), (105, 3), (4000, 9000), (300, 1)]
+    bufs = [memoryview(bytearray(n)) for _, n in spans]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sio.read_ranges(fd, [(o, b) for (o, _), b in zip(spans, bufs)], chunk=1000, max_gap=50)
+    finally:
+        os.close(fd)
+    assert [bytes(b) for b in bufs] == [data[o:o + n] for o, n in spans]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[:-10], "truncated or trailing bytes"),
+    (lambda raw: raw[:8] + b"[" + raw[9:], "header is not valid JSON"),
+    (lambda raw: raw[:4], "not a safetensors file"),
+])
+def test_corrupt_shard_is_a_one_line_error(ckpts, tmp_path, capsys, damage, message):
+    src = str(tmp_path / "in")
+    shutil.copytree(ckpts["raw"], src)
+    shard = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))[1]
+    with open(os.path.join(src, shard), "rb") as f:
+        raw = f.read()
+    with open(os.path.join(src, shard), "wb") as f:
+        f.write(damage(raw))
+    assert run_tool(merge_tool, "moe_merge", "--raw_hf_path", src, "--merge_hf_path", str(tmp_path / "o"),
+                    "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and shard in err, err
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {f"big.{i}": torch.randn(64, 64, generator=g) for i in range(6)}  # 16 KB each: streamed below
+    for i in range(3):  # page-aligned memory goes to the disk as it is, the rest through a bounce buffer
+        out[f"big.{i}"] = sio.aligned_empty((64, 64), torch.float32).copy_(out[f"big.{i}"])
+    out["odd.bf16"] = torch.randn(3, 5, generator=g).to(torch.bfloat16)  # 30 bytes: waits, and stays aligned
+    out["small.f32"] = torch.randn(7, generator=g)
+    out["int.i64"] = torch.arange(5)
+    out["empty"] = torch.zeros(0, 4)
+    return out
+
+
+@pytest.mark.parametrize("direct", ["direct", "none", "refused"])
+def test_streaming_writer_roundtrip(tmp_path, monkeypatch, direct):
+    """Streamed tensors (in parts, out of order), waiting small ones of several dtypes, a header that outgrows its
+    reserve, with direct I/O, without, and refused at the first write: safetensors reads back every tensor byte for
+    byte."""
+    monkeypatch.setattr(hf_writer, "STREAM_MIN_BYTES", 4096)
+    monkeypatch.setattr(hf_writer.ShardedWriter, "_header_reserve", lambda self, shard, first: 4088)  # tiny
+    opened, direct_fds = [], set()
+    real_open_direct, real_pwritev_all = sio.open_direct, sio.pwritev_all
+
+    def open_direct(path):
+        opened.append(path)
+        fd = real_open_direct(path) if direct != "none" else None
+        direct_fds.add(fd)
+        return fd
+
+    def pwritev_all(fd, views, offset):
+        if direct == "refused" and fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwritev_all(fd, views, offset)
+
+    monkeypatch.setattr(sio, "open_direct", open_direct)
+    monkeypatch.setattr(sio, "pwritev_all", pwritev_all)
+    tensors = _tensors(0)
+    long_names = {f"a.really.long.tensor.name.to.grow.the.header.{'x' * 40}.{i}": torch.full((1024,), float(i))
+                  for i in range(60)}  # 4 KB each: streamed; 60 long names make the header outgrow 4088 bytes
+    writer = hf_writer.ShardedWriter(str(tmp_path), "200KB", {"expert_layout": "fused"})
+    sink = writer.begin("parts", (32, 128), torch.float32)
+    whole = torch.randn(32, 128)
+    for i in reversed(range(4)):  # parts out of order, one as raw bytes
+        part = whole[8 * i:8 * (i + 1)]
+        sink.write(i * part.numel() * 4, part.contiguous().view(torch.uint8) if i == 2 else part)
+    for key, value in {**tensors, **long_names}.items():
+        writer.add(key, value)
+    sink.close()
+    index = writer.close()
+    expected = {**tensors, **long_names, "parts": whole}
+    assert_same_tensors(expected, read_all(str(tmp_path)))
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in expected.values())
+    assert len(set(index["weight_map"].values())) > 1 and opened
+    for shard in set(index["weight_map"].values()):
+        header = sio.read_header(os.path.join(tmp_path, shard))
+        for info in header.tensors.values():  # every tensor aligned to its element size
+            assert info.start % DTYPE_SIZE[info.dtype] == 0
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+DTYPE_SIZE = {name: dtype.itemsize for name, dtype in sio.DTYPES.items()}
+
+
+def test_writer_fence_copies_waiting_tensors_and_errors_surface(tmp_path, monkeypatch):
+    writer = hf_writer.ShardedWriter(str(tmp_path / "a"), "5GB")
+    os.makedirs(tmp_path / "a")
+    buffer = torch.arange(10, dtype=torch.float32)
+    writer.add("small", buffer[:4])  # waits for the end of the shard, in the caller's memory
+    assert writer.written().wait(10)
+    buffer.zero_()  # the caller reuses its memory after the fence
+    writer.close()
+    assert torch.equal(read_all(str(tmp_path / "a"))["small"], torch.arange(4, dtype=torch.float32))
+
+    os.makedirs(tmp_path / "b")
+    writer = hf_writer.ShardedWriter(str(tmp_path / "b"), "5GB")
+    monkeypatch.setattr(hf_writer.sio, "write_all", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
+    writer.add("x", torch.zeros(3))
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    with pytest.raises(RuntimeError):
+        writer.add("y", torch.zeros(3))
+
+
+def test_reader_rows_and_experts_match_safetensors(ckpts, merged):
+    first = sorted(n for n in os.listdir(merged) if n.endswith(".safetensors"))[0]
+    with HFCheckpoint(merged) as a, safe_open(os.path.join(merged, first), framework="pt") as f:
+        for key in f.keys():
+            assert torch.equal(a.get(key), f.get_tensor(key))
+            if f.get_slice(key).get_shape():
+                n = f.get_slice(key).get_shape()[0]
+                for lo, hi in ((0, 1), (1, n), (n - 1, n + 5), (3, 2)):
+                    assert torch.equal(a.get_rows(key, lo, hi), f.get_slice(key)[lo:hi]), (key, lo, hi)
+        gate_up, down = a.read_layer_experts(2, 8, 32, 24, expert_range=(3, 6))
+        for i, e in enumerate(range(3, 6)):
+            g, u, d = a.read_expert(2, e, 32, 24)
+            assert torch.equal(gate_up[i], torch.cat([g, u])) and torch.equal(down[i], d)
+
+
+def test_streamed_conversion_with_a_small_ring_is_byte_exact(tmp_path, monkeypatch):
+    """The path large checkpoints take, at a small scale: every tensor streamed (direct I/O where the shapes allow
+    it), input read through a ring of two 8 KB buffers that are reused as soon as the writer is done with them."""
+    monkeypatch.setattr(hf_writer, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(expert_convert, "READ_BYTES", 8192)
+    monkeypatch.setattr(expert_convert, "RING_BUFFERS", 2)
+    hidden, inter, experts = 64, 32, 6  # 8 KB per matrix in fp32: direct writes straight from the ring
+    config = dict(TINY, hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts, num_hidden_layers=2,
+                  mlp_only_layers=[], head_dim=16)
+    g = torch.Generator().manual_seed(5)
+    tensors = {"model.embed_tokens.weight": torch.randn(64, hidden, generator=g),
+               "model.norm.weight": torch.randn(hidden, generator=g),
+               "lm_head.weight": torch.randn(64, hidden, generator=g)}
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        tensors[p + "input_layernorm.weight"] = torch.randn(hidden, generator=g)
+        tensors[p + "mlp.gate.weight"] = torch.randn(experts, hidden, generator=g)
+        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        for e in range(experts):
+            for proj, shape in shapes.items():
+                tensors[f"{p}mlp.experts.{e}.{proj}.weight"] = torch.randn(shape, generator=g)
+    src = write_single(str(tmp_path / "src"), tensors, config)
+    merged, split = str(tmp_path / "merged"), str(tmp_path / "split")
+    expert_convert.convert_checkpoint(src, merged, "fused", max_shard_size="40KB", verify=True)
+    expert_convert.convert_checkpoint(merged, split, "per_expert", max_shard_size="50KB", verify=True)
+    assert_same_tensors(tensors, read_all(split))
+    fused = read_all(merged)
+    e = 4
+    assert torch.equal(fused["model.layers.1.mlp.experts.gate_up_proj"][e],
+                       torch.cat([tensors[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"],
+                                  tensors[f"model.layers.1.mlp.experts.{e}.up_proj.weight"]]))
