@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
 from framework.checkpoint.cli import UserError, run_cli  # noqa: E402
+from framework.tuning.search_cli import add_search_args, run_search_command  # noqa: E402
 
 PROG = "tune_zero"
 
@@ -117,10 +118,11 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 # ---- commands -------------------------------------------------------------------------------------------------------
-# name -> (add its arguments, run it). A `search` command (measured trials, framework/tuning/search.py) goes here,
-# beside `estimate`, whose estimate_memory(...).fits(...) it can use to skip trials that cannot fit.
+# name -> (add its arguments, run it, help).
 COMMANDS = {
     "estimate": (add_estimate_args, run_estimate, "per-GPU memory estimate of a run config (no GPU needed)"),
+    "search": (add_search_args, run_search_command,
+               "measured trials over micro batch, ZeRO stage, EP size, buckets, checkpointing and offload"),
 }
 
 

@@ -92,8 +92,8 @@ def measure(metrics_path: str, warmup: int) -> dict:
     if len(steps) <= warmup:
         raise RuntimeError(f"{metrics_path}: {len(steps)} steps logged, need more than {warmup}")
     timed = steps[warmup:]
-    return {"tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
-            "tflops_per_gpu": statistics.median(s["tflops_per_gpu"] for s in timed),
+    return {"tokens_per_s_per_gpu": round(statistics.median(s["tokens_per_s_per_gpu"] for s in timed), 1),
+            "tflops_per_gpu": round(statistics.median(s["tflops_per_gpu"] for s in timed), 2),
             "mem_gb": max(s["mem_gb"] for s in steps)}
 
 

@@ -16,7 +16,7 @@ import argparse
 import csv
 import os
 
-from framework.tuning.search import Trial, grid, python_launcher, run_search
+from framework.tuning.search import Trial, grid, python_launcher, run_search, trial_ds_config
 
 
 def _ints(text: str) -> list[int]:
@@ -60,8 +60,12 @@ def run_search_command(args: argparse.Namespace) -> int:
     from framework.train.trainer import model_source  # noqa: PLC0415
     from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
 
+    from framework.models.qwen3_moe.attention import resolve_attention  # noqa: PLC0415
+
     cfg = load_run_config(args.config, args.overrides)
     hf_config = load_hf_config(model_source(cfg))
+    # the trials run on the GPU machine: "auto" there means flash varlen (no S x S mask)
+    attention = "varlen" if cfg.model.attn_implementation == "auto" else resolve_attention(cfg.model.attn_implementation)
     world = args.num_gpus or 1
     if args.hostfile:
         from framework.cluster import parse_hostfile  # noqa: PLC0415
@@ -77,8 +81,10 @@ def run_search_command(args: argparse.Namespace) -> int:
         if cfg.train.global_batch_size % (trial.micro_batch_size * world):
             return False, None, (f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
                                  f"{trial.micro_batch_size} x {world}")
+        ds = trial_ds_config(trial, *auto(trial.ep_size))
         est = estimate_memory(hf_config, world, trial.ep_size, trial.zero_stage, trial.micro_batch_size,
-                              cfg.data.seq_len, trial.activation_checkpointing, trial.offload)
+                              cfg.data.seq_len, trial.activation_checkpointing, trial.offload,
+                              ds if trial.zero_stage in (1, 2, 3) else None, attention)
         gib = est.total_gib
         return (est.fits(args.gpu_memory_gb), gib, f"estimate {gib:.1f} GiB > usable part of {args.gpu_memory_gb:g}")
 
@@ -91,9 +97,9 @@ def run_search_command(args: argparse.Namespace) -> int:
                       args.steps, args.warmup, auto, fits)
     with open(os.path.join(args.out, "trials.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    print(f"\n{'trial':<30}{'status':>9}{'tok/s/GPU':>11}{'TFLOP/s':>9}{'mem GB':>8}{'est GB':>8}")
+    print(f"\n{'trial':<30}{'status':>9}{'tok/s/GPU':>12}{'TFLOP/s':>9}{'mem GB':>8}{'est GB':>8}")
     for r in rows:
-        print(f"{r['trial']:<30}{r['status']:>9}{r['tokens_per_s_per_gpu'] or '-':>11}{r['tflops_per_gpu'] or '-':>9}"
+        print(f"{r['trial']:<30}{r['status']:>9}{r['tokens_per_s_per_gpu'] or '-':>12}{r['tflops_per_gpu'] or '-':>9}"
               f"{r['mem_gb'] or '-':>8}{r['estimate_gb'] or '-':>8}")
     if best is None:
         print("no trial finished; see the logs under", os.path.join(args.out, "trials"))
