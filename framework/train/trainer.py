@@ -316,7 +316,8 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         self._print(bar, f"step {self.step}: loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, aux "
-                         f"{record['aux_loss']:.4f}) lr {record['lr']:.2e} grad norm {record['grad_norm']:.3f} | "
+                         f"{record['aux_loss']:.4f}) lr {record['lr']:.2e} grad norm "
+                         + (f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "-") + " | "
                          f"{record['tokens_per_s_per_gpu']:.0f} tok/s/GPU {record['tflops_per_gpu']:.1f} TFLOP/s/GPU"
                          f" | mem {record['mem_gb']:.1f} GB"
                          + (f" | expert load max/mean {record['expert_load_max_over_mean']}"
