@@ -153,3 +153,17 @@ def test_shipped_ds_configs_train(tmp_path, corpus, name, overrides):
     assert resolved["zero_optimization"]["stage"] == (2 if name == "zero2_ep" else 3)
     assert "auto" not in json.dumps(resolved)
     assert sorted(train_records(str(out))) == [1, 2]
+
+
+def test_chunked_loss_under_zero3_matches(tmp_path, corpus):
+    """train.loss_chunk_tokens calls the LM head per chunk and again in backward: ZeRO-3 must gather it every time."""
+    train, _ = corpus
+    losses = {}
+    for chunk in (0, 24):
+        out = tmp_path / f"chunk{chunk}"
+        proc = run([f"data.paths=[{train}]", "train.max_steps=3", "train.save_at_end=false", "export.at_end=false",
+                    f"train.loss_chunk_tokens={chunk}", f"train.output_dir={out}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[chunk] = [(r["lm_loss"], r["grad_norm"]) for _, r in sorted(train_records(str(out)).items())]
+    for (a, na), (b, nb) in zip(losses[24], losses[0]):
+        assert a == pytest.approx(b, rel=1e-6) and na == pytest.approx(nb, rel=1e-5)

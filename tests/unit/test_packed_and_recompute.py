@@ -48,3 +48,23 @@ def test_activation_checkpointing_same_loss_and_gradients():
     assert torch.equal(loss_a, loss_b)
     for name, grad in grads_a.items():
         assert rel_err(grads_b[name], grad) < 1e-6, name
+
+
+def test_chunked_loss_same_loss_and_gradients():
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
+    results = []
+    for chunk in (0, 5):  # 5 does not divide the 24 tokens: a short last chunk
+        model = _model("eager")
+        model.loss_chunk_tokens = chunk
+        out = model(ids, labels=labels, position_ids=pos)
+        out.loss.backward()
+        assert (out.logits is None) == (chunk > 0)
+        results.append((out.lm_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert rel_err(loss_b, loss_a) < 1e-6
+    for name, grad in grads_a.items():
+        assert rel_err(grads_b[name], grad) < 1e-6, name

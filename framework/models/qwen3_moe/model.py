@@ -116,6 +116,9 @@ class Qwen3MoeCausalLM(nn.Module):
         # Recompute each decoder layer in backward instead of keeping its activations (non-reentrant checkpointing:
         # works with ZeRO-3's parameter hooks and with the EP all-to-all, which every rank recomputes alike).
         self.activation_checkpointing = False
+        # > 0: with labels, compute the LM head and cross-entropy this many tokens at a time, recomputed in backward,
+        # so the [B, S, V] fp32 logits (2.5 GB per 4096 tokens at V=151,936) never exist; .logits is then None.
+        self.loss_chunk_tokens = 0
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [m for m in self.modules() if isinstance(m, MoEBlock)]
@@ -172,14 +175,17 @@ class Qwen3MoeCausalLM(nn.Module):
                 h, layer_stats = layer(h, position_embeddings, mask, token_mask_T, cu_seqlens)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        logits = self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)
+        chunked = labels is not None and self.loss_chunk_tokens > 0
+        logits = None if chunked else self.lm_head(h)
 
         out = CausalLMOutput(logits=logits, router_stats=stats)
         if stats:
             out.aux_loss = load_balancing_loss(stats)
             out.z_loss = router_z_loss(stats)
         if labels is not None:
-            out.lm_loss = causal_lm_loss(logits, labels)
+            out.lm_loss = (chunked_causal_lm_loss(h, self.lm_head, labels, self.loss_chunk_tokens) if chunked
+                           else causal_lm_loss(logits, labels))
             out.loss = out.lm_loss
             if stats and self.aux_loss_coef:
                 out.loss = out.loss + self.aux_loss_coef * out.aux_loss
@@ -190,6 +196,23 @@ class Qwen3MoeCausalLM(nn.Module):
 
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def chunked_causal_lm_loss(h_BSH: torch.Tensor, lm_head: nn.Module, labels_BS: torch.Tensor,
+                           chunk: int) -> torch.Tensor:
+    """causal_lm_loss without materialising the logits: each chunk's LM head + fp32 cross-entropy is checkpointed
+    (recomputed in backward). The LM head is called as a module so ZeRO-3 gathers its weight for every call."""
+    shifted = F.pad(labels_BS, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    h_TH = h_BSH.reshape(-1, h_BSH.shape[-1])
+    total = h_TH.new_zeros((), dtype=torch.float32)
+    for start in range(0, h_TH.shape[0], chunk):
+        total = total + checkpoint(_cross_entropy_sum, h_TH[start:start + chunk], lm_head,
+                                   shifted[start:start + chunk], use_reentrant=False)
+    return total / (shifted != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def _cross_entropy_sum(h_TH: torch.Tensor, lm_head: nn.Module, labels_T: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(h_TH).float(), labels_T, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
