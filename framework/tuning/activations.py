@@ -130,7 +130,7 @@ class ActivationPeaks:
 
 
 def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: bool, attention: str,
-                     ep_size: int) -> ActivationPeaks:
+                     ep_size: int, loss_chunk_tokens: int = 0) -> ActivationPeaks:
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention {attention!r}: expected one of {', '.join(ATTENTION_KINDS)}")
     tokens = micro_batch * seq
@@ -140,12 +140,15 @@ def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: b
     # rotary cos/sin [B,S,head_dim] bf16 and the mask live through forward and backward
     common = tokens * 2 * BF16 * s.head_dim + mask_bytes(micro_batch, seq, attention)
     logits = tokens * BF16 * s.vocab  # CausalLMOutput.logits, held by the trainer until the next micro batch
+    loss_tokens = tokens
+    if loss_chunk_tokens > 0:  # train.loss_chunk_tokens: no logits are returned, one chunk's loss graph at a time
+        logits, loss_tokens = 0, min(loss_chunk_tokens, tokens)
     if checkpointing:
         # non-reentrant checkpoint per layer keeps only each layer's input [B,S,H]; backward recomputes one layer
         stored = tokens * BF16 * s.hidden * s.num_layers
         one_layer = tokens * max(a + w for a, w in zip(saved, workspace))
         return ActivationPeaks(
-            loss=common + stored + tokens * (final_norm_saved(s) + loss_backward_peak(s)),
+            loss=common + stored + tokens * final_norm_saved(s) + loss_tokens * loss_backward_peak(s),
             layer_backward=common + stored + logits + one_layer,
             optimizer_step=logits)
     everything = tokens * sum(saved)
@@ -153,6 +156,6 @@ def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: b
     # so it lives as long as the output does.
     z_graph = tokens * s.num_moe_layers * (FP32 * s.num_experts + FP32)
     return ActivationPeaks(
-        loss=common + everything + tokens * (final_norm_saved(s) + loss_backward_peak(s)),
+        loss=common + everything + tokens * final_norm_saved(s) + loss_tokens * loss_backward_peak(s),
         layer_backward=common + everything + logits + tokens * workspace[-1],
         optimizer_step=logits + z_graph)

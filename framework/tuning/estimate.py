@@ -326,7 +326,8 @@ class MemoryEstimate:
 
 def estimate_memory(hf_config, num_gpus: int, ep_size: int = 1, zero_stage: int = 3, micro_batch_size: int = 1,
                     seq_len: int = 4096, activation_checkpointing: bool = True, offload: bool = False,
-                    ds_config: dict[str, Any] | None = None, attention: str = "varlen") -> MemoryEstimate:
+                    ds_config: dict[str, Any] | None = None, attention: str = "varlen",
+                    loss_chunk_tokens: int = 0) -> MemoryEstimate:
     """Per-GPU memory of a bf16 training run of `hf_config` (a Qwen3MoeConfig or a config.json dict).
 
     `ds_config`: the run's DeepSpeed JSON (framework.config.deepspeed.build_ds_config); None: the framework's
@@ -342,7 +343,8 @@ def estimate_memory(hf_config, num_gpus: int, ep_size: int = 1, zero_stage: int 
     params = param_inventory(shape)
     z = zero_settings(ds_config, zero_stage, offload, config, ep_size)
     state = (zero3_state if zero_stage == 3 else zero12_state)(params, num_gpus, ep_size, z)
-    acts = {ac: activation_peaks(shape, micro_batch_size, seq_len, ac, attention, ep_size) for ac in (True, False)}
+    acts = {ac: activation_peaks(shape, micro_batch_size, seq_len, ac, attention, ep_size, loss_chunk_tokens)
+            for ac in (True, False)}
     return MemoryEstimate(
         num_gpus=num_gpus, ep_size=ep_size, zero_stage=zero_stage, micro_batch_size=micro_batch_size,
         seq_len=seq_len, activation_checkpointing=activation_checkpointing, offload=offload, attention=attention,
