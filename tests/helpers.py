@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from safetensors import safe_open
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 # H != I and H != 2I so a gate/up or transpose mix-up cannot pass by shape; multiples of 8 for _grouped_mm strides.
@@ -48,3 +51,13 @@ def batch(seed: int = 1, bsz: int = 3, seq: int = 11, vocab: int = 96, pad_right
         mask[2, seq - 1:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
+
+
+def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in a directory (a sharded HF checkpoint), by name."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

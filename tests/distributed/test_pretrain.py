@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests.helpers import read_safetensors_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRETRAIN = os.path.join(REPO, "launch", "pretrain.py")
@@ -111,19 +112,9 @@ def test_ep2_zero3_export_matches_stock_transformers(tmp_path, corpus):
     export = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ds_to_hf.py"), "--checkpoint",
                              str(out / "checkpoints"), "--output", str(offline)], capture_output=True, text=True)
     assert export.returncode == 0, export.stderr[-2000:]
-    live, again = read_safetensors(out / "hf"), read_safetensors(offline)
+    live, again = read_safetensors_dir(out / "hf"), read_safetensors_dir(offline)
     assert set(live) == set(again) and len(live) == 80  # 3 layers, 2 with 8 per-expert triples
     assert all(torch.equal(live[k], again[k]) for k in live)
-
-
-def read_safetensors(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(folder, name)))
-    return tensors
 
 
 def stock_lm_loss(model, batch) -> float:

@@ -22,14 +22,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import framework
 from framework.checkpoint.cli import run_cli
 from tests.distributed.common import model_config
 from tests.distributed.launch import run_workers
-from tests.helpers import rel_err
+from tests.helpers import read_safetensors_dir, rel_err
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,15 +114,6 @@ def test_load_refuses_another_topology(runs, key):
     assert f"{other}/{TAG}: checkpoint was saved with" in error and "resume with the same world size" in error, error
 
 
-def read_output(path: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def as_layout(params: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
     """Our fused parameters in the output's layout (per-expert for hf)."""
     if fmt == "merged":
@@ -166,7 +156,7 @@ def test_export_equals_live_weights(runs, exports, key, fmt):
     path = exports[key, fmt]
     dtype = dtype_of(key)  # default: the training dtype, cast from the fp32 master weights
     expected = {n: t.to(dtype) for n, t in train["at_save"].items()}
-    assert_all_equal(read_output(path), as_layout(expected, fmt), f"{key} {fmt} export")
+    assert_all_equal(read_safetensors_dir(path), as_layout(expected, fmt), f"{key} {fmt} export")
     with open(os.path.join(path, "model.safetensors.index.json")) as f:
         index = json.load(f)
     assert index["metadata"]["expert_layout"] == ("per_expert" if fmt == "hf" else "fused")
@@ -208,7 +198,7 @@ def test_export_other_dtype(runs, tmp_path, key, dtype):
     path = str(tmp_path / dtype)
     assert export("--checkpoint", root, "--output", path, "--format", "merged", "--dtype", dtype) == 0
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    assert_all_equal(read_output(path), {n: t.to(torch_dtype) for n, t in train["at_save"].items()}, key)
+    assert_all_equal(read_safetensors_dir(path), {n: t.to(torch_dtype) for n, t in train["at_save"].items()}, key)
     if dtype == "fp32":
         assert any(not torch.equal(t, t.bfloat16().float()) for t in train["at_save"].values())
     with open(os.path.join(path, "config.json")) as f:

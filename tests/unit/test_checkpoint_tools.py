@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 from framework.checkpoint import expert_convert, hf_writer
 from framework.checkpoint.cli import run_cli
 from framework.checkpoint.hf_writer import INDEX_NAME
+from tests.helpers import read_safetensors_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # H != I and H != 2I, so a gate/up swap or a missing transpose cannot go unnoticed.
@@ -44,15 +45,6 @@ merge_tool, split_tool, download_tool = (load_tool(n) for n in ("moe_merge", "mo
 
 def run_tool(tool, prog: str, *argv: str) -> int:
     return run_cli(tool.main, prog, list(argv))
-
-
-def read_all(path: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -113,15 +105,15 @@ def merged(ckpts):
 
 
 def test_raw_checkpoint_is_really_per_expert(ckpts):
-    keys = set(read_all(ckpts["raw"]))
+    keys = set(read_safetensors_dir(ckpts["raw"]))
     assert "model.layers.2.mlp.experts.7.down_proj.weight" in keys
     assert not any("mlp.experts" in k for k in keys if ".layers.1." in k)  # the dense layer
     assert len([n for n in os.listdir(ckpts["raw"]) if n.endswith(".safetensors")]) > 2
 
 
 def test_merged_layout_files_and_marker(ckpts, merged):
-    tensors = read_all(merged)
-    original = read_all(ckpts["raw"])
+    tensors = read_safetensors_dir(merged)
+    original = read_safetensors_dir(ckpts["raw"])
     for layer in (0, 2):
         gate_up, down = tensors[f"model.layers.{layer}.mlp.experts.gate_up_proj"], \
             tensors[f"model.layers.{layer}.mlp.experts.down_proj"]
@@ -162,7 +154,7 @@ def test_split_cli_roundtrip_is_byte_identical_and_loads(ckpts, merged):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "moe_split.py"), "--merge_hf_path", merged,
                            "--output_hf_path", out, "--quiet"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert_same_tensors(read_all(ckpts["raw"]), read_all(out))
+    assert_same_tensors(read_safetensors_dir(ckpts["raw"]), read_safetensors_dir(out))
     with open(os.path.join(out, INDEX_NAME)) as f:
         assert json.load(f)["metadata"]["expert_layout"] == "per_expert"
     ids = ckpts["ids"]
@@ -176,10 +168,10 @@ def test_bf16_tied_roundtrip(ckpts):
                     "--quiet") == 0
     assert run_tool(split_tool, "moe_split", "--merge_hf_path", merged, "--output_hf_path", split, "--verify",
                     "--quiet") == 0
-    original, fused = read_all(raw), read_all(merged)
+    original, fused = read_safetensors_dir(raw), read_safetensors_dir(merged)
     assert "lm_head.weight" not in original and "lm_head.weight" not in fused  # tied: stays implicit
     assert {v.dtype for v in fused.values()} == {torch.bfloat16}
-    assert_same_tensors(original, read_all(split))
+    assert_same_tensors(original, read_safetensors_dir(split))
     # Both loaded the same way, so both run the same kernels (the in-memory model may pick other bf16 ones).
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval()
     reference = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.bfloat16).eval()
@@ -204,13 +196,13 @@ def to_stacked(fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_stacked_input_merges_and_splits(ckpts, merged, tmp_path):
     with open(os.path.join(ckpts["raw"], "config.json")) as f:
         config = json.load(f)
-    stacked = write_single(str(tmp_path / "stacked"), to_stacked(read_all(merged)), config)
+    stacked = write_single(str(tmp_path / "stacked"), to_stacked(read_safetensors_dir(merged)), config)
     assert run_tool(merge_tool, "moe_merge", "--raw_hf_path", stacked, "--merge_hf_path", str(tmp_path / "m"),
                     "--quiet") == 0
-    assert_same_tensors(read_all(merged), read_all(str(tmp_path / "m")))
+    assert_same_tensors(read_safetensors_dir(merged), read_safetensors_dir(str(tmp_path / "m")))
     assert run_tool(split_tool, "moe_split", "--merge_hf_path", stacked, "--output_hf_path", str(tmp_path / "s"),
                     "--quiet", "--verify") == 0
-    assert_same_tensors(read_all(ckpts["raw"]), read_all(str(tmp_path / "s")))
+    assert_same_tensors(read_safetensors_dir(ckpts["raw"]), read_safetensors_dir(str(tmp_path / "s")))
 
 
 def test_overwrite_and_atomic_failure(ckpts, merged, tmp_path, monkeypatch, capsys):
@@ -243,7 +235,7 @@ def test_overwrite_and_atomic_failure(ckpts, merged, tmp_path, monkeypatch, caps
     assert run_tool(merge_tool, "moe_merge", "--raw_hf_path", ckpts["raw"], "--merge_hf_path", out, "--overwrite",
                     "--quiet") == 0
     assert not os.path.exists(os.path.join(out, "stale.txt")) and os.listdir(tmp_path) == ["out"]
-    assert_same_tensors(read_all(merged), read_all(out))
+    assert_same_tensors(read_safetensors_dir(merged), read_safetensors_dir(out))
 
 
 def test_verify_detects_a_corrupted_output(ckpts, merged, tmp_path):
@@ -263,7 +255,7 @@ def test_verify_detects_a_corrupted_output(ckpts, merged, tmp_path):
 
 def broken_copy(ckpts, tmp_path, edit=None, config_edit=None) -> str:
     """The raw checkpoint as one file, after `edit(tensors)` and `config_edit(config)`."""
-    tensors = read_all(ckpts["raw"])
+    tensors = read_safetensors_dir(ckpts["raw"])
     with open(os.path.join(ckpts["raw"], "config.json")) as f:
         config = json.load(f)
     if edit:
@@ -516,7 +508,7 @@ def test_streaming_writer_roundtrip(tmp_path, monkeypatch, direct):
     sink.close()
     index = writer.close()
     expected = {**tensors, **long_names, "parts": whole}
-    assert_same_tensors(expected, read_all(str(tmp_path)))
+    assert_same_tensors(expected, read_safetensors_dir(str(tmp_path)))
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in expected.values())
     assert len(set(index["weight_map"].values())) > 1 and opened
     for shard in set(index["weight_map"].values()):
@@ -537,7 +529,7 @@ def test_writer_fence_copies_waiting_tensors_and_errors_surface(tmp_path, monkey
     assert writer.written().wait(10)
     buffer.zero_()  # the caller reuses its memory after the fence
     writer.close()
-    assert torch.equal(read_all(str(tmp_path / "a"))["small"], torch.arange(4, dtype=torch.float32))
+    assert torch.equal(read_safetensors_dir(str(tmp_path / "a"))["small"], torch.arange(4, dtype=torch.float32))
 
     os.makedirs(tmp_path / "b")
     writer = hf_writer.ShardedWriter(str(tmp_path / "b"), "5GB")
@@ -589,8 +581,8 @@ def test_streamed_conversion_with_a_small_ring_is_byte_exact(tmp_path, monkeypat
     merged, split = str(tmp_path / "merged"), str(tmp_path / "split")
     expert_convert.convert_checkpoint(src, merged, "fused", max_shard_size="40KB", verify=True)
     expert_convert.convert_checkpoint(merged, split, "per_expert", max_shard_size="50KB", verify=True)
-    assert_same_tensors(tensors, read_all(split))
-    fused = read_all(merged)
+    assert_same_tensors(tensors, read_safetensors_dir(split))
+    fused = read_safetensors_dir(merged)
     e = 4
     assert torch.equal(fused["model.layers.1.mlp.experts.gate_up_proj"][e],
                        torch.cat([tensors[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"],
