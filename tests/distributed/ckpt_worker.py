@@ -33,7 +33,8 @@ from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: E4
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.checkpoint_io import load_engine_checkpoint, save_engine_checkpoint  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
-from tests.distributed.common import CLIP, LR, MICRO, WD, model_config  # noqa: E402
+from tests.distributed import common  # noqa: E402
+from tests.distributed.common import LR, MICRO, model_config  # noqa: E402
 from tests.distributed.ep_worker import full_tensors  # noqa: E402
 
 STEPS, SAVE_AT = 4, 2
@@ -48,18 +49,17 @@ def parse_case(case: str) -> tuple[int, int, str]:
 
 
 def ds_config(stage: int, world: int, dtype: str = "fp32") -> dict:
-    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True,
-            "reduce_bucket_size": 500}
+    """The EP parity runs' config plus a warm-up schedule (so the lr changes every step) and the run's precision."""
+    config = common.ds_config(stage, world)
     if stage == 3:
         # norms (32 elements) stay persistent, matrices are partitioned: both kinds go through the checkpoint
-        zero.update(stage3_param_persistence_threshold=100, stage3_prefetch_bucket_size=500)
-    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
-            "train_batch_size": MICRO * world, "gradient_clipping": CLIP, "steps_per_print": 10**9,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "torch_adam": True}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": LR / 4, "warmup_max_lr": LR,
-                                                          "warmup_num_steps": 3, "warmup_type": "linear"}},
-            "zero_optimization": zero, "wall_clock_breakdown": False, "bf16": {"enabled": dtype != "fp32"},
-            **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bf16acc32" else {})}
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 100
+    config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": LR / 4, "warmup_max_lr": LR,
+                                                          "warmup_num_steps": 3, "warmup_type": "linear"}}
+    config["bf16"] = {"enabled": dtype != "fp32"}
+    if dtype == "bf16acc32":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def batch(step: int, world: int, seq: int = 12):

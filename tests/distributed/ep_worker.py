@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ import framework  # noqa: E402
 from framework.parallel.expert_parallel import apply_expert_parallel, gather_full_experts  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
-from tests.distributed.common import LR, CLIP, MICRO, STEPS, WD, ds_config, global_batch, model_config  # noqa: E402
+from tests.distributed.common import MICRO, STEPS, ds_config, global_batch, model_config  # noqa: E402
 
 
 def full_tensors(engine, groups, read) -> dict[str, torch.Tensor]:
@@ -37,6 +38,25 @@ def full_tensors(engine, groups, read) -> dict[str, torch.Tensor]:
     return out
 
 
+def train_and_record(engine, groups, forward: Callable[[], Any], steps: int) -> dict:
+    """`steps` optimizer steps on `forward()`'s loss; records the loss averaged over ranks, the global grad norm, the
+    full gradients after the first backward and the full fp32 parameters at the end."""
+    world = dist.get_world_size()
+    result = {"losses": [], "norms": []}
+    for step in range(steps):
+        out = forward()
+        engine.backward(out.loss)
+        if step == 0:
+            result["grads"] = full_tensors(engine, groups, safe_get_full_grad)
+        engine.step()
+        loss = out.loss.detach().float().clone()
+        dist.all_reduce(loss)
+        result["losses"].append(loss.item() / world)
+        result["norms"].append(float(engine.get_global_grad_norm()))
+    result["params"] = full_tensors(engine, groups, safe_get_full_fp32_param)
+    return result
+
+
 def run(stage: int, ep: int, out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = init_parallel_groups(ep, model_config()["num_experts"])
@@ -46,18 +66,8 @@ def run(stage: int, ep: int, out_dir: str) -> None:
     engine, *_ = initialize(model, ds_config(stage, world), groups)
     ids, mask, labels = global_batch(world)
     sl = slice(rank * MICRO, (rank + 1) * MICRO)
-    result = {"losses": [], "norms": []}
-    for step in range(STEPS):
-        out = engine(ids[sl], attention_mask=mask[sl], labels=labels[sl])
-        engine.backward(out.loss)
-        if step == 0:
-            result["grads"] = full_tensors(engine, groups, safe_get_full_grad)
-        engine.step()
-        loss = out.loss.detach().clone()
-        dist.all_reduce(loss)
-        result["losses"].append(loss.item() / world)
-        result["norms"].append(float(engine.get_global_grad_norm()))
-    result["params"] = full_tensors(engine, groups, safe_get_full_fp32_param)
+    result = train_and_record(engine, groups, lambda: engine(ids[sl], attention_mask=mask[sl], labels=labels[sl]),
+                              STEPS)
     if rank == 0:
         torch.save(result, os.path.join(out_dir, f"stage{stage}.pt"))
     engine.destroy() if hasattr(engine, "destroy") else None

@@ -19,13 +19,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import deepspeed  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 import framework  # noqa: E402
 from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
-from tests.distributed.ep_worker import full_tensors  # noqa: E402
+from tests.distributed.ep_worker import train_and_record  # noqa: E402
 
 CONFIG = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
               mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
@@ -54,18 +53,7 @@ def run(stage: int, ep: int, backend: str, dtype: torch.dtype, out_dir: str, nam
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, CONFIG["vocab_size"], (world * MICRO, SEQ), generator=g).to(device)
     mine = ids[rank * MICRO:(rank + 1) * MICRO]
-    result = {"losses": [], "norms": []}
-    for step in range(STEPS):
-        out = engine(mine, labels=mine)
-        engine.backward(out.loss)
-        if step == 0:
-            result["grads"] = full_tensors(engine, groups, safe_get_full_grad)
-        engine.step()
-        loss = out.loss.detach().float().clone()
-        dist.all_reduce(loss)
-        result["losses"].append(loss.item() / world)
-        result["norms"].append(float(engine.get_global_grad_norm()))
-    result["params"] = full_tensors(engine, groups, safe_get_full_fp32_param)
+    result = train_and_record(engine, groups, lambda: engine(mine, labels=mine), STEPS)
     if rank == 0:
         torch.save(result, os.path.join(out_dir, f"{name}.pt"))
     engine.destroy() if hasattr(engine, "destroy") else None
