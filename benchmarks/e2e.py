@@ -112,20 +112,13 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    port = 29600
-    for backend in [b for b in args.backends.split(",") if b]:
-        port += 1
+    jobs = [(f"ours {b}", run_ours, b, f"ours-{b}") for b in args.backends.split(",") if b]
+    jobs += [(f"anchor {m}", run_anchor, m, f"anchor-{m}") for m in args.anchors.split(",") if m]
+    for port, (label, run, what, name) in enumerate(jobs, start=29601):
         try:
-            rows.append(run_ours(args, backend, os.path.abspath(os.path.join(args.out, f"ours-{backend}")), port))
+            rows.append(run(args, what, os.path.abspath(os.path.join(args.out, name)), port))
         except RuntimeError as e:
-            rows.append({"row": f"ours {backend}", "error": str(e)[-500:]})
-        print("ROW", json.dumps(rows[-1]), flush=True)
-    for mode in [m for m in args.anchors.split(",") if m]:
-        port += 1
-        try:
-            rows.append(run_anchor(args, mode, os.path.abspath(os.path.join(args.out, f"anchor-{mode}")), port))
-        except RuntimeError as e:
-            rows.append({"row": f"anchor {mode}", "error": str(e)[-500:]})
+            rows.append({"row": label, "error": str(e)[-500:]})
         print("ROW", json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=2)
