@@ -1,11 +1,13 @@
 """End-to-end training throughput through launch/pretrain.py, beside stock DeepSpeed's anchors, in one run.
 
-    python benchmarks/e2e.py --num_gpus 4 --ep 4 [--layers 8] [--seq 4096] [--mbs 1] [--gc 1] [--steps 12]
-        [--backends megablocks,grouped_mm] [--anchors autoep,leaf] [--anchor_script PATH] [--out DIR]
+    python benchmarks/e2e.py --num_gpus 4 --ep 4 [--layers 8] [--seq 4096] [--cases 1:1,4:0] [--steps 12]
+        [--backends grouped_mm,megablocks] [--zero_stages 3,2] [--anchors autoep,leaf] [--anchor_script PATH]
+        [--override section.key=value ...] [--out DIR]
 
 Each row is a separate launch (DeepSpeed's runner, --num_gpus N) of the same model: Qwen3-30B-A3B widths
-(model_configs/qwen3-30b-a3b-8l.yaml) at --layers depth, seq --seq, micro batch --mbs per GPU, activation
-checkpointing --gc, bf16, ZeRO-3, torch AdamW. Ours trains on the demo corpus (packed documents, read as .txt files), the anchors on
+(model_configs/qwen3-30b-a3b-8l.yaml) at --layers depth, seq --seq, for each --cases entry MBS:GC (micro batch per
+GPU : activation checkpointing 1/0), bf16; ours at each of --zero_stages (shipped "auto" ZeRO settings, torch's fused
+AdamW), the anchors at their own ZeRO-3 (torch AdamW unless --anchor_adam fused). Ours trains on the demo corpus (packed documents, read as .txt files), the anchors on
 random tokens; both count model FLOPs with the same formula (framework/train/flops.py, printed below). Throughput is
 the median over the steps after --warmup; memory is torch.cuda.max_memory_allocated (max over ranks for ours, rank 0
 for the anchors, whose ranks are symmetric). The table also gives each row's first-step loss (backend parity: same seed, same data) and the
@@ -34,19 +36,21 @@ def runner(num_gpus: int, port: int) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port", str(port)]
 
 
-def run_ours(args, backend: str, out: str, port: int) -> dict:
+def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
+    backend, stage = what
     overrides = [f"model.num_layers={args.layers}", f"data.seq_len={args.seq}", f"data.paths=[{demo_text_folder(args.out)}]",
                  f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs * args.num_gpus}",
                  f"train.activation_checkpointing={'true' if args.gc else 'false'}", f"moe.backend={backend}",
-                 f"parallel.ep_size={args.ep}", f"train.max_steps={args.steps}", "train.log_steps=1",
+                 f"parallel.ep_size={args.ep}", f"parallel.zero_stage={stage}", f"train.max_steps={args.steps}",
+                 "train.log_steps=1",
                  "train.save_steps=0", "train.save_at_end=false", "export.at_end=false", "train.progress_bar=false",
-                 "train.tensorboard=false", "train.warmup_steps=2", f"train.output_dir={out}"]
+                 "train.tensorboard=false", "train.warmup_steps=2", f"train.output_dir={out}", *args.override]
     cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config] + overrides
     log = _run(cmd, os.path.join(out + ".log"), {})
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
     timed = steps[args.warmup:]
-    return {"row": f"ours {backend} ep{args.ep}", "tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
+    return {"row": f"ours {backend} ep{args.ep} z{stage}", "tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
             "tflops_per_gpu": statistics.median(s["tflops_per_gpu"] for s in timed),
             "mem_gb": max(s["mem_gb"] for s in steps), "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
             "steps": len(steps), "log": log}
@@ -69,14 +73,14 @@ def demo_text_folder(out: str) -> str:
 
 def run_anchor(args, mode: str, out: str, port: int) -> dict:
     env = {"MODE": mode, "LAYERS": str(args.layers), "SEQ": str(args.seq), "MBS": str(args.mbs),
-           "GC": "1" if args.gc else "0"}
+           "GC": "1" if args.gc else "0", "ADAM": args.anchor_adam}
     log = _run(runner(args.num_gpus, port) + [args.anchor_script], out + ".log", env)
     with open(log) as f:
         lines = [line for line in f if line.startswith("RESULT ")]
     if not lines:
         return {"row": f"anchor {mode}", "error": f"no RESULT line; see {log}"}
     r = json.loads(lines[-1][len("RESULT "):])
-    return {"row": f"anchor {mode}" + (f" ep{args.num_gpus}" if mode == "autoep" else ""),
+    return {"row": f"anchor {mode}" + (f" ep{args.num_gpus}" if mode == "autoep" else "") + f" {args.anchor_adam}Adam",
             "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "tflops_per_gpu": r["model_tflops_per_gpu"],
             "mem_gb": r["max_mem_gb"], "first_loss": r["losses"][0], "last_loss": r["losses"][-1],
             "steps": len(r["losses"]), "log": log}
@@ -101,41 +105,53 @@ def main() -> None:
     p.add_argument("--ep", type=int, default=4)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--mbs", type=int, default=1)
-    p.add_argument("--gc", type=int, default=1)
+    p.add_argument("--cases", default="1:1", help="comma-separated MBS:GC pairs, e.g. 1:1,4:0")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--backends", default="megablocks,grouped_mm")
+    p.add_argument("--backends", default="grouped_mm")
+    p.add_argument("--zero_stages", default="3")
     p.add_argument("--anchors", default="autoep")
+    p.add_argument("--anchor_adam", default="torch", choices=["torch", "fused"])
     p.add_argument("--anchor_script", default=os.path.join(REPO, "..", "shared", "anchors", "deepspeed_e2e.py"))
+    p.add_argument("--override", action="append", default=[], help="extra section.key=value for our runs")
     p.add_argument("--out", default="e2e_results")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    rows = []
-    jobs = [(f"ours {b}", run_ours, b, f"ours-{b}") for b in args.backends.split(",") if b]
-    jobs += [(f"anchor {m}", run_anchor, m, f"anchor-{m}") for m in args.anchors.split(",") if m]
-    for port, (label, run, what, name) in enumerate(jobs, start=29601):
-        try:
-            rows.append(run(args, what, os.path.abspath(os.path.join(args.out, name)), port))
-        except RuntimeError as e:
-            rows.append({"row": label, "error": str(e)[-500:]})
-        print("ROW", json.dumps(rows[-1]), flush=True)
+    cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+    ours = [(b, int(z)) for b in args.backends.split(",") if b for z in args.zero_stages.split(",")]
+    tables = []
+    port = 29601
+    for mbs, gc in cases:
+        args.mbs, args.gc = mbs, gc
+        rows = []
+        jobs = [(f"ours {b} z{z}", run_ours, (b, z), f"ours-{b}-z{z}-mbs{mbs}-gc{gc}") for b, z in ours]
+        jobs += [(f"anchor {m}", run_anchor, m, f"anchor-{m}-mbs{mbs}-gc{gc}") for m in args.anchors.split(",") if m]
+        for label, run, what, name in jobs:
+            port += 1
+            try:
+                rows.append(run(args, what, os.path.abspath(os.path.join(args.out, name)), port))
+            except RuntimeError as e:
+                rows.append({"row": label, "error": str(e)[-500:]})
+            print("ROW", json.dumps({"mbs": mbs, "gc": gc, **rows[-1]}), flush=True)
+        tables.append((mbs, gc, rows))
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+        json.dump({"args": vars(args), "cases": [{"mbs": m, "gc": g, "rows": r} for m, g, r in tables]}, f, indent=2)
     import torch  # noqa: PLC0415
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"\n{args.num_gpus}x {card}, layers={args.layers} seq={args.seq} mbs={args.mbs} gc={args.gc}, "
-          f"median of steps {args.warmup + 1}-{args.steps}\n{FORMULA}")
-    print(f"{'row':<28}{'tok/s/GPU':>11}{'TFLOP/s/GPU':>13}{'mem GB':>8}{'loss 1st':>10}{'loss last':>10}")
-    base = next((r for r in rows if r["row"].startswith("anchor") and "error" not in r), None)
-    for r in rows:
-        if "error" in r:
-            print(f"{r['row']:<28} FAILED: {r['error'][-300:]}")
-            continue
-        ratio = f"  {r['tflops_per_gpu'] / base['tflops_per_gpu']:.2f}x {base['row']}" if base else ""
-        print(f"{r['row']:<28}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>13.1f}{r['mem_gb']:>8.1f}"
-              f"{r['first_loss']:>10.4f}{r['last_loss']:>10.4f}{ratio}")
+    print(f"\n{args.num_gpus}x {card}, layers={args.layers} seq={args.seq}, median of steps {args.warmup + 1}-{args.steps}"
+          f"\n{FORMULA}")
+    for mbs, gc, rows in tables:
+        print(f"\nmbs={mbs} gc={gc}\n{'row':<34}{'tok/s/GPU':>11}{'TFLOP/s/GPU':>13}{'mem GB':>8}{'loss 1st':>10}"
+              f"{'loss last':>10}")
+        base = next((r for r in rows if r["row"].startswith("anchor") and "error" not in r), None)
+        for r in rows:
+            if "error" in r:
+                print(f"{r['row']:<34} FAILED: {r['error'][-300:]}")
+                continue
+            ratio = f"  {r['tflops_per_gpu'] / base['tflops_per_gpu']:.2f}x {base['row']}" if base else ""
+            print(f"{r['row']:<34}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>13.1f}{r['mem_gb']:>8.1f}"
+                  f"{r['first_loss']:>10.4f}{r['last_loss']:>10.4f}{ratio}")
 
 
 if __name__ == "__main__":

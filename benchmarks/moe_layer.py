@@ -87,12 +87,29 @@ def stock_megablocks():
     return init_(dMoE(args))
 
 
+def print_kernels(step, label: str, top: int, iters: int = 5) -> None:
+    """Where one forward+backward spends device time, per kernel (averaged over `iters` profiled steps)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) / iters / 1e3
+    print(f"\n{label}: {total:.2f} ms of kernels per step")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        ms = e.self_device_time_total / iters / 1e3
+        print(f"  {ms:7.3f} ms {100 * ms / total:5.1f}%  x{e.count // iters:<3} {e.key[:90]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--backends", nargs="+", default=["grouped_mm", "megablocks"])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", type=int, default=0, help="print this many top kernels (device time) per row")
     args = parser.parse_args()
 
     ceiling = matmul_ceiling_tflops(args.iters)
@@ -109,7 +126,10 @@ def main() -> None:
         dy = torch.randn_like(x)
         for name, (build, unpack) in impls.items():
             module = build()
-            ms = time_ms(fwd_bwd(module, x, dy, unpack), args.iters)
+            step = fwd_bwd(module, x, dy, unpack)
+            ms = time_ms(step, args.iters)
+            if args.profile:
+                print_kernels(step, f"T={tokens} {name}", args.profile)
             rows.append({"tokens": tokens, "impl": name, "ms": ms, "tflops": flops / ms / 1e9})
             del module
             torch.cuda.empty_cache()

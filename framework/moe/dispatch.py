@@ -13,7 +13,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from framework.moe.router import Routing
-from framework.ops.permute import permute_rows, replicate_permute_rows
+from framework.ops.permute import replicate_permute_rows, weighted_gather_sum
 
 
 class DispatchMeta(NamedTuple):
@@ -40,7 +40,8 @@ def tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tenso
 
 
 class TorchDispatcher:
-    """Pure-torch dispatch: stable argsort by expert, gathers in both directions (no atomics), CPU or CUDA."""
+    """Stable argsort by expert, then gathers in both directions (no atomics); the weighted K-way sum of combine and
+    of dispatch's backward is one Triton kernel on CUDA (framework/ops/permute.py), torch elsewhere."""
 
     def dispatch(self, x_TH, routing, num_experts):
         top_k = routing.expert_ids.shape[-1]
@@ -52,8 +53,7 @@ class TorchDispatcher:
 
     def combine(self, rows_RH, meta):
         num_tokens, top_k = meta.weights_TK.shape
-        slots_TKH = permute_rows(rows_RH, meta.inverse_R, meta.order_R).view(num_tokens, top_k, -1)
-        return torch.bmm(meta.weights_TK.unsqueeze(1).to(slots_TKH.dtype), slots_TKH).squeeze(1)
+        return weighted_gather_sum(rows_RH, meta.inverse_R.view(num_tokens, top_k), meta.weights_TK)
 
 
 class MegablocksDispatcher:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Qwen3MoeConfig
-from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
@@ -51,7 +50,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Qwen3MoeAttention(config, layer_idx)
         if is_moe_layer(config, layer_idx):
             self.mlp = MoEBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
-                                config.num_experts_per_tok, config.norm_topk_prob, ACT2FN[config.hidden_act], backend)
+                                config.num_experts_per_tok, config.norm_topk_prob, nn.SiLU(), backend)  # config.py checked hidden_act
         else:
             self.mlp = Qwen3MoeMLP(config, intermediate_size=config.intermediate_size)
         self.input_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)

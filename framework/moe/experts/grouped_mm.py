@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from framework.ops.swiglu import glu
+
 
 def grouped_mm_experts(rows_RH: torch.Tensor, counts_E: torch.Tensor, gate_up_E2IH: torch.Tensor,
                        down_EHI: torch.Tensor, act) -> torch.Tensor:
     # offs are cumulative row ends; they stay on the device, so no host sync here.
     offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
     gate_up_R2I = torch._grouped_mm(rows_RH, gate_up_E2IH.transpose(-2, -1), offs=offs)
-    gate, up = gate_up_R2I.chunk(2, dim=-1)
-    return torch._grouped_mm(act(gate) * up, down_EHI.transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(glu(gate_up_R2I, act), down_EHI.transpose(-2, -1), offs=offs)
+

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from framework.ops.swiglu import glu
+
 
 def megablocks_experts(rows_RH: torch.Tensor, counts_E: torch.Tensor, gate_up_E2IH: torch.Tensor,
                        down_EHI: torch.Tensor, act) -> torch.Tensor:
@@ -18,5 +20,4 @@ def megablocks_experts(rows_RH: torch.Tensor, counts_E: torch.Tensor, gate_up_E2
                         f"weights {gate_up_E2IH.dtype}); load the model with dtype=torch.bfloat16 or use grouped_mm")
     batch_sizes = counts_E.to("cpu", torch.int64)
     gate_up_R2I = gmm(rows_RH.contiguous(), gate_up_E2IH.contiguous(), batch_sizes, trans_b=True)
-    gate, up = gate_up_R2I.chunk(2, dim=-1)
-    return gmm(act(gate) * up, down_EHI.contiguous(), batch_sizes, trans_b=True)
+    return gmm(glu(gate_up_R2I, act), down_EHI.contiguous(), batch_sizes, trans_b=True)

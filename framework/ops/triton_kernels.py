@@ -1,0 +1,127 @@
+"""Triton kernels for the memory-bound steps of the MoE layer (CUDA only; importing this module needs Triton).
+
+Legend: T tokens, K top-k, R = T*K routed rows, H hidden, I expert FFN.
+Each kernel does in one pass what eager torch does in three or four (a gather, a temporary [R, H] or [R, I], a
+multiply, a reduction): these steps move bytes, not FLOPs, so one read and one write is the whole cost. All
+arithmetic is in fp32; loads and stores are in the tensors' dtype. Callers (swiglu.py, permute.py) own autograd and
+the torch fallbacks used on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _swiglu_fwd(gate_up_ptr, out_ptr, n_elements, inter: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    row = offs // inter
+    col = offs % inter
+    g = tl.load(gate_up_ptr + row * (2 * inter) + col, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate_up_ptr + row * (2 * inter) + inter + col, mask=mask, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(gate_up_ptr, grad_ptr, grad_gate_up_ptr, n_elements, inter: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    row = offs // inter
+    col = offs % inter
+    g_off = row * (2 * inter) + col
+    g = tl.load(gate_up_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate_up_ptr + g_off + inter, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    silu = g * s
+    dg = dh * u * s * (1.0 + g * (1.0 - s))
+    du = dh * silu
+    tl.store(grad_gate_up_ptr + g_off, dg.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_gate_up_ptr + g_off + inter, du.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu_forward(gate_up_R2I: torch.Tensor) -> torch.Tensor:
+    rows, two_inter = gate_up_R2I.shape
+    out = gate_up_R2I.new_empty(rows, two_inter // 2)
+    n = out.numel()
+    if n:
+        _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate_up_R2I, out, n, two_inter // 2, BLOCK=_BLOCK)
+    return out
+
+
+def swiglu_backward(gate_up_R2I: torch.Tensor, grad_RI: torch.Tensor) -> torch.Tensor:
+    grad_gate_up = torch.empty_like(gate_up_R2I)
+    n = grad_RI.numel()
+    if n:
+        _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](gate_up_R2I, grad_RI, grad_gate_up, n, gate_up_R2I.shape[1] // 2,
+                                               BLOCK=_BLOCK)
+    return grad_gate_up
+
+
+@triton.jit
+def _gather_sum_fwd(rows_ptr, index_ptr, weight_ptr, out_ptr, hidden: tl.constexpr, K: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, BLOCK_H: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = tl.load(index_ptr + token * K + k).to(tl.int64)
+        row = tl.load(rows_ptr + src * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            row = row * tl.load(weight_ptr + token * K + k).to(tl.float32)
+        acc += row
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_sum_bwd(grad_ptr, rows_ptr, index_ptr, weight_ptr, grad_rows_ptr, grad_weight_ptr, hidden: tl.constexpr,
+                    K: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One program per token: the weight gradient of slot (t, k) is a dot product over all of H.
+    token = tl.program_id(0).to(tl.int64)
+    for k in tl.static_range(K):
+        dst = tl.load(index_ptr + token * K + k).to(tl.int64)
+        w = tl.load(weight_ptr + token * K + k).to(tl.float32)
+        dot = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for start in tl.range(0, hidden, BLOCK_H):
+            cols = start + tl.arange(0, BLOCK_H)
+            mask = cols < hidden
+            g = tl.load(grad_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            row = tl.load(rows_ptr + dst * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            dot += g * row
+            tl.store(grad_rows_ptr + dst * hidden + cols, (g * w).to(grad_rows_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_weight_ptr + token * K + k, tl.sum(dot, axis=0).to(grad_weight_ptr.dtype.element_ty))
+
+
+def _block_h(hidden: int) -> int:
+    return min(triton.next_power_of_2(hidden), 2048)
+
+
+def gather_sum_forward(rows_RH: torch.Tensor, index_TK: torch.Tensor, weight_TK: torch.Tensor | None) -> torch.Tensor:
+    tokens, k = index_TK.shape
+    hidden = rows_RH.shape[1]
+    out = rows_RH.new_empty(tokens, hidden)
+    if tokens:
+        block = _block_h(hidden)
+        grid = (tokens, triton.cdiv(hidden, block))
+        _gather_sum_fwd[grid](rows_RH, index_TK, weight_TK if weight_TK is not None else index_TK, out, hidden, k,
+                              weight_TK is not None, BLOCK_H=block)
+    return out
+
+
+def gather_sum_backward(grad_TH: torch.Tensor, rows_RH: torch.Tensor, index_TK: torch.Tensor,
+                        weight_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, k = index_TK.shape
+    hidden = rows_RH.shape[1]
+    grad_rows = torch.empty_like(rows_RH)  # index_TK is a permutation of the rows: every row is written once
+    grad_weight = torch.empty_like(weight_TK)
+    if tokens:
+        _gather_sum_bwd[(tokens,)](grad_TH, rows_RH, index_TK, weight_TK, grad_rows, grad_weight, hidden, k,
+                                   BLOCK_H=min(triton.next_power_of_2(hidden), 1024))
+    return grad_rows, grad_weight
