@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -72,6 +72,22 @@ class TrainSection(Section):
     peak_tflops: float | None = Field(None, gt=0)  # per-GPU dense bf16 peak for MFU; default: known from the device
     tensorboard: bool = True
     progress_bar: bool = True
+    # [first, last]: torch-profile these optimizer steps (1-based, as logged) into OUTPUT_DIR/profile; []: off
+    profile_steps: list[int] = Field(default_factory=list)
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _profile_window(cls, steps: list[int]) -> list[int]:
+        if steps and not (len(steps) == 2 and 1 <= steps[0] <= steps[1]):
+            raise ValueError("expected [first, last] optimizer steps with 1 <= first <= last, or [] for off")
+        return steps
+
+    @model_validator(mode="after")
+    def _profile_within_run(self) -> "TrainSection":
+        # a window past the end would never close, and the run would end without writing a profile
+        if self.profile_steps and self.profile_steps[1] > self.max_steps:
+            raise ValueError(f"train.profile_steps={self.profile_steps} ends after train.max_steps={self.max_steps}")
+        return self
 
 
 class MoESection(Section):

@@ -269,7 +269,14 @@ class Trainer:
             from tqdm import tqdm  # noqa: PLC0415
 
             bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        profiler = None
+        if cfg.train.profile_steps:  # imported only when asked for: nothing changes for runs without it
+            from framework.train.profiling import StepProfiler  # noqa: PLC0415
+
+            profiler = StepProfiler(cfg.train.profile_steps, self.output_dir, rt.rank, rt.device)
         while self.step < cfg.train.max_steps:
+            if profiler is not None:
+                profiler.step_begin(self.step + 1)
             self.step_lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on after it)
             for _ in range(self.gas):
                 b = self._batch(self.loader)
@@ -278,6 +285,8 @@ class Trainer:
                 self.engine.step()
                 meter.add_micro_batch(out.loss, out.lm_loss, out.aux_loss, out.router_stats, tokens_per_micro)
             self.step += 1
+            if profiler is not None and (written := profiler.step_end(self.step)):
+                self._print(bar, f"step {self.step}: profile of steps {cfg.train.profile_steps} written to {written}")
             meter.steps += 1
             last = self.step == cfg.train.max_steps
             if self.step % cfg.train.log_steps == 0 or last:

@@ -43,11 +43,21 @@ def test_overrides_and_yaml_numbers():
     ("train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than or equal to 1"),
     ("optimizer.lr=1", "unknown key optimizer; known keys here: model, data, train"),
     ("train.lr", "expected section.key=value"),
+    ("train.profile_steps=[3,2]", "train.profile_steps: expected [first, last] optimizer steps with 1 <= first"),
+    ("train.profile_steps=[2]", "train.profile_steps: expected [first, last]"),
+    ("train.profile_steps=[0,1]", "train.profile_steps: expected [first, last]"),
+    ("train.profile_steps=[2,7]", "train.profile_steps=[2, 7] ends after train.max_steps=6"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_run_config(os.path.join(CONFIGS, "tiny.yaml"), [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_profile_steps_off_by_default():
+    assert load_run_config(os.path.join(CONFIGS, "tiny.yaml")).train.profile_steps == []
+    cfg = load_run_config(os.path.join(CONFIGS, "tiny.yaml"), ["train.profile_steps=[6,6]"])
+    assert cfg.train.profile_steps == [6, 6]
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
