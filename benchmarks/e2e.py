@@ -45,7 +45,8 @@ def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
                  "train.log_steps=1",
                  "train.save_steps=0", "train.save_at_end=false", "export.at_end=false", "train.progress_bar=false",
                  "train.tensorboard=false", "train.warmup_steps=2", f"train.output_dir={out}", *args.override]
-    cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config] + overrides
+    cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config]
+    cmd += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + overrides
     log = _run(cmd, os.path.join(out + ".log"), {})
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--anchors", default="autoep")
     p.add_argument("--anchor_adam", default="torch", choices=["torch", "fused"])
     p.add_argument("--anchor_script", default=os.path.join(REPO, "..", "shared", "anchors", "deepspeed_e2e.py"))
+    p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON for our runs (default: the shipped one)")
     p.add_argument("--override", action="append", default=[], help="extra section.key=value for our runs")
     p.add_argument("--out", default="e2e_results")
     args = p.parse_args()

@@ -34,7 +34,8 @@ def router_stats(routing: Routing, token_mask_T: torch.Tensor | None) -> RouterS
         weight_TK = torch.ones_like(routing.expert_ids, dtype=torch.float32)
         prob_sum = probs_TE.sum(dim=0)
         z_sum = z_T.sum()
-        num_tokens = torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device)
+        # torch.full, not torch.tensor: a host scalar copied to the GPU waits for the whole queue (a sync per layer).
+        num_tokens = torch.full((), float(probs_TE.shape[0]), device=probs_TE.device)
     else:
         mask_T = token_mask_T.to(torch.float32)
         weight_TK = mask_T.unsqueeze(-1).expand(-1, top_k)

@@ -44,7 +44,7 @@ def document_boundaries(position_ids_BS: torch.Tensor | None, batch: int, seq: i
     starts = position_ids_BS.expand(batch, seq) == 0
     starts[:, 0] = True
     idx = torch.nonzero(starts.reshape(-1)).squeeze(-1).to(torch.int32)
-    return torch.cat([idx, torch.tensor([batch * seq], dtype=torch.int32, device=device)])
+    return torch.cat([idx, torch.full((1,), batch * seq, dtype=torch.int32, device=device)])
 
 
 def _varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
