@@ -68,12 +68,13 @@ def moe_saved(s: ModelShape, ep_size: int) -> int:
     # softmax probs fp32 [T,E]; the z-loss's logits.float() [T,E] and logsumexp [T]; top-k ids, values, their sum,
     # bf16 combine weights.
     per_token += FP32 * e + FP32 * e + FP32 + INT64 * k + FP32 * k + FP32 + BF16 * k
-    per_token += 2 * INT64 * k  # sort order and its inverse (gather backward)
+    per_token += INT64 * k  # the inverse of the sort order (dispatch backward and combine)
     if ep_size > 1:
         per_token += 2 * INT64 * k  # regroup of received rows by local expert, and its inverse
     per_token += BF16 * k * h  # expert-sorted rows, input of the first grouped GEMM
-    per_token += BF16 * k * 2 * inter + BF16 * k * inter + BF16 * k * inter  # gate_up [R,2I], silu(gate), silu*up
-    per_token += BF16 * k * h  # expert outputs back in token order, kept by the weighted-sum bmm
+    # gate_up [R,2I] (the fused SwiGLU's only saved input) and silu(gate)*up [R,I] (input of the second GEMM)
+    per_token += BF16 * k * 2 * inter + BF16 * k * inter
+    per_token += BF16 * k * h  # expert outputs, kept by the weighted gather-sum for the weights' gradient
     return per_token
 
 
@@ -105,6 +106,13 @@ def loss_backward_peak(s: ModelShape) -> int:
     """Bytes per token at the cross-entropy's backward: bf16 logits, fp32 log-softmax output (kept by log_softmax),
     the fp32 gradient nll_loss writes, and log_softmax's fp32 input gradient: (2 + 4 + 4 + 4) x V."""
     return (BF16 + 3 * FP32) * s.vocab
+
+
+def chunked_loss_peak(s: ModelShape, chunk: int, tokens: int) -> int:
+    """Bytes at the fused LM head + cross-entropy (framework/ops/linear_cross_entropy.py): one chunk's fp32 logits
+    (turned into the softmax gradient in place) and their bf16 copy, the input gradient [T, H] bf16, the fp32 weight
+    gradient [V, H] and the bf16 product added into it."""
+    return chunk * (FP32 + BF16) * s.vocab + tokens * BF16 * s.hidden + (FP32 + BF16) * s.vocab * s.hidden
 
 
 def final_norm_saved(s: ModelShape) -> int:
@@ -140,15 +148,15 @@ def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: b
     # rotary cos/sin [B,S,head_dim] bf16 and the mask live through forward and backward
     common = tokens * 2 * BF16 * s.head_dim + mask_bytes(micro_batch, seq, attention)
     logits = tokens * BF16 * s.vocab  # CausalLMOutput.logits, held by the trainer until the next micro batch
-    loss_tokens = tokens
-    if loss_chunk_tokens > 0:  # train.loss_chunk_tokens: no logits are returned, one chunk's loss graph at a time
-        logits, loss_tokens = 0, min(loss_chunk_tokens, tokens)
+    loss_peak = tokens * loss_backward_peak(s)
+    if loss_chunk_tokens > 0:  # train.loss_chunk_tokens: no logits are returned, one chunk's logits at a time
+        logits, loss_peak = 0, chunked_loss_peak(s, min(loss_chunk_tokens, tokens), tokens)
     if checkpointing:
         # non-reentrant checkpoint per layer keeps only each layer's input [B,S,H]; backward recomputes one layer
         stored = tokens * BF16 * s.hidden * s.num_layers
         one_layer = tokens * max(a + w for a, w in zip(saved, workspace))
         return ActivationPeaks(
-            loss=common + stored + tokens * final_norm_saved(s) + loss_tokens * loss_backward_peak(s),
+            loss=common + stored + tokens * final_norm_saved(s) + loss_peak,
             layer_backward=common + stored + logits + one_layer,
             optimizer_step=logits)
     everything = tokens * sum(saved)
@@ -156,6 +164,6 @@ def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: b
     # so it lives as long as the output does.
     z_graph = tokens * s.num_moe_layers * (FP32 * s.num_experts + FP32)
     return ActivationPeaks(
-        loss=common + everything + tokens * final_norm_saved(s) + loss_tokens * loss_backward_peak(s),
+        loss=common + everything + tokens * final_norm_saved(s) + loss_peak,
         layer_backward=common + everything + logits + tokens * workspace[-1],
         optimizer_step=logits + z_graph)

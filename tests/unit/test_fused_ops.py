@@ -62,3 +62,22 @@ def test_replicate_permute_backward_is_k_way_sum():
     (r,) = torch.autograd.grad(ref_rows, x, grad)
     torch.testing.assert_close(rows, ref_rows, rtol=0, atol=0)
     torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_cross_entropy_matches_unchunked_autograd():
+    from framework.ops.linear_cross_entropy import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (23,))
+    labels[[0, 7, 8]] = -100
+    loss = linear_cross_entropy_sum(h, w, labels, chunk=5)
+    g_h, g_w = torch.autograd.grad(loss * 0.5, (h, w))
+    ref = F.cross_entropy(h @ w.t(), labels, ignore_index=-100, reduction="sum")
+    r_h, r_w = torch.autograd.grad(ref * 0.5, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_h, r_h, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy_sum(h, w, labels, chunk=4), ref, rtol=1e-12, atol=1e-12)

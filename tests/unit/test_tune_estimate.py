@@ -306,14 +306,17 @@ def test_cli_as_a_program():
 
 
 def test_loss_chunking_shrinks_the_loss_peak():
-    """train.loss_chunk_tokens: one chunk's logits graph instead of the whole sequence's, and no logits held after."""
+    """train.loss_chunk_tokens: one chunk's logits instead of the whole sequence's (plus the gradients the fused loss
+    computes in its forward), and no logits held after."""
     from framework.config import load_run_config
     from framework.models.qwen3_moe.config import load_hf_config
-    from framework.tuning.activations import activation_peaks, loss_backward_peak
+    from framework.tuning.activations import activation_peaks, chunked_loss_peak, loss_backward_peak
 
     cfg = load_run_config(os.path.join(REPO, "model_configs", "qwen3-30b-a3b-8l.yaml"))
     shape = model_shape(load_hf_config(cfg.model.hf_config))
     whole = activation_peaks(shape, 1, 4096, True, "varlen", 4)
     chunked = activation_peaks(shape, 1, 4096, True, "varlen", 4, loss_chunk_tokens=1024)
-    assert whole.loss - chunked.loss == (4096 - 1024) * loss_backward_peak(shape) == 3072 * 14 * 151936
+    assert whole.loss - chunked.loss == 4096 * loss_backward_peak(shape) - chunked_loss_peak(shape, 1024, 4096)
+    assert chunked_loss_peak(shape, 1024, 4096) == 1024 * 6 * 151936 + 4096 * 2 * 2048 + 6 * 151936 * 2048
+    assert chunked.loss < whole.loss
     assert chunked.optimizer_step == 0 and whole.optimizer_step == 4096 * 2 * 151936

@@ -28,6 +28,7 @@ from framework.models.qwen3_moe.attention import document_boundaries, register_v
 from framework.models.qwen3_moe.config import SUPPORTED_ATTENTION, is_moe_layer
 from framework.moe.aux_loss import RouterStats, load_balancing_loss, router_z_loss
 from framework.moe.layer import MoEBlock
+from framework.ops.linear_cross_entropy import linear_cross_entropy_sum
 
 IGNORE_INDEX = -100
 
@@ -107,7 +108,7 @@ class Qwen3MoeCausalLM(nn.Module):
                              f"expected one of {', '.join(SUPPORTED_ATTENTION)}")
         self.config = config
         self.model = DecoderStack(config, backend)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.aux_loss_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
@@ -115,8 +116,8 @@ class Qwen3MoeCausalLM(nn.Module):
         # Recompute each decoder layer in backward instead of keeping its activations (non-reentrant checkpointing:
         # works with ZeRO-3's parameter hooks and with the EP all-to-all, which every rank recomputes alike).
         self.activation_checkpointing = False
-        # > 0: with labels, compute the LM head and cross-entropy this many tokens at a time, recomputed in backward,
-        # so the [B, S, V] fp32 logits (2.5 GB per 4096 tokens at V=151,936) never exist; .logits is then None.
+        # > 0: with labels, compute the LM head and cross-entropy this many tokens at a time (gradients in the forward
+        # pass), so the [B, S, V] fp32 logits (2.5 GB per 4096 tokens at V=151,936) never exist; .logits is then None.
         self.loss_chunk_tokens = 0
 
     def moe_blocks(self) -> list[MoEBlock]:
@@ -197,21 +198,22 @@ def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def chunked_causal_lm_loss(h_BSH: torch.Tensor, lm_head: nn.Module, labels_BS: torch.Tensor,
+def chunked_causal_lm_loss(h_BSH: torch.Tensor, lm_head: "LMHead", labels_BS: torch.Tensor,
                            chunk: int) -> torch.Tensor:
-    """causal_lm_loss without materialising the logits: each chunk's LM head + fp32 cross-entropy is checkpointed
-    (recomputed in backward). The LM head is called as a module so ZeRO-3 gathers its weight for every call."""
+    """causal_lm_loss without materialising the logits (framework/ops/linear_cross_entropy.py)."""
     shifted = F.pad(labels_BS, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
-    h_TH = h_BSH.reshape(-1, h_BSH.shape[-1])
-    total = h_TH.new_zeros((), dtype=torch.float32)
-    for start in range(0, h_TH.shape[0], chunk):
-        total = total + checkpoint(_cross_entropy_sum, h_TH[start:start + chunk], lm_head,
-                                   shifted[start:start + chunk], use_reentrant=False)
+    total = lm_head(h_BSH.reshape(-1, h_BSH.shape[-1]), labels_T=shifted, chunk=chunk)
     return total / (shifted != IGNORE_INDEX).sum().clamp_min(1)
 
 
-def _cross_entropy_sum(h_TH: torch.Tensor, lm_head: nn.Module, labels_T: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(lm_head(h_TH).float(), labels_T, ignore_index=IGNORE_INDEX, reduction="sum")
+class LMHead(nn.Linear):
+    """nn.Linear (state dict `lm_head.weight`) that can also return the summed cross-entropy of its logits without
+    materialising them. The loss is computed inside forward so that ZeRO-3's module hooks gather the weight for it."""
+
+    def forward(self, h: torch.Tensor, labels_T: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+        if labels_T is None:
+            return super().forward(h)
+        return linear_cross_entropy_sum(h, self.weight, labels_T, chunk)
 
 
 def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
