@@ -2,16 +2,17 @@
 
     python benchmarks/e2e.py --num_gpus 4 --ep 4 [--layers 8] [--seq 4096] [--cases 1:1,4:0] [--steps 12]
         [--backends grouped_mm,megablocks] [--zero_stages 3,2] [--anchors autoep,leaf] [--anchor_script PATH]
-        [--override section.key=value ...] [--out DIR]
+        [--data random|demo] [--override section.key=value ...] [--out DIR]
 
 Each row is a separate launch (DeepSpeed's runner, --num_gpus N) of the same model: Qwen3-30B-A3B widths
 (model_configs/qwen3-30b-a3b-8l.yaml) at --layers depth, seq --seq, for each --cases entry MBS:GC (micro batch per
-GPU : activation checkpointing 1/0), bf16; ours at each of --zero_stages (shipped "auto" ZeRO settings, torch's fused
-AdamW), the anchors at their own ZeRO-3 (torch AdamW unless --anchor_adam fused). Ours trains on the demo corpus (packed documents, read as .txt files), the anchors on
-random tokens; both count model FLOPs with the same formula (framework/train/flops.py, printed below). Throughput is
-the median over the steps after --warmup; memory is torch.cuda.max_memory_allocated (max over ranks for ours, rank 0
-for the anchors, whose ranks are symmetric). The table also gives each row's first-step loss (backend parity: same seed, same data) and the
-last loss (falling).
+GPU : activation checkpointing 1/0), bf16. Ours runs at each of --zero_stages with the shipped "auto" ZeRO settings,
+torch's fused AdamW and the YAML's loss_chunk_tokens; the anchors run their own ZeRO-3 with torch AdamW (or
+--anchor_adam fused: DeepSpeed's FusedAdam). Ours trains on random tokens like the anchors (--data random:
+data.synthetic) or on the demo corpus (--data demo: real text, whose uneven routing makes expert parallelism wait).
+Both count model FLOPs with the same formula (framework/train/flops.py, printed below). Throughput is the median over
+the steps after --warmup; memory is torch.cuda.max_memory_allocated (max over ranks for ours, rank 0 for the anchors,
+whose ranks are symmetric). The table also gives each row's first and last loss (falling).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def runner(num_gpus: int, port: int) -> list[str]:
 
 def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
     backend, stage = what
-    overrides = [f"model.num_layers={args.layers}", f"data.seq_len={args.seq}", f"data.paths=[{demo_text_folder(args.out)}]",
+    data = ["data.synthetic=true"] if args.data == "random" else [f"data.paths=[{demo_text_folder(args.out)}]"]
+    overrides = [f"model.num_layers={args.layers}", f"data.seq_len={args.seq}", *data,
                  f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs * args.num_gpus}",
                  f"train.activation_checkpointing={'true' if args.gc else 'false'}", f"moe.backend={backend}",
                  f"parallel.ep_size={args.ep}", f"parallel.zero_stage={stage}", f"train.max_steps={args.steps}",
@@ -114,6 +116,8 @@ def main() -> None:
     p.add_argument("--anchors", default="autoep")
     p.add_argument("--anchor_adam", default="torch", choices=["torch", "fused"])
     p.add_argument("--anchor_script", default=os.path.join(REPO, "..", "shared", "anchors", "deepspeed_e2e.py"))
+    p.add_argument("--data", default="random", choices=["random", "demo"],
+                   help="our input: random tokens like the anchors (default) or the demo corpus's real text")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON for our runs (default: the shipped one)")
     p.add_argument("--override", action="append", default=[], help="extra section.key=value for our runs")
     p.add_argument("--out", default="e2e_results")

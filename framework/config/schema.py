@@ -36,6 +36,7 @@ class ModelSection(Section):
 class DataSection(Section):
     paths: list[str] = Field(default_factory=list)  # files or folders: jsonl, parquet, txt/md, datasets.save_to_disk
     use_demo_corpus: bool = False  # train on the small corpus built locally from Python's own docstrings
+    synthetic: bool = False  # uniform random token ids, one document per row: throughput runs only (no corpus)
     eval_paths: list[str] = Field(default_factory=list)
     text_field: str = "text"
     seq_len: int = Field(2048, ge=8)

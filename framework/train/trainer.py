@@ -113,9 +113,12 @@ def tokenizer_dir(cfg: RunConfig) -> str:
 def check_before_start(cfg: RunConfig, world_size: int) -> None:
     """Everything that can be checked without building anything (runs on every rank before the model exists)."""
     gradient_accumulation_steps(cfg, world_size)
-    if not cfg.data.paths and not cfg.data.use_demo_corpus:
+    if not cfg.data.paths and not cfg.data.use_demo_corpus and not cfg.data.synthetic:
         raise ConfigError("data.paths is empty: list jsonl/parquet/txt files or folders, or set "
-                          "data.use_demo_corpus=true")
+                          "data.use_demo_corpus=true (or data.synthetic=true for random tokens)")
+    if cfg.data.synthetic and (cfg.data.paths or cfg.data.use_demo_corpus):
+        raise ConfigError("data.synthetic=true trains on random tokens: leave data.paths empty and "
+                          "data.use_demo_corpus false")
     for path in cfg.data.paths + cfg.data.eval_paths:
         if not os.path.exists(path):
             raise ConfigError(f"data: {path} does not exist")
@@ -156,7 +159,8 @@ class Trainer:
             paths.append(build_demo_corpus(cache_dir))
         loader_args = dict(tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                            dp_rank=rt.rank, dp_world=rt.world_size, text_field=cfg.data.text_field, cache_dir=cache_dir)
-        self.loader = PackedDataLoader(paths, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **loader_args)
+        if not cfg.data.synthetic:
+            self.loader = PackedDataLoader(paths, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **loader_args)
         self.eval_loader = None
         if cfg.data.eval_paths:
             self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), seed=0, shuffle=False, **loader_args)
@@ -168,6 +172,10 @@ class Trainer:
         if len(self.tokenizer) > hf_config.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(self.tokenizer)} tokens but the model's "
                               f"vocab_size is {hf_config.vocab_size}; raise model vocab_size or use another tokenizer")
+        if cfg.data.synthetic:
+            from framework.data.synthetic import RandomTokenLoader  # noqa: PLC0415
+            self.loader = RandomTokenLoader(hf_config.vocab_size, cfg.data.seq_len, cfg.train.micro_batch_size,
+                                            rt.rank, cfg.train.seed)
         check_ep_size(cfg.parallel.ep_size, rt.world_size, hf_config.num_experts)
         self.ds_config = build_ds_config(cfg, rt.world_size, self.dtype == torch.bfloat16, ds_user, ds_source,
                                          hf_config)
