@@ -43,16 +43,19 @@ def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
     overrides = [f"model.num_layers={args.layers}", f"data.seq_len={args.seq}", *data,
                  f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs * args.num_gpus}",
                  f"train.activation_checkpointing={'true' if args.gc else 'false'}", f"moe.backend={backend}",
-                 f"parallel.ep_size={args.ep}", f"parallel.zero_stage={stage}", f"train.max_steps={args.steps}",
+                 f"parallel.ep_size={args.ep}", f"parallel.zero_stage={stage}",
+                 f"train.max_steps={args.steps + args.profile_steps}",
                  "train.log_steps=1",
                  "train.save_steps=0", "train.save_at_end=false", "export.at_end=false", "train.progress_bar=false",
                  "train.tensorboard=false", "train.warmup_steps=2", f"train.output_dir={out}", *args.override]
+    if args.profile_steps:  # traced after the timed steps, so the profiler's overhead stays out of the medians
+        overrides.append(f"train.profile_steps=[{args.steps + 1},{args.steps + args.profile_steps}]")
     cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config]
     cmd += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + overrides
     log = _run(cmd, os.path.join(out + ".log"), {})
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
-    timed = steps[args.warmup:]
+    timed = steps[args.warmup:args.steps]
     return {"row": f"ours {backend} ep{args.ep} z{stage}", "tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
             "tflops_per_gpu": statistics.median(s["tflops_per_gpu"] for s in timed),
             "mem_gb": max(s["mem_gb"] for s in steps), "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
@@ -111,6 +114,8 @@ def main() -> None:
     p.add_argument("--cases", default="1:1", help="comma-separated MBS:GC pairs, e.g. 1:1,4:0")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="run this many more steps under torch.profiler (OUT/<row>/profile), untimed")
     p.add_argument("--backends", default="grouped_mm")
     p.add_argument("--zero_stages", default="3")
     p.add_argument("--anchors", default="autoep")
