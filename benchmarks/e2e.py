@@ -47,7 +47,10 @@ def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
                  f"train.max_steps={args.steps + args.profile_steps}",
                  "train.log_steps=1",
                  "train.save_steps=0", "train.save_at_end=false", "export.at_end=false", "train.progress_bar=false",
-                 "train.tensorboard=false", "train.warmup_steps=2", f"train.output_dir={out}", *args.override]
+                 "train.tensorboard=false",
+                 # the anchors' optimizer settings: constant lr 1e-4, no warmup (a higher lr collapses the random-token
+                 # routing onto a few experts within ten steps, which measures imbalance rather than the code)
+                 "train.lr=1e-4", "train.lr_schedule=constant", "train.warmup_steps=0", "train.weight_decay=0.01", f"train.output_dir={out}", *args.override]
     if args.profile_steps:  # traced after the timed steps, so the profiler's overhead stays out of the medians
         overrides.append(f"train.profile_steps=[{args.steps + 1},{args.steps + args.profile_steps}]")
     cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config]
