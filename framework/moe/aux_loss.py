@@ -48,13 +48,27 @@ def router_stats(routing: Routing, token_mask_T: torch.Tensor | None) -> RouterS
     return RouterStats(counts, prob_sum, z_sum, num_tokens)
 
 
-def load_balancing_loss(stats: list[RouterStats]) -> torch.Tensor:
-    """transformers' Switch-style loss pooled over layers; balanced routing gives top_k."""
+def load_balancing_loss(stats: list[RouterStats], scope: str = "pooled") -> torch.Tensor:
+    """transformers' Switch-style loss pooled over layers (scope "pooled"; balanced routing gives top_k), or
+    per_layer_load_balancing_loss (scope "per_layer")."""
+    if scope == "per_layer":
+        return per_layer_load_balancing_loss(stats)
+    if scope != "pooled":
+        raise ValueError(f"aux loss scope {scope!r}: expected pooled or per_layer")
     counts = torch.stack([s.tokens_per_expert for s in stats]).sum(0)
     prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)
     rows = torch.stack([s.num_tokens for s in stats]).sum()
     num_experts = counts.shape[0]
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
+
+
+def per_layer_load_balancing_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """The same Switch-style loss computed per MoE layer, then averaged over layers (Megatron's and torchtitan's
+    convention). The pooled form cannot see a layer that collapses onto experts other layers leave idle: the pooled
+    counts still look even. Balanced routing gives top_k here too."""
+    losses = [s.tokens_per_expert.shape[0] * torch.sum((s.tokens_per_expert / s.num_tokens) *
+                                                       (s.prob_sum / s.num_tokens)) for s in stats]
+    return torch.stack(losses).mean()
 
 
 def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:

@@ -192,6 +192,7 @@ class Trainer:
                                      seed=cfg.train.seed, prepare=lambda m: apply_expert_parallel(m, self.groups))
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+        model.aux_loss_scope = cfg.moe.aux_loss_scope
         self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len)
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops(rt.device)
         schedule = LRSchedule(cfg.train.lr_schedule, cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)

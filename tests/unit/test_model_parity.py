@@ -95,3 +95,37 @@ def test_bf16_forward_close_to_fp32():
     assert out16.logits.dtype == torch.bfloat16
     assert rel_err(out16.logits.float(), out32.logits) < 3e-2
     assert abs(out16.loss.item() - out32.loss.item()) < 2e-2 * out32.loss.item()
+
+
+def test_per_layer_aux_loss_equals_transformers_formula_per_layer():
+    """moe.aux_loss_scope=per_layer: the mean over MoE layers of transformers' loss computed on that layer's router
+    logits alone (stock load_balancing_loss_func, one layer at a time)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    stock = stock_model()
+    ours = ours_from(stock, "grouped_mm", "eager")
+    ids, mask, labels = batch()
+    ours.aux_loss_scope = "per_layer"
+    out = ours(ids, attention_mask=mask, labels=labels)
+    ref = stock(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    cfg = stock.config
+    per_layer = [load_balancing_loss_func((logits,), cfg.num_experts, cfg.num_experts_per_tok, mask)
+                 for logits in ref.router_logits]
+    want = torch.stack(per_layer).mean()
+    assert rel_err(out.aux_loss, want) <= TOL
+    assert abs(out.aux_loss.item() - ref.aux_loss.item()) > 1e-6  # not the pooled value by accident
+
+
+def test_per_layer_aux_loss_sees_a_collapse_the_pooled_loss_misses():
+    from framework.moe.aux_loss import RouterStats, load_balancing_loss
+
+    def layer(expert: int) -> RouterStats:  # every token's single choice (and all probability) on one expert of 4
+        counts = torch.zeros(4)
+        counts[expert] = 10.0
+        return RouterStats(counts, counts.clone(), torch.tensor(0.0), torch.tensor(10.0))
+
+    collapsed = [layer(e) for e in range(4)]  # each layer collapsed onto a different expert
+    assert load_balancing_loss(collapsed, "pooled").item() == pytest.approx(1.0)  # looks perfectly balanced (top_k)
+    assert load_balancing_loss(collapsed, "per_layer").item() == pytest.approx(4.0)  # E x top_k: fully collapsed
+    with pytest.raises(ValueError, match="pooled or per_layer"):
+        load_balancing_loss(collapsed, "global")

@@ -39,6 +39,7 @@ def test_overrides_and_yaml_numbers():
     ("train.max_steps=ten", "train.max_steps: Input should be a valid integer"),
     ("moe.backend=fast", "moe.backend: Input should be 'auto', 'megablocks', 'grouped_mm' or 'eager'"),
     ("parallel.zero_stage=4", "parallel.zero_stage: Input should be 0, 1, 2 or 3"),
+    ("moe.aux_loss_scope=global", "moe.aux_loss_scope: Input should be 'pooled' or 'per_layer'"),
     ("model.path=somewhere", "model: set exactly one of model.path"),
     ("train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than or equal to 1"),
     ("optimizer.lr=1", "unknown key optimizer; known keys here: model, data, train"),
@@ -52,6 +53,12 @@ def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_run_config(os.path.join(CONFIGS, "tiny.yaml"), [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_aux_loss_scope_default_is_transformers_pooled():
+    assert load_run_config(os.path.join(CONFIGS, "tiny.yaml")).moe.aux_loss_scope == "pooled"
+    cfg = load_run_config(os.path.join(CONFIGS, "tiny.yaml"), ["moe.aux_loss_scope=per_layer"])
+    assert cfg.moe.aux_loss_scope == "per_layer"
 
 
 def test_profile_steps_off_by_default():

@@ -39,7 +39,7 @@ class CausalLMOutput(ModelOutput):
 
     logits: torch.Tensor | None = None  # [B, S, V]
     loss: torch.Tensor | None = None  # token CE (+ aux_loss_coef * aux_loss + z_loss_coef * z_loss) when labels given
-    aux_loss: torch.Tensor | None = None  # load-balancing loss as transformers computes it (None without MoE layers)
+    aux_loss: torch.Tensor | None = None  # load-balancing loss, pooled as transformers computes it or per layer
     z_loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None  # token cross-entropy alone
     router_stats: list[RouterStats] | None = None
@@ -113,6 +113,7 @@ class Qwen3MoeCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.aux_loss_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
         self.z_loss_coef = z_loss_coef
+        self.aux_loss_scope = "pooled"  # transformers' load-balancing statistics; "per_layer": framework/moe/aux_loss.py
         # Recompute each decoder layer in backward instead of keeping its activations (non-reentrant checkpointing:
         # works with ZeRO-3's parameter hooks and with the EP all-to-all, which every rank recomputes alike).
         self.activation_checkpointing = False
@@ -181,7 +182,7 @@ class Qwen3MoeCausalLM(nn.Module):
 
         out = CausalLMOutput(logits=logits, router_stats=stats)
         if stats:
-            out.aux_loss = load_balancing_loss(stats)
+            out.aux_loss = load_balancing_loss(stats, self.aux_loss_scope)
             out.z_loss = router_z_loss(stats)
         if labels is not None:
             out.lm_loss = (chunked_causal_lm_loss(h, self.lm_head, labels, self.loss_chunk_tokens) if chunked
