@@ -147,12 +147,20 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 
 def preadv_full(fd: int, buffers: list[memoryview], offset: int, path: str = "") -> None:
     """Fill `buffers` in order from `offset`, looping over short reads; ValueError at end of file."""
-    bufs = [b for b in buffers if len(b)]
+    def at_eof(offset: int) -> None:
+        raise ValueError(f"{path}: unexpected end of file at byte {offset} (truncated while reading?)")
+
+    _vectored_all(os.preadv, fd, [b for b in buffers if len(b)], offset, at_eof)
+
+
+def _vectored_all(syscall, fd: int, bufs: list[memoryview], offset: int, on_nothing=None) -> None:
+    """Run a vectored syscall (os.preadv / os.pwritev) over `bufs` from `offset` until all are done, resuming after
+    short transfers, at most IOV_MAX buffers a call; `on_nothing(offset)` is called when a call moves no byte."""
     i = 0
     while i < len(bufs):
-        n = os.preadv(fd, bufs[i:i + IOV_MAX], offset)
-        if n <= 0:
-            raise ValueError(f"{path}: unexpected end of file at byte {offset} (truncated while reading?)")
+        n = syscall(fd, bufs[i:i + IOV_MAX], offset)
+        if n <= 0 and on_nothing is not None:
+            on_nothing(offset)
         offset += n
         while i < len(bufs) and n >= len(bufs[i]):
             n -= len(bufs[i])
@@ -239,16 +247,7 @@ def write_all(fd: int, data: memoryview | bytes, offset: int | None = None) -> N
 
 def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Write the buffers one after the other from `offset` with vectored writes, looping over short writes."""
-    bufs = [memoryview(v).cast("B") for v in views if len(v)]
-    i = 0
-    while i < len(bufs):
-        n = os.pwritev(fd, bufs[i:i + IOV_MAX], offset)
-        offset += n
-        while i < len(bufs) and n >= len(bufs[i]):
-            n -= len(bufs[i])
-            i += 1
-        if n:
-            bufs[i] = bufs[i][n:]
+    _vectored_all(os.pwritev, fd, [memoryview(v).cast("B") for v in views if len(v)], offset)
 
 
 def _sync_file_range():
