@@ -21,7 +21,6 @@ class RandomTokenLoader:
         self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
         self.dp_rank, self.seed = dp_rank, seed
         self.index = 0
-        self.epoch = 0
 
     def __iter__(self) -> RandomTokenLoader:
         return self

@@ -159,13 +159,6 @@ class Trainer:
             paths.append(build_demo_corpus(cache_dir))
         loader_args = dict(tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                            dp_rank=rt.rank, dp_world=rt.world_size, text_field=cfg.data.text_field, cache_dir=cache_dir)
-        if not cfg.data.synthetic:
-            self.loader = PackedDataLoader(paths, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **loader_args)
-        self.eval_loader = None
-        if cfg.data.eval_paths:
-            self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), seed=0, shuffle=False, **loader_args)
-            self.eval_start = self.eval_loader.state_dict()
-
         from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
 
         hf_config = load_hf_config(source)
@@ -176,6 +169,12 @@ class Trainer:
             from framework.data.synthetic import RandomTokenLoader  # noqa: PLC0415
             self.loader = RandomTokenLoader(hf_config.vocab_size, cfg.data.seq_len, cfg.train.micro_batch_size,
                                             rt.rank, cfg.train.seed)
+        else:
+            self.loader = PackedDataLoader(paths, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **loader_args)
+        self.eval_loader = None
+        if cfg.data.eval_paths:
+            self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), seed=0, shuffle=False, **loader_args)
+            self.eval_start = self.eval_loader.state_dict()
         check_ep_size(cfg.parallel.ep_size, rt.world_size, hf_config.num_experts)
         self.ds_config = build_ds_config(cfg, rt.world_size, self.dtype == torch.bfloat16, ds_user, ds_source,
                                          hf_config)
