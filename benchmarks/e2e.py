@@ -44,13 +44,13 @@ def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
                  f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs * args.num_gpus}",
                  f"train.activation_checkpointing={'true' if args.gc else 'false'}", f"moe.backend={backend}",
                  f"parallel.ep_size={args.ep}", f"parallel.zero_stage={stage}",
-                 f"train.max_steps={args.steps + args.profile_steps}",
-                 "train.log_steps=1",
+                 f"train.max_steps={args.steps + args.profile_steps}", "train.log_steps=1",
                  "train.save_steps=0", "train.save_at_end=false", "export.at_end=false", "train.progress_bar=false",
                  "train.tensorboard=false",
                  # the anchors' optimizer settings: constant lr 1e-4, no warmup (a higher lr collapses the random-token
                  # routing onto a few experts within ten steps, which measures imbalance rather than the code)
-                 "train.lr=1e-4", "train.lr_schedule=constant", "train.warmup_steps=0", "train.weight_decay=0.01", f"train.output_dir={out}", *args.override]
+                 "train.lr=1e-4", "train.lr_schedule=constant", "train.warmup_steps=0", "train.weight_decay=0.01",
+                 f"train.output_dir={out}", *args.override]
     if args.profile_steps:  # traced after the timed steps, so the profiler's overhead stays out of the medians
         overrides.append(f"train.profile_steps=[{args.steps + 1},{args.steps + args.profile_steps}]")
     cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config]
@@ -59,7 +59,8 @@ def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
     timed = steps[args.warmup:args.steps]
-    return {"row": f"ours {backend} ep{args.ep} z{stage}", "tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
+    return {"row": f"ours {backend} ep{args.ep} z{stage}",
+            "tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
             "tflops_per_gpu": statistics.median(s["tflops_per_gpu"] for s in timed),
             "mem_gb": max(s["mem_gb"] for s in steps), "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
             "steps": len(steps), "log": log}
@@ -153,8 +154,8 @@ def main() -> None:
     import torch  # noqa: PLC0415
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"\n{args.num_gpus}x {card}, layers={args.layers} seq={args.seq}, median of steps {args.warmup + 1}-{args.steps}"
-          f"\n{FORMULA}")
+    print(f"\n{args.num_gpus}x {card}, layers={args.layers} seq={args.seq}, "
+          f"median of steps {args.warmup + 1}-{args.steps}\n{FORMULA}")
     for mbs, gc, rows in tables:
         print(f"\nmbs={mbs} gc={gc}\n{'row':<34}{'tok/s/GPU':>11}{'TFLOP/s/GPU':>13}{'mem GB':>8}{'loss 1st':>10}"
               f"{'loss last':>10}")

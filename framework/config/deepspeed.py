@@ -148,8 +148,9 @@ def build_ds_config(cfg: RunConfig, world_size: int, bf16: bool, user: dict[str,
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
     ds.setdefault("wall_clock_breakdown", False)
     # torch's fused AdamW on the GPU (one kernel over all of a partition's states; the default foreach one makes several
-    # passes, a visible share of a micro-batch-1 step); with the optimizer offloaded, DeepSpeed's CPU Adam (built on first use) instead, since
-    # DeepSpeed refuses a torch optimizer for offloaded states and torch's is several times slower on CPU.
+    # passes, a visible share of a micro-batch-1 step). With the optimizer offloaded, DeepSpeed's CPU Adam (built on
+    # first use) instead, since DeepSpeed refuses a torch optimizer for offloaded states and torch's is several times
+    # slower on CPU.
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": cfg.train.lr, "betas": [cfg.train.adam_beta1, cfg.train.adam_beta2], "eps": cfg.train.adam_eps,

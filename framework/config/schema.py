@@ -95,8 +95,8 @@ class MoESection(Section):
     backend: Literal["auto", "megablocks", "grouped_mm", "eager"] = "auto"
     aux_loss_coef: float | None = Field(None, ge=0)  # default: the model config's router_aux_loss_coef
     z_loss_coef: float = Field(0.0, ge=0)
-    # pooled: transformers' load-balancing loss (statistics summed over layers first); per_layer: one loss per MoE layer,
-    # averaged (Megatron, torchtitan), which also penalises a single layer collapsing onto a few experts.
+    # pooled: transformers' load-balancing loss (statistics summed over layers first); per_layer: one loss per MoE
+    # layer, averaged (Megatron, torchtitan), which also penalises a single layer collapsing onto a few experts.
     aux_loss_scope: Literal["pooled", "per_layer"] = "pooled"
 
 

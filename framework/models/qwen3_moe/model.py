@@ -50,8 +50,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Qwen3MoeAttention(config, layer_idx)
         if is_moe_layer(config, layer_idx):
+            # nn.SiLU, which the fused SwiGLU recognises: config.py accepts hidden_act "silu" only
             self.mlp = MoEBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
-                                config.num_experts_per_tok, config.norm_topk_prob, nn.SiLU(), backend)  # config.py checked hidden_act
+                                config.num_experts_per_tok, config.norm_topk_prob, nn.SiLU(), backend)
         else:
             self.mlp = Qwen3MoeMLP(config, intermediate_size=config.intermediate_size)
         self.input_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -113,7 +114,7 @@ class Qwen3MoeCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.aux_loss_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
         self.z_loss_coef = z_loss_coef
-        self.aux_loss_scope = "pooled"  # transformers' load-balancing statistics; "per_layer": framework/moe/aux_loss.py
+        self.aux_loss_scope = "pooled"  # transformers' statistics; "per_layer": see framework/moe/aux_loss.py
         # Recompute each decoder layer in backward instead of keeping its activations (non-reentrant checkpointing:
         # works with ZeRO-3's parameter hooks and with the EP all-to-all, which every rank recomputes alike).
         self.activation_checkpointing = False

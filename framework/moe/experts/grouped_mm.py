@@ -17,4 +17,3 @@ def grouped_mm_experts(rows_RH: torch.Tensor, counts_E: torch.Tensor, gate_up_E2
     offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
     gate_up_R2I = torch._grouped_mm(rows_RH, gate_up_E2IH.transpose(-2, -1), offs=offs)
     return torch._grouped_mm(glu(gate_up_R2I, act), down_EHI.transpose(-2, -1), offs=offs)
-
