@@ -1,12 +1,12 @@
-"""Row permutations and the K-way gather-sum that undoes a top-k replication, with cheap backward passes.
+"""Row permutations, and the row expansion / K-way gather-sum pair that dispatch and combine are made of.
 
-Legend: T tokens, K copies per token (top-k), R = T*K rows, H hidden.
-`x[index]` in autograd backpropagates through an accumulating scatter (atomics). When `index` is a permutation, or a
-replication of each row K times, the backward is itself a gather, which is faster and deterministic. Dispatch (each
-token copied K times into expert order) and combine (each token's K expert outputs summed back, weighted) are each
-other's transpose, so one gather-sum op serves combine's forward and dispatch's backward; on CUDA it is one Triton
-kernel reading each row once (framework/ops/triton_kernels.py), in place of a gather into a [R, H] temporary and a
-reduction over it.
+Legend: T source rows (tokens), J slots per source row (top-k, or EP ranks), R expanded rows, H hidden.
+An expansion copies source rows into R rows (`out[r] = x[src[r]]`), each row from exactly one slot of one source row;
+`index[t, j]` names the row that slot j of source row t became, or R for an empty slot (a "hole": a token routed to
+fewer than J places, as when expert parallelism sends a token to some ranks only). The gather-sum is the transpose:
+`out[t] = sum_j w[t, j] * rows[index[t, j]]`, holes adding nothing. So each is the other's backward, no atomics, and on
+CUDA each direction is one Triton kernel reading every row once (framework/ops/triton_kernels.py), where eager torch
+would gather into a [T, J, H] temporary and reduce it.
 """
 
 from __future__ import annotations
@@ -33,63 +33,96 @@ def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) ->
     return _Permute.apply(x, index, inverse)
 
 
-def _gather_sum(rows_RH: torch.Tensor, index_TK: torch.Tensor, weight_TK: torch.Tensor | None) -> torch.Tensor:
-    """out[t] = sum_k weight[t, k] * rows[index[t, k]] (weight None: plain sum). No autograd."""
+def _slots(rows_RH: torch.Tensor, index_TJ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, J, H] copies of the indexed rows (zeros at holes) and the [T, J] mask of real slots: the torch path."""
+    tokens, slots = index_TJ.shape
+    valid = index_TJ < rows_RH.shape[0]
+    if rows_RH.shape[0] == 0:
+        return rows_RH.new_zeros(tokens, slots, rows_RH.shape[1]), valid
+    gathered = rows_RH.index_select(0, index_TJ.clamp_max(rows_RH.shape[0] - 1).reshape(-1))
+    return gathered.view(tokens, slots, rows_RH.shape[1]) * valid.unsqueeze(-1).to(rows_RH.dtype), valid
+
+
+def _gather_sum(rows_RH: torch.Tensor, index_TJ: torch.Tensor, weight_TJ: torch.Tensor | None) -> torch.Tensor:
+    """out[t] = sum_j weight[t, j] * rows[index[t, j]] (weight None: plain sum; holes skipped). No autograd."""
     if use_triton(rows_RH):
         from framework.ops.triton_kernels import gather_sum_forward  # noqa: PLC0415
-        return gather_sum_forward(rows_RH.contiguous(), index_TK.contiguous(),
-                                  None if weight_TK is None else weight_TK.contiguous())
-    tokens, k = index_TK.shape
-    slots_TKH = rows_RH.index_select(0, index_TK.reshape(-1)).view(tokens, k, -1)
-    if weight_TK is None:
-        return slots_TKH.sum(1)
-    return torch.bmm(weight_TK.unsqueeze(1).to(slots_TKH.dtype), slots_TKH).squeeze(1)
+        return gather_sum_forward(rows_RH.contiguous(), index_TJ.contiguous(),
+                                  None if weight_TJ is None else weight_TJ.contiguous())
+    slots_TJH, _ = _slots(rows_RH, index_TJ)
+    if weight_TJ is None:
+        return slots_TJH.sum(1)
+    return torch.bmm(weight_TJ.unsqueeze(1).to(slots_TJH.dtype), slots_TJH).squeeze(1)
 
 
-class _ReplicatePermute(torch.autograd.Function):
+class _ExpandRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, copies: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.copies = copies
-        return x.index_select(0, torch.div(order, copies, rounding_mode="floor"))
+    def forward(ctx, x: torch.Tensor, src_R: torch.Tensor, index_TJ: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index_TJ)
+        return x.index_select(0, src_R)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return _gather_sum(grad, inverse.view(-1, ctx.copies), None), None, None, None
+        (index_TJ,) = ctx.saved_tensors
+        return _gather_sum(grad, index_TJ, None), None, None
+
+
+def expand_rows(x_TH: torch.Tensor, src_R: torch.Tensor, index_TJ: torch.Tensor) -> torch.Tensor:
+    """Rows `x[src]`, where `index` [T, J] lists for each row t of x the output rows copied from it (R = none)."""
+    return _ExpandRows.apply(x_TH, src_R, index_TJ)
 
 
 def replicate_permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, copies: int) -> torch.Tensor:
     """Rows `x[order // copies]`: each of the T rows of x appears `copies` times, in the order given by the permutation
     `order` of range(T * copies); `inverse` is the inverse permutation of `order`."""
-    return _ReplicatePermute.apply(x, order, inverse, copies)
+    return expand_rows(x, torch.div(order, copies, rounding_mode="floor"), inverse.view(x.shape[0], copies))
 
 
 class _WeightedGatherSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows_RH: torch.Tensor, index_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows_RH, index_TK, weight_TK)
-        return _gather_sum(rows_RH, index_TK, weight_TK)
+    def forward(ctx, rows_RH: torch.Tensor, index_TJ: torch.Tensor, weight_TJ: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows_RH, index_TJ, weight_TJ)
+        return _gather_sum(rows_RH, index_TJ, weight_TJ)
 
     @staticmethod
     def backward(ctx, grad_TH: torch.Tensor):
-        rows_RH, index_TK, weight_TK = ctx.saved_tensors
+        rows_RH, index_TJ, weight_TJ = ctx.saved_tensors
         grad_TH = grad_TH.contiguous()
         if use_triton(rows_RH):
             from framework.ops.triton_kernels import gather_sum_backward  # noqa: PLC0415
-            grad_rows, grad_weight = gather_sum_backward(grad_TH, rows_RH.contiguous(), index_TK.contiguous(),
-                                                         weight_TK.contiguous())
+            grad_rows, grad_weight = gather_sum_backward(grad_TH, rows_RH.contiguous(), index_TJ.contiguous(),
+                                                         weight_TJ.contiguous())
             return grad_rows, None, grad_weight
-        tokens, k = index_TK.shape
-        flat = index_TK.reshape(-1)
-        slots_TKH = rows_RH.index_select(0, flat).view(tokens, k, -1)
-        grad_weight = torch.bmm(slots_TKH, grad_TH.unsqueeze(-1).to(slots_TKH.dtype)).squeeze(-1)
-        grad_slots = (weight_TK.unsqueeze(-1).to(grad_TH.dtype) * grad_TH.unsqueeze(1)).reshape(tokens * k, -1)
-        grad_rows = torch.empty_like(rows_RH).index_copy_(0, flat, grad_slots)
-        return grad_rows, None, grad_weight.to(weight_TK.dtype)
+        tokens, slots = index_TJ.shape
+        slots_TJH, valid = _slots(rows_RH, index_TJ)
+        grad_weight = torch.bmm(slots_TJH, grad_TH.unsqueeze(-1).to(slots_TJH.dtype)).squeeze(-1)
+        grad_slots = weight_TJ.unsqueeze(-1).to(grad_TH.dtype) * grad_TH.unsqueeze(1)
+        grad_slots = grad_slots.reshape(tokens * slots, grad_TH.shape[1])
+        # One spare row catches every hole (written many times, then dropped); real rows are written exactly once.
+        grad_rows = rows_RH.new_empty(rows_RH.shape[0] + 1, rows_RH.shape[1])
+        grad_rows.index_copy_(0, index_TJ.reshape(-1).clamp_max(rows_RH.shape[0]), grad_slots)
+        return grad_rows[:-1], None, (grad_weight * valid).to(weight_TJ.dtype)
 
 
-def weighted_gather_sum(rows_RH: torch.Tensor, index_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-    """[T, H]: out[t] = sum_k weight[t, k] * rows[index[t, k]], where `index` is a permutation of range(R) laid out
-    [T, K]. Gradients flow to rows and weight."""
-    return _WeightedGatherSum.apply(rows_RH, index_TK, weight_TK)
+def weighted_gather_sum(rows_RH: torch.Tensor, index_TJ: torch.Tensor, weight_TJ: torch.Tensor) -> torch.Tensor:
+    """[T, H]: out[t] = sum_j weight[t, j] * rows[index[t, j]]; every row is named by exactly one slot, index R marks
+    a hole. Gradients flow to rows and weight."""
+    return _WeightedGatherSum.apply(rows_RH, index_TJ, weight_TJ)
+
+
+def gather_sum(rows_RH: torch.Tensor, index_TJ: torch.Tensor, src_R: torch.Tensor) -> torch.Tensor:
+    """[T, H]: out[t] = sum_j rows[index[t, j]], the transpose of `expand_rows(x, src, index)` (its backward is that
+    expansion of the gradient); holes as there."""
+    return _GatherSum.apply(rows_RH, index_TJ, src_R)
+
+
+class _GatherSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows_RH: torch.Tensor, index_TJ: torch.Tensor, src_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(src_R)
+        return _gather_sum(rows_RH, index_TJ, None)
+
+    @staticmethod
+    def backward(ctx, grad_TH: torch.Tensor):
+        (src_R,) = ctx.saved_tensors
+        return grad_TH.index_select(0, src_R), None, None

@@ -1,6 +1,6 @@
 """Triton kernels for the memory-bound steps of the MoE layer (CUDA only; importing this module needs Triton).
 
-Legend: T tokens, K top-k, R = T*K routed rows, H hidden, I expert FFN.
+Legend: T tokens, K top-k (or slots per token), R rows, H hidden, I expert FFN.
 Each kernel does in one pass what eager torch does in three or four (a gather, a temporary [R, H] or [R, I], a
 multiply, a reduction): these steps move bytes, not FLOPs, so one read and one write is the whole cost. All
 arithmetic is in fp32; loads and stores are in the tensors' dtype. Callers (swiglu.py, permute.py) own autograd and
@@ -65,15 +65,16 @@ def swiglu_backward(gate_up_R2I: torch.Tensor, grad_RI: torch.Tensor) -> torch.T
 
 
 @triton.jit
-def _gather_sum_fwd(rows_ptr, index_ptr, weight_ptr, out_ptr, hidden: tl.constexpr, K: tl.constexpr,
+def _gather_sum_fwd(rows_ptr, index_ptr, weight_ptr, out_ptr, n_rows, hidden: tl.constexpr, K: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, BLOCK_H: tl.constexpr):
+    # index >= n_rows marks a hole (no row): it adds nothing.
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < hidden
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for k in tl.static_range(K):
         src = tl.load(index_ptr + token * K + k).to(tl.int64)
-        row = tl.load(rows_ptr + src * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        row = tl.load(rows_ptr + src * hidden + cols, mask=mask & (src < n_rows), other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             row = row * tl.load(weight_ptr + token * K + k).to(tl.float32)
         acc += row
@@ -81,9 +82,10 @@ def _gather_sum_fwd(rows_ptr, index_ptr, weight_ptr, out_ptr, hidden: tl.constex
 
 
 @triton.jit
-def _gather_sum_bwd(grad_ptr, rows_ptr, index_ptr, weight_ptr, grad_rows_ptr, grad_weight_ptr, hidden: tl.constexpr,
-                    K: tl.constexpr, BLOCK_H: tl.constexpr):
-    # One program per token: the weight gradient of slot (t, k) is a dot product over all of H.
+def _gather_sum_bwd(grad_ptr, rows_ptr, index_ptr, weight_ptr, grad_rows_ptr, grad_weight_ptr, n_rows,
+                    hidden: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One program per token: the weight gradient of slot (t, k) is a dot product over all of H. Holes
+    # (index >= n_rows) write no row and get a zero weight gradient.
     token = tl.program_id(0).to(tl.int64)
     for k in tl.static_range(K):
         dst = tl.load(index_ptr + token * K + k).to(tl.int64)
@@ -91,7 +93,7 @@ def _gather_sum_bwd(grad_ptr, rows_ptr, index_ptr, weight_ptr, grad_rows_ptr, gr
         dot = tl.zeros([BLOCK_H], dtype=tl.float32)
         for start in tl.range(0, hidden, BLOCK_H):
             cols = start + tl.arange(0, BLOCK_H)
-            mask = cols < hidden
+            mask = (cols < hidden) & (dst < n_rows)
             g = tl.load(grad_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
             row = tl.load(rows_ptr + dst * hidden + cols, mask=mask, other=0.0).to(tl.float32)
             dot += g * row
@@ -110,7 +112,8 @@ def gather_sum_forward(rows_RH: torch.Tensor, index_TK: torch.Tensor, weight_TK:
     if tokens:
         block = _block_h(hidden)
         grid = (tokens, triton.cdiv(hidden, block))
-        _gather_sum_fwd[grid](rows_RH, index_TK, weight_TK if weight_TK is not None else index_TK, out, hidden, k,
+        _gather_sum_fwd[grid](rows_RH, index_TK, weight_TK if weight_TK is not None else index_TK, out,
+                              rows_RH.shape[0], hidden, k,
                               weight_TK is not None, BLOCK_H=block)
     return out
 
@@ -119,9 +122,10 @@ def gather_sum_backward(grad_TH: torch.Tensor, rows_RH: torch.Tensor, index_TK: 
                         weight_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, k = index_TK.shape
     hidden = rows_RH.shape[1]
-    grad_rows = torch.empty_like(rows_RH)  # index_TK is a permutation of the rows: every row is written once
+    grad_rows = torch.empty_like(rows_RH)  # every row is referenced exactly once by index_TK: written once
     grad_weight = torch.empty_like(weight_TK)
     if tokens:
-        _gather_sum_bwd[(tokens,)](grad_TH, rows_RH, index_TK, weight_TK, grad_rows, grad_weight, hidden, k,
+        _gather_sum_bwd[(tokens,)](grad_TH, rows_RH, index_TK, weight_TK, grad_rows, grad_weight, rows_RH.shape[0],
+                                   hidden, k,
                                    BLOCK_H=min(triton.next_power_of_2(hidden), 1024))
     return grad_rows, grad_weight

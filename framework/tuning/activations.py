@@ -15,6 +15,7 @@ Assumes balanced routing (each rank's experts get T*K rows); a skewed router add
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from framework.tuning.params import ModelShape
@@ -61,6 +62,13 @@ def attention_saved(s: ModelShape, attention: str, seq: int) -> int:
     return per_token
 
 
+def ranks_per_token(s: ModelShape, ep_size: int) -> float:
+    """Expected number of EP ranks a token's top-k experts live on, for uniform routing: each rank misses all k
+    with probability C(E - E/ep, k) / C(E, k)."""
+    miss = math.comb(s.num_experts - s.num_experts // ep_size, s.top_k) / math.comb(s.num_experts, s.top_k)
+    return ep_size * (1 - miss)
+
+
 def moe_saved(s: ModelShape, ep_size: int) -> int:
     """Bytes per token kept by one MoE block (router, dispatch, SwiGLU experts on T*K rows, combine)."""
     h, k, e, inter = s.hidden, s.top_k, s.num_experts, s.moe_intermediate
@@ -68,9 +76,12 @@ def moe_saved(s: ModelShape, ep_size: int) -> int:
     # softmax probs fp32 [T,E]; the z-loss's logits.float() [T,E] and logsumexp [T]; top-k ids, values, their sum,
     # bf16 combine weights.
     per_token += FP32 * e + FP32 * e + FP32 + INT64 * k + FP32 * k + FP32 + BF16 * k
-    per_token += INT64 * k  # the inverse of the sort order (dispatch backward and combine)
-    if ep_size > 1:
-        per_token += 2 * INT64 * k  # regroup of received rows by local expert, and its inverse
+    if ep_size == 1:
+        per_token += INT64 * k  # the inverse of the sort order (dispatch backward and combine)
+    else:
+        # framework/parallel/ep_dispatch.py: the [T, ep] pair index, and per (token, rank) pair (sent, and on average
+        # as many received) its token id, the [K] expert-row index, the bf16 weights and the bool slot mask.
+        per_token += INT64 * ep_size + round(ranks_per_token(s, ep_size) * (INT64 + k * (INT64 + BF16 + 1)))
     per_token += BF16 * k * h  # expert-sorted rows, input of the first grouped GEMM
     # gate_up [R,2I] (the fused SwiGLU's only saved input) and silu(gate)*up [R,I] (input of the second GEMM)
     per_token += BF16 * k * 2 * inter + BF16 * k * inter

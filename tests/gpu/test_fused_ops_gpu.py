@@ -64,3 +64,32 @@ def test_gather_sum_kernels(dtype, tol, monkeypatch):
     fused, ref = _run_both(fn, monkeypatch)
     for a, b in zip(fused, ref):
         assert rel(a, b) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_gather_sum_kernels_with_holes(dtype, tol, monkeypatch):
+    """Expert-parallel dispatch's expansions: tokens reach some of the J slots only (index R = hole)."""
+    torch.manual_seed(0)
+    tokens, slots, hidden = 2053, 4, 2048
+    used = torch.rand(tokens, slots, device="cuda") < 0.6
+    used[:, 0] |= ~used.any(1)
+    rows = int(used.sum())
+    order = torch.randperm(rows, device="cuda")
+    index = torch.full((tokens, slots), rows, dtype=torch.int64, device="cuda")
+    index[used] = order
+    src = torch.empty(rows, dtype=torch.int64, device="cuda")
+    src[order] = torch.arange(tokens, device="cuda").unsqueeze(1).expand(tokens, slots)[used]
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    weight = torch.rand(tokens, slots, device="cuda", dtype=dtype)
+    grad = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+
+    def fn():
+        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        expanded = permute.expand_rows(xs, src, index) * 1.5
+        out = permute.weighted_gather_sum(expanded, index, ws) + permute.gather_sum(expanded, index, src)
+        out.backward(grad)
+        return out, xs.grad, ws.grad
+
+    fused, ref = _run_both(fn, monkeypatch)
+    for a, b in zip(fused, ref):
+        assert rel(a, b) < tol

@@ -81,3 +81,47 @@ def test_linear_cross_entropy_matches_unchunked_autograd():
     torch.testing.assert_close(g_w, r_w, rtol=1e-10, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy_sum(h, w, labels, chunk=4), ref, rtol=1e-12, atol=1e-12)
+
+
+def _holey_expansion(tokens: int, slots: int, seed: int):
+    """A random expansion with holes: each (t, j) slot is used with probability 1/2 (at least one per token)."""
+    g = torch.Generator().manual_seed(seed)
+    used = torch.rand(tokens, slots, generator=g) < 0.5
+    used[:, 0] |= ~used.any(1)
+    rows = int(used.sum())
+    order = torch.randperm(rows, generator=g)
+    index = torch.full((tokens, slots), rows, dtype=torch.int64)
+    index[used] = order
+    src = torch.empty(rows, dtype=torch.int64)
+    src[order] = torch.arange(tokens).unsqueeze(1).expand(tokens, slots)[used]
+    return src, index, used
+
+
+def test_expansion_and_gather_sums_with_holes_match_autograd_of_definition():
+    from framework.ops.permute import expand_rows, gather_sum
+
+    tokens, slots, hidden = 13, 4, 6
+    src, index, used = _holey_expansion(tokens, slots, seed=2)
+    x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
+    rows = expand_rows(x, src, index)
+    ref_rows = x[src]
+    grad = torch.randn_like(ref_rows)
+    torch.testing.assert_close(rows, ref_rows, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(rows, x, grad)[0], torch.autograd.grad(ref_rows, x, grad)[0])
+
+    r = torch.randn(src.numel(), hidden, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(tokens, slots, dtype=torch.float64, requires_grad=True)
+    safe = index.clamp_max(src.numel() - 1)
+    ref = ((r[safe] * used.unsqueeze(-1)) * w.unsqueeze(-1)).sum(1)
+    out = weighted_gather_sum(r, index, w)
+    g_out = torch.randn(tokens, hidden, dtype=torch.float64)
+    got = torch.autograd.grad(out, (r, w), g_out)
+    want = torch.autograd.grad(ref, (r, w), g_out)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+    plain = gather_sum(r, index, src)
+    ref_plain = (r[safe] * used.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(plain, ref_plain)
+    torch.testing.assert_close(torch.autograd.grad(plain, r, g_out)[0], torch.autograd.grad(ref_plain, r, g_out)[0])
