@@ -5,18 +5,29 @@ At V=151,936 the fp32 logits of 16,384 tokens are 10 GB, and their softmax gradi
 chunk's [C, V] logits exist at a time, and since the gradient of a summed cross-entropy w.r.t. the logits is known
 as soon as the logits are (softmax - one-hot), each chunk's input and weight gradients are computed right away: the
 backward pass only scales them. No recompute (checkpointing each chunk would redo the LM head matmul, ~11% of a
-Qwen3-30B-A3B step), one extra [V, H] fp32 buffer for the weight gradient.
+Qwen3-30B-A3B step), one extra [V, H] fp32 buffer for the weight gradient. On CUDA the softmax gradient is
+written over the bf16 logits by one Triton kernel (fp32 arithmetic) and the weight gradient is accumulated in fp32
+by cuBLAS: per chunk the logits are written once, read twice and overwritten once.
 """
 
 from __future__ import annotations
 
 import torch
 
+from framework.ops.triton_available import use_triton
+
 IGNORE_INDEX = -100
 
 
 def _chunk_loss_and_logit_grad(h_CH, weight_VH, labels_C, want_grad: bool):
-    logits = (h_CH @ weight_VH.t()).to(torch.promote_types(h_CH.dtype, torch.float32))
+    """(summed loss in fp32, d loss / d logits in h's dtype or None)."""
+    logits = h_CH @ weight_VH.t()
+    if want_grad and use_triton(logits):
+        # One kernel reads the logits twice and writes the gradient over them: no fp32 [C, V] copies.
+        from framework.ops.triton_kernels import cross_entropy_grad_  # noqa: PLC0415
+
+        return cross_entropy_grad_(logits, labels_C, IGNORE_INDEX).sum(), logits
+    logits = logits.to(torch.promote_types(h_CH.dtype, torch.float32))
     valid = labels_C != IGNORE_INDEX
     target = labels_C.clamp_min(0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=-1)
@@ -27,6 +38,15 @@ def _chunk_loss_and_logit_grad(h_CH, weight_VH, labels_C, want_grad: bool):
     grad.scatter_add_(1, target, torch.full_like(lse, -1.0).unsqueeze(1))
     grad.mul_(valid.unsqueeze(1))
     return loss, grad.to(h_CH.dtype)
+
+
+def _add_weight_grad_(grad_w_VH: torch.Tensor, grad_logits_CV: torch.Tensor, h_CH: torch.Tensor) -> None:
+    """grad_w += grad_logits.T @ h, accumulated in grad_w's fp32. On CUDA cuBLAS adds the bf16 product into the fp32
+    buffer itself (out_dtype); elsewhere the product is materialised first."""
+    if grad_w_VH.is_cuda and grad_w_VH.dtype != h_CH.dtype:
+        torch.addmm(grad_w_VH, grad_logits_CV.t(), h_CH, out_dtype=grad_w_VH.dtype, out=grad_w_VH)
+    else:
+        grad_w_VH += grad_logits_CV.t() @ h_CH
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -43,7 +63,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             total += loss
             if want_grad:
                 torch.mm(grad_logits, weight_VH, out=grad_h[start:start + chunk])
-                grad_w += grad_logits.t() @ h_CH
+                _add_weight_grad_(grad_w, grad_logits, h_CH)
         if want_grad:
             ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight_VH.dtype

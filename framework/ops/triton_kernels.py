@@ -1,10 +1,11 @@
-"""Triton kernels for the memory-bound steps of the MoE layer (CUDA only; importing this module needs Triton).
+"""Triton kernels for the memory-bound steps of the MoE layer and the loss (CUDA only; importing needs Triton).
 
 Legend: T tokens, K top-k (or slots per token), R rows, H hidden, I expert FFN.
 Each kernel does in one pass what eager torch does in three or four (a gather, a temporary [R, H] or [R, I], a
 multiply, a reduction): these steps move bytes, not FLOPs, so one read and one write is the whole cost. All
 arithmetic is in fp32; loads and stores are in the tensors' dtype. Callers (swiglu.py, permute.py) own autograd and
 the torch fallbacks used on CPU.
+Loss legend: C tokens of a chunk, V vocabulary.
 """
 
 from __future__ import annotations
@@ -129,3 +130,45 @@ def gather_sum_backward(grad_TH: torch.Tensor, rows_RH: torch.Tensor, index_TK: 
                                    hidden, k,
                                    BLOCK_H=min(triton.next_power_of_2(hidden), 1024))
     return grad_rows, grad_weight
+
+
+@triton.jit
+def _cross_entropy_grad(logits_ptr, labels_ptr, loss_ptr, vocab, ignore_index, BLOCK_V: tl.constexpr):
+    # One program per token row: pass 1 keeps a running max and sum of exp per lane (online log-sum-exp, fp32),
+    # pass 2 overwrites the row with softmax - one-hot. Lanes start at a finite floor so that a lane that never sees
+    # a real logit contributes exp(floor - max) = 0, never NaN.
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * vocab
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    target = tl.where(valid, label, 0)
+    lane_max = tl.full([BLOCK_V], -1e30, dtype=tl.float32)
+    lane_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in tl.range(0, vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < vocab
+        x = tl.load(base + cols, mask=mask, other=-1e30).to(tl.float32)
+        new_max = tl.maximum(lane_max, x)
+        lane_sum = lane_sum * tl.exp(lane_max - new_max) + tl.where(mask, tl.exp(x - new_max), 0.0)
+        lane_max = new_max
+    row_max = tl.max(lane_max, axis=0)
+    lse = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
+    x_target = tl.load(base + target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
+    scale = tl.where(valid, 1.0, 0.0)
+    for start in tl.range(0, vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < vocab
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+        tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_grad_(logits_CV: torch.Tensor, labels_C: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Per-token cross-entropy [C] in fp32 (0 where the label is ignore_index); logits_CV (contiguous) is
+    overwritten with the gradient of the summed loss w.r.t. the logits, softmax - one-hot (0 on ignored rows)."""
+    rows, vocab = logits_CV.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits_CV.device)
+    if rows:
+        _cross_entropy_grad[(rows,)](logits_CV, labels_C, loss, vocab, ignore_index, BLOCK_V=4096, num_warps=16)
+    return loss

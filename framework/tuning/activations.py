@@ -3,12 +3,13 @@
 Legend: B micro batch, S sequence, T = B*S tokens, H hidden, Q = heads x head_dim, KV = kv_heads x head_dim,
 I expert FFN, Id dense FFN, E experts, K top-k, V vocabulary, L layers.
 Owns: bytes per token of every tensor saved for backward, layer by layer (framework/models/qwen3_moe/model.py with
-transformers' Qwen3MoeAttention and RMSNorm, framework/moe/: router, torch dispatch, grouped-GEMM SwiGLU experts,
+transformers' Qwen3MoeAttention, torch's fused rms_norm, framework/moe/: router, torch dispatch, grouped-GEMM SwiGLU experts,
 bmm combine), the loss (cross-entropy on logits.float()), and the peaks of three moments of a step:
   loss            the LM head's backward: fp32 log-probabilities and their gradients, the largest transient;
   layer_backward  one decoder layer's backward (with checkpointing: recomputed, so all of its activations at once);
   optimizer_step  the trainer still holds the step's output, so the bf16 logits live through engine.step().
-Saved-tensor lists were checked op by op with torch.autograd.graph.saved_tensors_hooks on a real layer.
+Saved-tensor lists were checked op by op with torch.autograd.graph.saved_tensors_hooks on a real layer. The counts
+are those of the CUDA kernels (the estimate is of a GPU run): on CPU, rms_norm is composite and saves more.
 Assumes balanced routing (each rank's experts get T*K rows); a skewed router adds rows on the busiest rank.
 """
 
@@ -25,9 +26,8 @@ ATTENTION_KINDS = ("varlen", "sdpa", "eager")
 
 
 def rmsnorm_saved(width: int) -> int:
-    """Per normalised row: Qwen3MoeRMSNorm keeps x.float() (pow and mul need it), the bf16 normalised x (for the
-    weight's gradient) and one fp32 rsqrt."""
-    return FP32 * width + BF16 * width + FP32
+    """Per normalised row: torch's fused CUDA rms_norm keeps its bf16 input and one fp32 rstd."""
+    return BF16 * width + FP32
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,10 +120,10 @@ def loss_backward_peak(s: ModelShape) -> int:
 
 
 def chunked_loss_peak(s: ModelShape, chunk: int, tokens: int) -> int:
-    """Bytes at the fused LM head + cross-entropy (framework/ops/linear_cross_entropy.py): one chunk's fp32 logits
-    (turned into the softmax gradient in place) and their bf16 copy, the input gradient [T, H] bf16, the fp32 weight
-    gradient [V, H] and the bf16 product added into it."""
-    return chunk * (FP32 + BF16) * s.vocab + tokens * BF16 * s.hidden + (FP32 + BF16) * s.vocab * s.hidden
+    """Bytes at the fused LM head + cross-entropy (framework/ops/linear_cross_entropy.py, CUDA path): one chunk's
+    bf16 logits (turned into the softmax gradient in place), the input gradient [T, H] bf16 and the fp32 weight
+    gradient [V, H] (cuBLAS accumulates into it)."""
+    return chunk * BF16 * s.vocab + tokens * BF16 * s.hidden + FP32 * s.vocab * s.hidden
 
 
 def final_norm_saved(s: ModelShape) -> int:

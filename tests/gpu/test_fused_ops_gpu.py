@@ -93,3 +93,68 @@ def test_gather_sum_kernels_with_holes(dtype, tol, monkeypatch):
     fused, ref = _run_both(fn, monkeypatch)
     for a, b in zip(fused, ref):
         assert rel(a, b) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_linear_cross_entropy_kernel(dtype, tol, monkeypatch):
+    """The Triton softmax-gradient kernel and cuBLAS fp32 accumulation against the torch path, at Qwen3's width and
+    vocabulary, a chunk that does not divide the tokens and ignored labels; the loss also against float64."""
+    from framework.ops import linear_cross_entropy as lce
+
+    torch.manual_seed(0)
+    tokens, hidden, vocab = 1000, 2048, 151936
+    h = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    w = torch.randn(vocab, hidden, device="cuda", dtype=dtype) * 0.02
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    labels[::7] = -100
+
+    def fn():
+        hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = lce.linear_cross_entropy_sum(hs, ws, labels, chunk=384)
+        (loss * 0.5).backward()
+        return loss, hs.grad, ws.grad
+
+    fused = fn()
+    monkeypatch.setattr(lce, "use_triton", lambda t: False)
+    monkeypatch.setattr(lce, "_add_weight_grad_", lambda g, a, b: g.add_(a.t() @ b))
+    ref = fn()
+    monkeypatch.undo()
+    for a, b in zip(fused, ref):
+        assert rel(a, b) < tol
+    exact = torch.nn.functional.cross_entropy((h.double() @ w.double().t()), labels, reduction="sum")
+    assert abs(fused[0].item() - exact.item()) / exact.item() < (1e-3 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4099, 2048), (4099 * 32, 128)])
+def test_rms_norm_on_cuda_matches_transformers_and_saves_input_and_rstd(shape):
+    """torch's CUDA rms_norm (framework RMSNorm) against transformers' module in bf16, and the tensors it keeps for
+    backward: its input and one fp32 per row, as framework/tuning/activations.py counts."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    from framework.models.qwen3_moe.norm import RMSNorm
+
+    torch.manual_seed(0)
+    rows, width = shape
+    ours = RMSNorm(width, eps=1e-6).cuda().bfloat16()
+    ref = Qwen3MoeRMSNorm(width, eps=1e-6).cuda().bfloat16()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ours.weight.copy_(ref.weight)
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16) * 3
+    grad = torch.randn_like(x)
+    saved: list[torch.Tensor] = []
+    results = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_()
+        if m is ours:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = m(xi)
+        else:
+            y = m(xi)
+        y.backward(grad)
+        results.append((y, xi.grad, m.weight.grad))
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-2
+    kept = sum(t.untyped_storage().nbytes() for t in saved if t.untyped_storage().data_ptr()
+               != ours.weight.untyped_storage().data_ptr())
+    assert kept == rows * (2 * width + 4)

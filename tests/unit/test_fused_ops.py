@@ -125,3 +125,30 @@ def test_expansion_and_gather_sums_with_holes_match_autograd_of_definition():
     ref_plain = (r[safe] * used.unsqueeze(-1)).sum(1)
     torch.testing.assert_close(plain, ref_plain)
     torch.testing.assert_close(torch.autograd.grad(plain, r, g_out)[0], torch.autograd.grad(ref_plain, r, g_out)[0])
+
+
+def test_rms_norm_matches_transformers_module():
+    """framework's RMSNorm (torch's rms_norm) against transformers' Qwen3MoeRMSNorm, same parameter, fp32 and bf16."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    from framework.models.qwen3_moe.norm import RMSNorm
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(64, eps=1e-6), Qwen3MoeRMSNorm(64, eps=1e-6)
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["weight"]
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 64) * 3
+    grad = torch.randn(3, 5, 64)
+    for dtype, tol in [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)]:
+        outs = []
+        for m in (ours, ref):
+            m = m.to(dtype)
+            m.zero_grad()
+            xi = x.to(dtype).clone().requires_grad_()
+            y = m(xi)
+            y.backward(grad.to(dtype))
+            outs.append((y.float(), xi.grad.float(), m.weight.grad.float()))
+        for a, b in zip(*outs):
+            assert ((a - b).norm() / b.norm()).item() < tol, dtype

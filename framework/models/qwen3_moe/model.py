@@ -1,8 +1,9 @@
 """Qwen3-MoE causal LM with our MoE block, parameter-for-parameter compatible with transformers 5.
 
 Legend: B batch, S sequence, T = B*S tokens, H hidden, V vocabulary.
-Owns: the decoder stack, the LM head, the losses (token cross-entropy + router aux/z losses). Attention, RMSNorm,
-rotary embedding and the dense MLP are transformers' own modules, so numerics and names follow upstream.
+Owns: the decoder stack, the LM head, the losses (token cross-entropy + router aux/z losses). Attention, rotary
+embedding and the dense MLP are transformers' own modules, so numerics and names follow upstream; RMSNorm is one fused
+op with the same parameters (norm.py).
 Single-process: no distributed imports.
 """
 
@@ -20,12 +21,12 @@ from transformers.utils import ModelOutput
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
     Qwen3MoeMLP,
-    Qwen3MoeRMSNorm,
     Qwen3MoeRotaryEmbedding,
 )
 
 from framework.models.qwen3_moe.attention import document_boundaries, register_varlen_attention
 from framework.models.qwen3_moe.config import SUPPORTED_ATTENTION, is_moe_layer
+from framework.models.qwen3_moe.norm import RMSNorm
 from framework.moe.aux_loss import RouterStats, load_balancing_loss, router_z_loss
 from framework.moe.layer import MoEBlock
 from framework.ops.linear_cross_entropy import linear_cross_entropy_sum
@@ -49,14 +50,17 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: Qwen3MoeConfig, layer_idx: int, backend: str):
         super().__init__()
         self.self_attn = Qwen3MoeAttention(config, layer_idx)
+        head_dim = self.self_attn.head_dim
+        self.self_attn.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)  # fused, same parameter names
+        self.self_attn.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
         if is_moe_layer(config, layer_idx):
             # nn.SiLU, which the fused SwiGLU recognises: config.py accepts hidden_act "silu" only
             self.mlp = MoEBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
                                 config.num_experts_per_tok, config.norm_topk_prob, nn.SiLU(), backend)
         else:
             self.mlp = Qwen3MoeMLP(config, intermediate_size=config.intermediate_size)
-        self.input_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, h_BSH, position_embeddings, attention_mask, token_mask_T, cu_seqlens=None):
         extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}  # varlen attention's document boundaries
@@ -78,7 +82,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers)])
-        self.norm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3MoeRotaryEmbedding(config=config)
 
 
