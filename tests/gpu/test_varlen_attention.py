@@ -1,5 +1,6 @@
 """Flash varlen attention over packed documents equals the block-diagonal-mask path (GPU, bf16).
 
+Rows holding one document each take the dense causal kernels (cuDNN first) instead of varlen; same bound.
 Both bf16 paths are compared with an fp32 block-diagonal-mask run of the same weights: varlen's error (logits, loss,
 every gradient) must stay within 2x the masked sdpa path's bf16 error + 1e-3.
 """
@@ -30,12 +31,14 @@ def run(attn: str, dtype: torch.dtype, ids, pos):
     return out.logits.float(), out.loss.float(), {n: p.grad.float() for n, p in model.named_parameters()}
 
 
-def test_varlen_matches_masked_sdpa():
+@pytest.mark.parametrize("lengths", [[[300, 500, 224], [1024]], [[1024], [1024]]],
+                         ids=["packed-flash-varlen", "one-document-per-row-dense-cudnn"])
+def test_varlen_matches_masked_sdpa(lengths):
+    """Several documents in a row run flash varlen; rows of one document each run the dense causal kernels."""
     if not varlen_attention_available():
         pytest.skip("torch.nn.attention.varlen is not available")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, CONFIG["vocab_size"], (2, 1024), generator=g).cuda()
-    lengths = [[300, 500, 224], [1024]]  # several documents in row 0, one in row 1
     pos = torch.cat([torch.cat([torch.arange(n) for n in row]).unsqueeze(0) for row in lengths]).cuda()
     ref_logits, ref_loss, ref_grads = run("sdpa", torch.float32, ids, pos)
     sdpa_logits, sdpa_loss, sdpa_grads = run("sdpa", torch.bfloat16, ids, pos)

@@ -4,6 +4,9 @@ Owns: the "varlen" attention implementation (registered in transformers' Attenti
 Qwen3MoeAttention calls it), the document boundaries it needs (cumulative sequence lengths from position ids), and
 `resolve_attention` (what "auto" means on this machine). A [B, 1, S, S] mask costs S^2 memory and pushes sdpa off its
 flash kernel; varlen attention runs flash over every document of the packed rows at once, causal inside each.
+When every row is one document (no boundaries: the model passes no cu_seqlens) the same implementation runs sdpa's
+dense causal kernels, cuDNN first: on H200 at B=4, S=4096, 32/4 heads, forward+backward takes 4.1 ms with cuDNN
+against 7.6 ms with varlen flash (benchmarks/attention.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _VARLEN_NAME = "varlen"
 
@@ -50,10 +55,10 @@ def document_boundaries(position_ids_BS: torch.Tensor | None, batch: int, seq: i
 def _varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                               cu_seqlens=None, **kwargs):
     """transformers attention-function contract: q/k/v [B, heads, S, D] in, ([B, S, heads, D], None) out."""
+    if cu_seqlens is None:
+        return _dense_causal_attention(query, key, value, scaling), None
     from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
 
-    if cu_seqlens is None:
-        raise RuntimeError("varlen attention needs cu_seqlens (Qwen3MoeCausalLM.forward passes them)")
     batch, heads, seq, dim = query.shape
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
@@ -68,6 +73,18 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
     out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, seq, seq, scale=scaling, **extra)
     return out.view(batch, seq, heads, dim), None
+
+
+_DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH]
+
+
+def _dense_causal_attention(query, key, value, scaling):
+    """Causal attention over whole rows, q/k/v [B, heads, S, D] -> [B, S, heads, D]; cuDNN first, then flash."""
+    with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
 
 
 def register_varlen_attention() -> None:

@@ -165,6 +165,8 @@ class Qwen3MoeCausalLM(nn.Module):
                 raise ValueError("varlen attention takes packed documents (position_ids), not padding masks; use "
                                  "attn_implementation='sdpa' for padded batches")
             mask, cu_seqlens = None, document_boundaries(packed_position_ids, batch, seq, h.device)
+            if cu_seqlens.numel() == batch + 1:
+                cu_seqlens = None  # one document per row: the dense causal kernels (attention.py), faster than varlen
         elif attention_mask is None and packed_position_ids is None and self.config._attn_implementation == "sdpa":
             mask = None  # sdpa applies the causal mask itself (is_causal), the fast path
         else:
