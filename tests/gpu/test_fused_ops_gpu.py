@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.ops import permute, swiglu
+from framework.ops import linear_cross_entropy, permute, swiglu
 from framework.ops.triton_available import triton_importable
 
 pytestmark = pytest.mark.gpu
@@ -20,11 +20,19 @@ def _run_both(fn, monkeypatch):
     """fn() once with the kernels, once with the torch path."""
     assert triton_importable(), "Triton is missing on this GPU machine"
     fused = fn()
-    monkeypatch.setattr(swiglu, "use_triton", lambda t: False)
-    monkeypatch.setattr(permute, "use_triton", lambda t: False)
+    for module in (swiglu, permute, linear_cross_entropy):
+        monkeypatch.setattr(module, "use_triton", lambda t: False)
+    monkeypatch.setattr(linear_cross_entropy, "_add_weight_grad_", lambda g, a, b: g.add_(a.t() @ b))
     ref = fn()
     monkeypatch.undo()
     return fused, ref
+
+
+def _assert_kernels_match(fn, monkeypatch, tol: float):
+    fused, ref = _run_both(fn, monkeypatch)
+    for a, b in zip(fused, ref):
+        assert rel(a, b) < tol
+    return fused
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
@@ -39,8 +47,7 @@ def test_swiglu_kernel(dtype, tol, monkeypatch):
         out.backward(grad)
         return out, x.grad
 
-    (out, g), (out_ref, g_ref) = _run_both(fn, monkeypatch)
-    assert rel(out, out_ref) < tol and rel(g, g_ref) < tol
+    _assert_kernels_match(fn, monkeypatch, tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
@@ -61,9 +68,7 @@ def test_gather_sum_kernels(dtype, tol, monkeypatch):
         out.backward(grad)
         return out, xs.grad, ws.grad
 
-    fused, ref = _run_both(fn, monkeypatch)
-    for a, b in zip(fused, ref):
-        assert rel(a, b) < tol
+    _assert_kernels_match(fn, monkeypatch, tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
@@ -90,17 +95,13 @@ def test_gather_sum_kernels_with_holes(dtype, tol, monkeypatch):
         out.backward(grad)
         return out, xs.grad, ws.grad
 
-    fused, ref = _run_both(fn, monkeypatch)
-    for a, b in zip(fused, ref):
-        assert rel(a, b) < tol
+    _assert_kernels_match(fn, monkeypatch, tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
 def test_linear_cross_entropy_kernel(dtype, tol, monkeypatch):
     """The Triton softmax-gradient kernel and cuBLAS fp32 accumulation against the torch path, at Qwen3's width and
     vocabulary, a chunk that does not divide the tokens and ignored labels; the loss also against float64."""
-    from framework.ops import linear_cross_entropy as lce
-
     torch.manual_seed(0)
     tokens, hidden, vocab = 1000, 2048, 151936
     h = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
@@ -110,17 +111,11 @@ def test_linear_cross_entropy_kernel(dtype, tol, monkeypatch):
 
     def fn():
         hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss = lce.linear_cross_entropy_sum(hs, ws, labels, chunk=384)
+        loss = linear_cross_entropy.linear_cross_entropy_sum(hs, ws, labels, chunk=384)
         (loss * 0.5).backward()
         return loss, hs.grad, ws.grad
 
-    fused = fn()
-    monkeypatch.setattr(lce, "use_triton", lambda t: False)
-    monkeypatch.setattr(lce, "_add_weight_grad_", lambda g, a, b: g.add_(a.t() @ b))
-    ref = fn()
-    monkeypatch.undo()
-    for a, b in zip(fused, ref):
-        assert rel(a, b) < tol
+    fused = _assert_kernels_match(fn, monkeypatch, tol)
     exact = torch.nn.functional.cross_entropy((h.double() @ w.double().t()), labels, reduction="sum")
     assert abs(fused[0].item() - exact.item()) / exact.item() < (1e-3 if dtype == torch.bfloat16 else 1e-6)
 
