@@ -147,7 +147,8 @@ def test_shipped_ds_configs_train(tmp_path, corpus, name, overrides):
 
 
 def test_chunked_loss_under_zero3_matches(tmp_path, corpus):
-    """train.loss_chunk_tokens calls the LM head per chunk and again in backward: ZeRO-3 must gather it every time."""
+    """train.loss_chunk_tokens (0 = whole logits vs chunks of 24 tokens) under ZeRO-3: the LM head weight is gathered
+    for the chunk loop and its gradient (computed in the forward pass) reaches the partitions."""
     train, _ = corpus
     losses = {}
     for chunk in (0, 24):
