@@ -244,8 +244,10 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank. `device` is the engine's: NCCL reduces CUDA tensors only (a CPU tensor there
+    fails with "No backend type associated with device type cpu"), gloo CPU ones."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -316,7 +318,7 @@ def load_engine_checkpoint(engine, groups: ParallelGroups, load_dir: str, tag: s
                 error = f"{tag_dir}: missing checkpoint file {missing[0]}"
     except (OSError, ValueError, KeyError) as exc:
         error = str(exc)
-    if _any_rank(error is not None):
+    if _any_rank(error is not None, engine.device):
         raise ValueError(error or f"{tag_dir}: another rank could not read this checkpoint (see its error)")
 
     with _as_plain_deepspeed(engine):

@@ -1,0 +1,37 @@
+"""Save and resume through launch/pretrain.py on 2 GPUs (NCCL), EP=2, ZeRO-3 and ZeRO-2: the CPU tests run gloo, which
+reduces CPU tensors; NCCL reduces CUDA tensors only, so every collective of the checkpoint path is exercised here.
+A resumed run continues with the losses of the uninterrupted run (fp32 tiny model; relative 1e-4 for GPU reduction
+order)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from tests.distributed.test_pretrain import run, train_records, write_corpus
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_resume_on_two_gpus_continues_the_same_losses(stage, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    train = write_corpus(str(tmp_path / "train.jsonl"), 300, 0)
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(29600 + stage + os.getpid() % 500)]
+    common = [f"data.paths=[{train}]", "train.max_steps=4", "train.save_steps=2", "export.at_end=false",
+              "parallel.ep_size=2", f"parallel.zero_stage={stage}"]
+    full = run(common + [f"train.output_dir={tmp_path / 'a'}"], launcher=launcher)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    resumed = run(common + [f"train.output_dir={tmp_path / 'b'}", "--resume",
+                            str(tmp_path / "a" / "checkpoints" / "step_00000002")], launcher=launcher)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    a, b = train_records(str(tmp_path / "a")), train_records(str(tmp_path / "b"))
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-9), (step, key)
