@@ -44,6 +44,8 @@ def varlen_takes_gqa() -> bool:
 
 
 def _kv_width_at_kernel(s: ModelShape, attention: str) -> int:
+    # varlen over rows of one document each runs sdpa with GQA (attention.py): never repeated, so on a torch whose
+    # varlen kernel repeats k, v this is an upper bound for such batches (random-token benchmarks).
     return s.kv_width if attention == "varlen" and varlen_takes_gqa() else s.q_width
 
 
