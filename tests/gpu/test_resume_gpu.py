@@ -1,10 +1,11 @@
 """Save and resume through launch/pretrain.py on 2 GPUs (NCCL), EP=2, ZeRO-3 and ZeRO-2: the CPU tests run gloo, which
 reduces CPU tensors; NCCL reduces CUDA tensors only, so every collective of the checkpoint path is exercised here.
-A resumed run continues with the losses of the uninterrupted run (fp32 tiny model; relative 1e-4 for GPU reduction
-order)."""
+A resumed run continues with the losses of the uninterrupted run, and evaluates to the same held-out loss (fp32 tiny
+model; relative 1e-4 for GPU reduction order)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -21,9 +22,11 @@ def test_resume_on_two_gpus_continues_the_same_losses(stage, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     train = write_corpus(str(tmp_path / "train.jsonl"), 300, 0)
+    held_out = write_corpus(str(tmp_path / "eval.jsonl"), 40, 1)
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                 str(29600 + stage + os.getpid() % 500)]
-    common = [f"data.paths=[{train}]", "train.max_steps=4", "train.save_steps=2", "export.at_end=false",
+    common = [f"data.paths=[{train}]", f"data.eval_paths=[{held_out}]", "train.eval_steps=4", "train.eval_batches=2",
+              "train.max_steps=4", "train.save_steps=2", "export.at_end=false",
               "parallel.ep_size=2", f"parallel.zero_stage={stage}"]
     full = run(common + [f"train.output_dir={tmp_path / 'a'}"], launcher=launcher)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
@@ -35,3 +38,6 @@ def test_resume_on_two_gpus_continues_the_same_losses(stage, tmp_path):
     for step in (3, 4):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-9), (step, key)
+    evals = [[r["eval_loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "eval_loss" in r]
+             for run in ("a", "b")]
+    assert len(evals[0]) == len(evals[1]) == 1 and evals[1][0] == pytest.approx(evals[0][0], rel=1e-4)
