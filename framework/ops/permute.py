@@ -1,4 +1,4 @@
-"""Row permutations, and the row expansion / K-way gather-sum pair that dispatch and combine are made of.
+"""The row expansion / K-way gather-sum pair that dispatch and combine are made of.
 
 Legend: T source rows (tokens), J slots per source row (top-k, or EP ranks), R expanded rows, H hidden.
 An expansion copies source rows into R rows (`out[r] = x[src[r]]`), each row from exactly one slot of one source row;
@@ -14,23 +14,6 @@ from __future__ import annotations
 import torch
 
 from framework.ops.triton_available import use_triton
-
-
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """`x[index]` for a permutation `index` whose inverse is `inverse` (`inverse[index[i]] == i`)."""
-    return _Permute.apply(x, index, inverse)
 
 
 def _slots(rows_RH: torch.Tensor, index_TJ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
