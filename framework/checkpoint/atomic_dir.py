@@ -1,4 +1,5 @@
-"""Creating an output directory atomically: all of it appears under its final name, or nothing does.
+"""Creating an output directory (or replacing one small file) atomically: all of it appears under its final name, or
+nothing does.
 
 Owns: refusing to replace an existing output unless asked, the temporary sibling directory the work is written into
 (`<out>.tmp-<pid>`, same filesystem so the final rename is atomic), and cleaning it up on failure. A run killed hard
@@ -15,6 +16,15 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Replace `path` with `text` by writing a temporary sibling and renaming it: a reader (or a crash) never sees
+    half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def check_output_path(out: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from framework.checkpoint.atomic_dir import write_text_atomic
 from framework.moe.aux_loss import RouterStats
 
 
@@ -128,7 +129,4 @@ def _truncate_after(path: str, step: int) -> None:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(json.dumps(record) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))

@@ -25,6 +25,8 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from framework.checkpoint.atomic_dir import write_text_atomic
+
 
 class StepProfiler:
     def __init__(self, steps: list[int], output_dir: str, rank: int, device: torch.device):
@@ -86,7 +88,7 @@ class StepProfiler:
         header = (f"# optimizer steps {self.from_step}-{to_step} profiled ({n} steps), rank {self.rank}: "
                   f"{self.wall_s / n:.4f} s wall per profiled step (profiler overhead included)\n")
         table = events.table(sort_by="cuda_time_total" if self.cuda else "cpu_time_total", row_limit=40)
-        _replace_text(f"{stem}_ops.txt", header + table + "\n")
+        write_text_atomic(f"{stem}_ops.txt", header + table + "\n")
 
         def self_device_us(e) -> float:
             # torch renamed self_cuda_time_total to self_device_time_total; FunctionEventAvg may have only one
@@ -97,12 +99,6 @@ class StepProfiler:
         top = [e for e in sorted(events, key=key, reverse=True) if key(e) > 0][:60]
         rows = [{"name": e.key, "calls": e.count, "device_time_ms": round(self_device_us(e) / 1e3 / n, 5),
                  "cpu_time_ms": round(e.self_cpu_time_total / 1e3 / n, 5)} for e in top]
-        _replace_text(f"{stem}_kernels.json", json.dumps(rows, indent=1) + "\n")
+        write_text_atomic(f"{stem}_kernels.json", json.dumps(rows, indent=1) + "\n")
         self.prof = None  # the trace's events can be hundreds of MB; free them before training goes on
 
-
-def _replace_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

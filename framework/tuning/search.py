@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from framework.checkpoint.atomic_dir import write_text_atomic
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIELDS = ["trial", "status", "tokens_per_s_per_gpu", "tflops_per_gpu", "mem_gb", "estimate_gb", "seconds",
           "micro_batch_size", "zero_stage", "ep_size", "bucket_scale", "activation_checkpointing", "offload", "note"]
@@ -160,10 +162,7 @@ def run_search(config: str, out_dir: str, trials: list[Trial], launcher: list[st
     for key in ("optimizer", "bf16", "train_batch_size", "train_micro_batch_size_per_gpu",
                 "gradient_accumulation_steps", "gradient_clipping"):
         resolved.pop(key, None)  # the YAML owns these (see framework/config/deepspeed.py)
-    tmp = os.path.join(out_dir, "best_ds_config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(resolved, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "best_ds_config.json"))
+    write_text_atomic(os.path.join(out_dir, "best_ds_config.json"), json.dumps(resolved, indent=2))
     trial = next(t for t in trials if t.name == best["trial"]) if any(t.name == best["trial"] for t in trials) else None
     overrides = trial.overrides() if trial else []
     with open(os.path.join(out_dir, "best_overrides.txt"), "w") as f:

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from framework.checkpoint.atomic_dir import write_text_atomic
 from framework.checkpoint.zero_reader import FORMAT, META_NAME, VERSION, read_meta
 from framework.moe.layer import MoEBlock
 from framework.parallel.groups import ParallelGroups
@@ -236,14 +237,6 @@ def _expert_params(engine) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in engine.module.named_parameters() if id(p) in ids}
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` holds on any rank. `device` is the engine's: NCCL reduces CUDA tensors only (a CPU tensor there
     fails with "No backend type associated with device type cpu"), gloo CPU ones."""
@@ -271,7 +264,7 @@ def save_engine_checkpoint(engine, groups: ParallelGroups, save_dir: str, tag: s
         os.replace(f"{path}.partial", path)
     dist.barrier()
     if dist.get_rank() == 0:  # last: a tag directory with meta.json is complete
-        _write_json(os.path.join(tag_dir, META_NAME), meta)
+        write_text_atomic(os.path.join(tag_dir, META_NAME), json.dumps(meta, indent=1) + "\n")
     dist.barrier()
 
 
