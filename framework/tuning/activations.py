@@ -15,7 +15,6 @@ Assumes balanced routing (each rank's experts get T*K rows); a skewed router add
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -30,17 +29,12 @@ def rmsnorm_saved(width: int) -> int:
     return BF16 * width + FP32
 
 
-@functools.lru_cache(maxsize=None)
 def varlen_takes_gqa() -> bool:
     """framework/models/qwen3_moe/attention.py passes enable_gqa where torch's varlen_attn accepts it (torch 2.13)
     and repeats k, v to all heads otherwise; the estimate follows the torch installed here."""
-    import inspect  # noqa: PLC0415
+    from framework.models.qwen3_moe.attention import varlen_parameters  # noqa: PLC0415
 
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
-    except ImportError:
-        return False
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+    return "enable_gqa" in varlen_parameters()
 
 
 def _kv_width_at_kernel(s: ModelShape, attention: str) -> int:

@@ -11,6 +11,7 @@ against 7.6 ms with varlen flash (benchmarks/attention.py).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -28,6 +29,17 @@ def varlen_attention_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def varlen_parameters() -> frozenset[str]:
+    """The keyword names torch's varlen_attn takes (torch 2.10-2.11 spell causality and GQA differently from 2.13);
+    empty without torch.nn.attention.varlen. Read once: inspecting the signature per layer call costs CPU time."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def resolve_attention(name: str | None) -> str:
@@ -63,7 +75,7 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
-    params = inspect.signature(varlen_attn).parameters  # torch 2.10-2.11 spell causality and GQA differently
+    params = varlen_parameters()
     extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if k.shape[1] != heads:
         if "enable_gqa" in params:
