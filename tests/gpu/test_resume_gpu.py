@@ -1,28 +1,39 @@
 """Save and resume through launch/pretrain.py on 2 GPUs (NCCL), EP=2, ZeRO-3 and ZeRO-2: the CPU tests run gloo, which
 reduces CPU tensors; NCCL reduces CUDA tensors only, so every collective of the checkpoint path is exercised here.
 A resumed run continues with the losses of the uninterrupted run, and evaluates to the same held-out loss (fp32 tiny
-model; relative 1e-4 for GPU reduction order)."""
+model; relative 1e-4 for GPU reduction order). The corpora are folders of .txt documents: JSON lines would need the
+datasets package, which a GPU image need not have."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 
 import pytest
 import torch
 
-from tests.distributed.test_pretrain import run, train_records, write_corpus
+from tests.distributed.test_pretrain import WORDS, run, train_records
 
 pytestmark = pytest.mark.gpu
+
+
+def write_text_corpus(folder: str, docs: int, seed: int) -> str:
+    rng = random.Random(seed)
+    os.makedirs(folder)
+    for i in range(docs):
+        with open(os.path.join(folder, f"doc{i:04d}.txt"), "w") as f:
+            f.write(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))))
+    return folder
 
 
 @pytest.mark.parametrize("stage", [3, 2])
 def test_resume_on_two_gpus_continues_the_same_losses(stage, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    train = write_corpus(str(tmp_path / "train.jsonl"), 300, 0)
-    held_out = write_corpus(str(tmp_path / "eval.jsonl"), 40, 1)
+    train = write_text_corpus(str(tmp_path / "train"), 300, 0)
+    held_out = write_text_corpus(str(tmp_path / "eval"), 40, 1)
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                 str(29600 + stage + os.getpid() % 500)]
     common = [f"data.paths=[{train}]", f"data.eval_paths=[{held_out}]", "train.eval_steps=4", "train.eval_batches=2",
