@@ -1,26 +1,49 @@
 """Causal attention of Qwen3-30B-A3B (32 query heads, 4 KV heads, head dim 128), bf16, forward+backward, one GPU.
 
-    python benchmarks/attention.py [--batch 4] [--seq 4096] [--iters 20]
+    python benchmarks/attention.py [--batch 4] [--seq 4096] [--iters 20] [--packed MEAN_DOC_LEN]
 
-Rows: our "varlen" implementation (framework/models/qwen3_moe/attention.py: torch's flash varlen kernel over packed
-documents, here one document per row) and torch's scaled_dot_product_attention pinned to each backend it has (flash,
-cuDNN, memory-efficient), with enable_gqa where the backend takes it. FLOPs (causal) = 4 * B * S^2 * heads * D / 2
-forward, x 2.5 backward; the dense bf16 matmul ceiling is measured in the same run. A backend that refuses the shape
-prints its error instead of a time.
+Whole rows (default): the variable-length kernels our "varlen" implementation has for packed documents
+(framework/models/qwen3_moe/attention.py: cuDNN ragged and flash varlen, here given one document per row) and torch's
+scaled_dot_product_attention pinned to each backend it has (flash, cuDNN, memory-efficient), with enable_gqa where the
+backend takes it. --packed L: rows packed with documents of random lengths (mean L tokens, the last one cut at the row
+end); every timed call takes the next of 16 such layouts, so a kernel that rebuilds per document count pays for it;
+rows: both variable-length kernels, and dense causal cuDNN over the same tokens (no document mask; what the work would
+cost as whole rows). FLOPs (causal) = 4 * sum(L^2) * heads * D / 2 forward, x 2.5 backward; the dense bf16 matmul
+ceiling is measured in the same run. A kernel that refuses the shape prints its error instead of a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import random
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.moe_layer import matmul_ceiling_tflops, time_ms
+from framework.models.qwen3_moe import attention
 from framework.models.qwen3_moe.attention import _varlen_attention_forward, varlen_attention_available
 
 HEADS, KV_HEADS, D = 32, 4, 128
+
+
+def packed_layouts(batch: int, seq: int, mean: int, count: int = 16) -> list[tuple[torch.Tensor, float]]:
+    """`count` document layouts of `batch` rows: (int32 cumulative lengths on the GPU, sum of squared lengths)."""
+    rng = random.Random(0)
+    layouts = []
+    for _ in range(count):
+        lengths = []
+        for _ in range(batch):
+            left = seq
+            while left:
+                n = min(left, max(1, int(rng.expovariate(1 / mean))))
+                lengths.append(n)
+                left -= n
+        cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device="cuda")
+        layouts.append((cu, float(sum(n * n for n in lengths))))
+    return layouts
 
 
 def main() -> None:
@@ -28,6 +51,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--packed", type=int, default=0, metavar="MEAN_DOC_LEN",
+                    help="rows packed with documents of this mean length (0: one document per row)")
     args = ap.parse_args()
     b, s = args.batch, args.seq
     torch.manual_seed(0)
@@ -35,14 +60,22 @@ def main() -> None:
     k = torch.randn(b, KV_HEADS, s, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(b, KV_HEADS, s, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(b, s, HEADS, D, device="cuda", dtype=torch.bfloat16)
-    flops = 3.5 * 4 * b * s * s * HEADS * D / 2
-    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
+    whole_rows = [(torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda"), float(b * s * s))]
+    layouts = packed_layouts(b, s, args.packed) if args.packed else whole_rows
+    flops = 3.5 * 4 * (sum(sq for _, sq in layouts) / len(layouts)) * HEADS * D / 2
+    dense_flops = 3.5 * 4 * b * s * s * HEADS * D / 2
     ceiling = matmul_ceiling_tflops(args.iters)
+    turn = [0]  # the next layout each varlen call takes
 
-    def varlen():
-        out, _ = _varlen_attention_forward(None, q, k, v, None, scaling=D**-0.5, cu_seqlens=cu)
-        out.backward(dy)
-        return out
+    def varlen(kernel):
+        def step():
+            attention.PACKED_KERNEL = kernel
+            cu = layouts[turn[0] % len(layouts)][0]
+            turn[0] += 1
+            out, _ = _varlen_attention_forward(None, q, k, v, None, scaling=D**-0.5, cu_seqlens=cu)
+            out.backward(dy)
+            return out
+        return step
 
     def sdpa(backend, gqa):
         def step():
@@ -57,29 +90,38 @@ def main() -> None:
 
     def grads(fn):
         q.grad = k.grad = v.grad = None
+        turn[0] = 0  # every row's gradients on layout 0
         out = fn().detach()
         return [out, q.grad.clone(), k.grad.clone(), v.grad.clone()]
 
-    rows = [("varlen (ours)", varlen)] if varlen_attention_available() else []
-    for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
-        rows += [(f"sdpa {name} gqa", sdpa(backend, True)), (f"sdpa {name} repeat_kv", sdpa(backend, False))]
-    ref = None
+    rows = []
+    if varlen_attention_available():
+        rows += [("varlen flash", varlen("flash"), flops)]
+    if attention.cudnn_varlen_available():
+        rows += [("varlen cudnn", varlen("cudnn"), flops)]
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    for name, backend in backends[1:2] if args.packed else backends:
+        rows += [(f"sdpa {name} gqa" + (" (no doc mask)" if args.packed else ""), sdpa(backend, True), dense_flops)]
+        if not args.packed:
+            rows += [(f"sdpa {name} repeat_kv", sdpa(backend, False), dense_flops)]
     print(f"{torch.cuda.get_device_name()}  B={b} S={s} heads={HEADS}/{KV_HEADS} D={D}  "
-          f"dense bf16 ceiling {ceiling:.0f} TFLOP/s")
-    print(f"{'row':24s} {'ms':>8s} {'TFLOP/s':>8s} {'% ceil':>7s} {'speedup':>8s}  max rel. diff of out, dq, dk, dv")
-    first = None
-    for name, fn in rows:
+          + (f"packed: mean document {args.packed}, {len(layouts)} layouts, "
+             f"{sum(c.numel() - 1 for c, _ in layouts) / len(layouts):.1f} documents per call  " if args.packed else "")
+          + f"dense bf16 ceiling {ceiling:.0f} TFLOP/s")
+    print(f"{'row':30s} {'ms':>8s} {'TFLOP/s':>8s} {'% ceil':>7s} {'speedup':>8s}  max rel. diff of out, dq, dk, dv")
+    ref = first = None
+    for name, fn, row_flops in rows:
         try:
             ms = time_ms(fn, args.iters)
             got = grads(fn)
         except RuntimeError as err:
-            print(f"{name:24s} unavailable: {str(err).splitlines()[0][:90]}")
+            print(f"{name:30s} unavailable: {str(err).splitlines()[0][:90]}")
             continue
         ref, first = ref or ms, first or got
         diff = " ".join(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.1e}" for a, b in zip(got, first))
-        tf = flops / ms / 1e9
-        print(f"{name:24s} {ms:8.3f} {tf:8.1f} {100 * tf / ceiling:6.1f}% {ref / ms:7.2f}x  {diff}")
+        tf = row_flops / ms / 1e9
+        print(f"{name:30s} {ms:8.3f} {tf:8.1f} {100 * tf / ceiling:6.1f}% {ref / ms:7.2f}x  {diff}")
 
 
 if __name__ == "__main__":
