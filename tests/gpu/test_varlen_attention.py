@@ -85,7 +85,7 @@ def test_packed_kernels_match_fp32_per_document(kernel, monkeypatch):
     batch, seq, heads, kv_heads, dim = 2, 512, 8, 2, 128
     scale = dim**-0.5
     g = torch.Generator(device="cuda").manual_seed(0)
-    for lengths in ([300, 212, 512], [1, 63, 64, 128, 100, 156, 200, 100, 200], [512, 512]):
+    for lengths in ([300, 212, 512], [1, 63, 64, 128, 100, 156, 200, 112, 200], [512, 512]):
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
         q = torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
         k = torch.randn(batch, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=g,

@@ -85,7 +85,7 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
     if PACKED_KERNEL == "cudnn" and cudnn_varlen_available():
-        out = _CudnnVarlenCausal.apply(q, k, v, cu_seqlens, seq, scaling)
+        out = _cudnn_varlen_causal(q, k, v, cu_seqlens, seq, scaling)
     else:
         out = _flash_varlen_causal(q, k, v, cu_seqlens, seq, scaling)
     return out.view(batch, seq, heads, dim), None
@@ -105,27 +105,13 @@ def _flash_varlen_causal(q, k, v, cu_seqlens, max_len, scaling):
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **extra)
 
 
-class _CudnnVarlenCausal(torch.autograd.Function):
+def _cudnn_varlen_causal(q, k, v, cu_seqlens, max_len: int, scaling):
     """Causal attention inside each document of ragged q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv).
     torch wires this op into torch.nn.attention.varlen but keeps it switched off there (its backward call passes the
-    arguments in an order the op's schema does not have, and refuses GQA); the op itself takes both."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_len: int, scaling):
-        out, lse, *_, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu_seqlens, cu_seqlens, max_len, max_len, True, 0.0, True, False, scale=scaling)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
-        ctx.max_len, ctx.scaling = max_len, scaling
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
-        no_bias = q.new_empty(0)
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, seed, offset, no_bias, cu_seqlens, cu_seqlens, ctx.max_len,
-            ctx.max_len, 0.0, True, scale=ctx.scaling)
-        return dq, dk, dv, None, None, None
+    arguments in an order the op's schema does not have, and it refuses GQA); the op itself takes GQA, and autograd
+    differentiates it (CudnnAttentionBackward0 passes the undefined bias that Python cannot spell)."""
+    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_seqlens, cu_seqlens, max_len, max_len, True, 0.0,
+                                                   True, False, scale=scaling)[0]
 
 
 _DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
