@@ -2,14 +2,18 @@
 
     python benchmarks/attention.py [--batch 4] [--seq 4096] [--iters 20] [--packed MEAN_DOC_LEN]
 
-Whole rows (default): the variable-length kernels our "varlen" implementation has for packed documents
-(framework/models/qwen3_moe/attention.py: cuDNN ragged and flash varlen, here given one document per row) and torch's
-scaled_dot_product_attention pinned to each backend it has (flash, cuDNN, memory-efficient), with enable_gqa where the
-backend takes it. --packed L: rows packed with documents of random lengths (mean L tokens, the last one cut at the row
-end); every timed call takes the next of 16 such layouts, so a kernel that rebuilds per document count pays for it;
-rows: both variable-length kernels, and dense causal cuDNN over the same tokens (no document mask; what the work would
-cost as whole rows). FLOPs (causal) = 4 * sum(L^2) * heads * D / 2 forward, x 2.5 backward; the dense bf16 matmul
-ceiling is measured in the same run. A kernel that refuses the shape prints its error instead of a time.
+Whole rows (default): our "varlen" implementation's kernel for packed documents (framework/models/qwen3_moe/
+attention.py: torch's flash varlen, here given one document per row), cuDNN's ragged kernel (not used by the model,
+see below) and torch's scaled_dot_product_attention pinned to each backend it has (flash, cuDNN, memory-efficient),
+with enable_gqa where the backend takes it. --packed L: rows packed with documents of random lengths (mean L tokens,
+the last one cut at the row end); every timed call takes the next of 16 such layouts, so a kernel that rebuilds per
+document count pays for it; rows: both variable-length kernels, and dense causal cuDNN over the same tokens (no
+document mask: what the work would cost as whole rows). FLOPs (causal) = 4 * sum(L^2) * heads * D / 2 forward, x 2.5
+backward; the dense bf16 matmul ceiling is measured in the same run. A kernel that refuses the shape prints its error
+instead of a time. The last columns compare outputs and gradients with the first row.
+cuDNN ragged = aten::_cudnn_attention_forward with cumulative lengths, which torch wires into torch.nn.attention.varlen
+but keeps switched off: on torch 2.11 + cuDNN 9.19 (H200) its forward matches flash varlen, its gradients do not
+(relative differences above 1, NaN) and it takes 100-145 ms where flash takes 3-8 ms (benchmarks/PERF_NOTES.md, 10).
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.moe_layer import matmul_ceiling_tflops, time_ms
-from framework.models.qwen3_moe import attention
 from framework.models.qwen3_moe.attention import _varlen_attention_forward, varlen_attention_available
 
 HEADS, KV_HEADS, D = 32, 4, 128
+
+
+def cudnn_ragged_causal(q, k, v, cu_seqlens, max_len: int, scale: float):
+    """q [T, Hq, D], k/v [T, Hkv, D], causal inside each document; autograd differentiates the op."""
+    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_seqlens, cu_seqlens, max_len, max_len, True, 0.0,
+                                                   True, False, scale=scale)[0]
 
 
 def packed_layouts(batch: int, seq: int, mean: int, count: int = 16) -> list[tuple[torch.Tensor, float]]:
@@ -67,15 +76,20 @@ def main() -> None:
     ceiling = matmul_ceiling_tflops(args.iters)
     turn = [0]  # the next layout each varlen call takes
 
-    def varlen(kernel):
-        def step():
-            attention.PACKED_KERNEL = kernel
-            cu = layouts[turn[0] % len(layouts)][0]
-            turn[0] += 1
-            out, _ = _varlen_attention_forward(None, q, k, v, None, scaling=D**-0.5, cu_seqlens=cu)
-            out.backward(dy)
-            return out
-        return step
+    def next_layout() -> torch.Tensor:
+        turn[0] += 1
+        return layouts[(turn[0] - 1) % len(layouts)][0]
+
+    def varlen():
+        out, _ = _varlen_attention_forward(None, q, k, v, None, scaling=D**-0.5, cu_seqlens=next_layout())
+        out.backward(dy)
+        return out
+
+    def cudnn_ragged():
+        flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], D) for t in (q, k, v)]
+        out = cudnn_ragged_causal(*flat, next_layout(), s, D**-0.5).view(b, s, HEADS, D)
+        out.backward(dy)
+        return out
 
     def sdpa(backend, gqa):
         def step():
@@ -94,11 +108,8 @@ def main() -> None:
         out = fn().detach()
         return [out, q.grad.clone(), k.grad.clone(), v.grad.clone()]
 
-    rows = []
-    if varlen_attention_available():
-        rows += [("varlen flash", varlen("flash"), flops)]
-    if attention.cudnn_varlen_available():
-        rows += [("varlen cudnn", varlen("cudnn"), flops)]
+    rows = [("varlen (ours, flash)", varlen, flops)] if varlen_attention_available() else []
+    rows += [("cudnn ragged (not used)", cudnn_ragged, flops)]
     backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                 ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
     for name, backend in backends[1:2] if args.packed else backends:

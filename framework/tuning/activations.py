@@ -18,8 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from framework.tuning.params import ModelShape
 
 BF16, FP32, INT64 = 2, 4, 8
@@ -32,14 +30,11 @@ def rmsnorm_saved(width: int) -> int:
 
 
 def varlen_takes_gqa() -> bool:
-    """framework/models/qwen3_moe/attention.py hands packed rows to cuDNN's ragged kernel, which takes GQA, where torch
-    has it; its flash varlen fallback passes enable_gqa where torch's varlen_attn accepts it (torch 2.13) and repeats
-    k, v to all heads otherwise. The estimate follows the torch installed here."""
-    from framework.models.qwen3_moe import attention  # noqa: PLC0415
+    """framework/models/qwen3_moe/attention.py passes enable_gqa where torch's varlen_attn accepts it (torch 2.13)
+    and repeats k, v to all heads otherwise; the estimate follows the torch installed here."""
+    from framework.models.qwen3_moe.attention import varlen_parameters  # noqa: PLC0415
 
-    if attention.PACKED_KERNEL == "cudnn" and hasattr(torch.ops.aten, "_cudnn_attention_forward"):
-        return True
-    return "enable_gqa" in attention.varlen_parameters()
+    return "enable_gqa" in varlen_parameters()
 
 
 def _kv_width_at_kernel(s: ModelShape, attention: str) -> int:

@@ -1,15 +1,14 @@
-"""Attention over packed documents without a mask: cuDNN's or flash-attention's variable-length kernels through torch.
+"""Attention over packed documents without a mask: flash-attention varlen kernels through torch.
 
 Owns: the "varlen" attention implementation (registered in transformers' AttentionInterface, so HF's own
 Qwen3MoeAttention calls it), the document boundaries it needs (cumulative sequence lengths from position ids), and
 `resolve_attention` (what "auto" means on this machine). A [B, 1, S, S] mask costs S^2 memory and pushes sdpa off its
-flash kernel; variable-length kernels run every document of the packed rows at once, causal inside each.
-Rows that hold several documents run cuDNN's SDPA over ragged [tokens, heads, D] tensors (`PACKED_KERNEL`; GQA
-native, k and v never repeated) where this torch and cuDNN have it, else torch's flash varlen. When every row is one
-document (no boundaries: the model passes no cu_seqlens) the same implementation runs sdpa's dense causal kernels,
-cuDNN first. On H200 at B=4, S=4096, 32/4 heads, forward+backward of whole rows takes 4.1 ms with cuDNN against
-7.6 ms with flash varlen (benchmarks/attention.py; its --packed rows time the kernels on packed documents).
+flash kernel; varlen attention runs flash over every document of the packed rows at once, causal inside each.
+When every row is one document (no boundaries: the model passes no cu_seqlens) the same implementation runs sdpa's
+dense causal kernels, cuDNN first: on H200 at B=4, S=4096, 32/4 heads, forward+backward takes 4.1 ms with cuDNN
+against 7.6 ms with varlen flash (benchmarks/attention.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,16 +42,6 @@ def varlen_parameters() -> frozenset[str]:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def cudnn_varlen_available() -> bool:
-    """torch exposes cuDNN's ragged SDPA as aten::_cudnn_attention_forward with cumulative lengths (torch >= 2.9)."""
-    return (torch.cuda.is_available() and torch.backends.cudnn.is_available()
-            and hasattr(torch.ops.aten, "_cudnn_attention_forward"))
-
-
-# "cudnn" or "flash": the kernel for rows that hold several documents (tests and benchmarks/attention.py set it).
-PACKED_KERNEL = "cudnn"
-
-
 def resolve_attention(name: str | None) -> str:
     """auto: varlen on CUDA where torch has it, else sdpa (which then masks packed documents explicitly)."""
     if name in (None, "auto"):
@@ -80,38 +69,22 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
     """transformers attention-function contract: q/k/v [B, heads, S, D] in, ([B, S, heads, D], None) out."""
     if cu_seqlens is None:
         return _dense_causal_attention(query, key, value, scaling), None
+    from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
+
     batch, heads, seq, dim = query.shape
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
-    if PACKED_KERNEL == "cudnn" and cudnn_varlen_available():
-        out = _cudnn_varlen_causal(q, k, v, cu_seqlens, seq, scaling)
-    else:
-        out = _flash_varlen_causal(q, k, v, cu_seqlens, seq, scaling)
-    return out.view(batch, seq, heads, dim), None
-
-
-def _flash_varlen_causal(q, k, v, cu_seqlens, max_len, scaling):
-    from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
-
     params = varlen_parameters()
     extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if k.shape[1] != q.shape[1]:
+    if k.shape[1] != heads:
         if "enable_gqa" in params:
             extra["enable_gqa"] = True
         else:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **extra)
-
-
-def _cudnn_varlen_causal(q, k, v, cu_seqlens, max_len: int, scaling):
-    """Causal attention inside each document of ragged q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv).
-    torch wires this op into torch.nn.attention.varlen but keeps it switched off there (its backward call passes the
-    arguments in an order the op's schema does not have, and it refuses GQA); the op itself takes GQA, and autograd
-    differentiates it (CudnnAttentionBackward0 passes the undefined bias that Python cannot spell)."""
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_seqlens, cu_seqlens, max_len, max_len, True, 0.0,
-                                                   True, False, scale=scaling)[0]
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, seq, seq, scale=scaling, **extra)
+    return out.view(batch, seq, heads, dim), None
 
 
 _DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
