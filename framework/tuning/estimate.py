@@ -156,15 +156,15 @@ def _sub_groups(partitions: list[int], sub_group_size: int) -> list[int]:
 
 
 def _zero3_modules(params: list[ParamSpec], ep_size: int, persistent: set[str]) -> list[int]:
-    """Elements gathered per module fetch: the MoE block is a ZeRO-3 leaf (router + local experts at once), every
-    other module gathers its own non-persistent tensors."""
+    """Elements gathered per module fetch: each decoder layer is a ZeRO-3 leaf (attention, router and local experts
+    at once, framework/zero/engine.py); outside the layers every module gathers its own non-persistent tensors."""
     modules: dict[str, int] = {}
     for p in params:
         if p.name in persistent:
             continue
         owner = p.name.rsplit(".", 1)[0]
-        if ".mlp." in p.name and (p.expert or p.name.endswith("mlp.gate.weight")):
-            owner = p.name.split(".mlp.")[0] + ".mlp"
+        if ".layers." in p.name:
+            owner = p.name[:p.name.index(".layers.") + len(".layers.")] + p.name.split(".layers.")[1].split(".")[0]
         modules[owner] = modules.get(owner, 0) + local_numel(p, ep_size)
     return list(modules.values())
 
@@ -195,7 +195,7 @@ def zero3_state(params: list[ParamSpec], num_gpus: int, ep_size: int, z: ZeroSet
     gathered = BF16 * max(module, min(z.max_live_parameters, module + z.prefetch_bucket_size))
     bucket = z.comm_bytes * z.reduce_bucket_size if z.contiguous_gradients else 0  # stage3 IPG buffer, from init
     grads = 0 if z.offload else z.grad_bytes * part  # grad_partitions_flat_buffer (on the CPU when offloaded)
-    # Backward: a leaf MoE block's full local gradients wait for the block's backward hook; reduce_scatter_coalesced
+    # Backward: a leaf layer's full local gradients wait for the layer's backward hook; reduce_scatter_coalesced
     # concatenates a bucket's gradients into one more buffer before the reduce-scatter.
     backward = gathered + BF16 * module + z.comm_bytes * z.reduce_bucket_size
     flatten = z.grad_bytes + (FP32 if z.grad_bytes != FP32 else 0)  # flatten(bf16 grads) then .to(fp32)

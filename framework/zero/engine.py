@@ -1,8 +1,9 @@
 """deepspeed.initialize for Qwen3-MoE with expert parallelism: config checks, MoE-aware ZeRO setup.
 
 Owns: everything DeepSpeed-specific about MoE: rejecting ZeRO options that cannot work with expert partition groups,
-tagging expert parameters for per-parameter partition groups, making the MoE block a ZeRO-3 leaf module (gathered and reduced as a unit, so ranks that route to different experts
-never issue mismatched collectives), and, for ZeRO-1/2, presenting MoE blocks as DeepSpeed MoE layers (the only way
+tagging expert parameters for per-parameter partition groups, making each decoder layer a ZeRO-3 leaf module (its
+parameters gathered and reduced as a unit: ranks that route to different experts never issue mismatched collectives,
+and one fetch and one reduction per layer replace DeepSpeed's hooks on each of its ~10 submodules), and, for ZeRO-1/2, presenting MoE blocks as DeepSpeed MoE layers (the only way
 the stage-1/2 optimizer shards expert states over the EDP group and reduces expert gradients there).
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from framework.models.qwen3_moe.model import DecoderLayer
 from framework.moe.layer import MoEBlock
 from framework.parallel.ep_dispatch import AllToAllDispatcher
 from framework.parallel.groups import ParallelGroups
@@ -103,7 +105,7 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGrou
     check_expert_tags(model, groups)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        set_z3_leaf_modules(model, [MoEBlock])
+        set_z3_leaf_modules(model, [DecoderLayer])
     elif groups.ep_size > 1:
         _as_deepspeed_moe(model, groups)
     return deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config, **kwargs)
