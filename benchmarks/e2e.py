@@ -2,7 +2,7 @@
 
     python benchmarks/e2e.py --num_gpus 4 --ep 4 [--layers 8] [--seq 4096] [--cases 1:1,4:0] [--steps 12]
         [--backends grouped_mm,megablocks] [--zero_stages 3,2] [--anchors autoep,leaf] [--anchor_script PATH]
-        [--data random|demo] [--override section.key=value ...] [--out DIR]
+        [--data random|demo] [--repeats N] [--override section.key=value ...] [--out DIR]
 
 Each row is a separate launch (DeepSpeed's runner, --num_gpus N) of the same model: Qwen3-30B-A3B widths
 (model_configs/qwen3-30b-a3b-8l.yaml) at --layers depth, seq --seq, for each --cases entry MBS:GC (micro batch per
@@ -13,6 +13,9 @@ data.synthetic) or on the demo corpus (--data demo: real text, whose uneven rout
 Both count model FLOPs with the same formula (framework/train/flops.py, printed below). Throughput is the median over
 the steps after --warmup; memory is torch.cuda.max_memory_allocated (max over ranks for ours, rank 0 for the anchors,
 whose ranks are symmetric). The table also gives each row's first and last loss (falling).
+--repeats N launches every row N times, interleaved (ours, anchors, ours, anchors, ...), and reports the median of the
+runs' medians with their range: the same code measured 256-288 TFLOP/s/GPU in three launches on one 2x H200 machine
+(benchmarks/PERF_NOTES.md, session 5), so a few-percent difference needs repeats to be told from noise.
 """
 
 from __future__ import annotations
@@ -21,20 +24,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.launching import REPO, Failure, run_logged, runner  # noqa: E402
+
 CONFIG = os.path.join(REPO, "model_configs", "qwen3-30b-a3b-8l.yaml")
 FORMULA = ("model FLOPs/token = 6 x (per layer: q,k,v,o projections + top-k experts' 3 matrices + router; + LM head)"
            " + 6 x layers x seq x heads x head_dim (causal attention)")
-
-
-def runner(num_gpus: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port", str(port)]
 
 
 def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
@@ -55,7 +53,7 @@ def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
         overrides.append(f"train.profile_steps=[{args.steps + 1},{args.steps + args.profile_steps}]")
     cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config]
     cmd += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + overrides
-    log = _run(cmd, os.path.join(out + ".log"), {})
+    log = run_logged(cmd, out + ".log")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
     timed = steps[args.warmup:args.steps]
@@ -84,7 +82,7 @@ def demo_text_folder(out: str) -> str:
 def run_anchor(args, mode: str, out: str, port: int) -> dict:
     env = {"MODE": mode, "LAYERS": str(args.layers), "SEQ": str(args.seq), "MBS": str(args.mbs),
            "GC": "1" if args.gc else "0", "ADAM": args.anchor_adam}
-    log = _run(runner(args.num_gpus, port) + [args.anchor_script], out + ".log", env)
+    log = run_logged(runner(args.num_gpus, port) + [args.anchor_script], out + ".log", env=env)
     with open(log) as f:
         lines = [line for line in f if line.startswith("RESULT ")]
     if not lines:
@@ -96,16 +94,16 @@ def run_anchor(args, mode: str, out: str, port: int) -> dict:
             "steps": len(r["losses"]), "log": log}
 
 
-def _run(cmd: list[str], log: str, env: dict[str, str]) -> str:
-    start = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=REPO)
-    print(f"[{time.time() - start:.0f} s] rc={proc.returncode} {' '.join(cmd[-3:])} -> {log}", flush=True)
-    if proc.returncode != 0:
-        with open(log) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"run failed (rc={proc.returncode}), log {log}:\n{tail}")
-    return log
+def combine_repeats(results: list[dict]) -> dict:
+    """One table row from the launches of one row: the median of their median throughputs, their TFLOP/s range, the
+    highest memory; the first launch's losses (every launch trains the same steps). A failed launch fails the row."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return {**failed[0], "error": f"{len(failed)} of {len(results)} launches failed; first: {failed[0]['error']}"}
+    tflops = [r["tflops_per_gpu"] for r in results]
+    return {**results[0], "tokens_per_s_per_gpu": statistics.median(r["tokens_per_s_per_gpu"] for r in results),
+            "tflops_per_gpu": statistics.median(tflops), "tflops_range": [min(tflops), max(tflops)],
+            "mem_gb": max(r["mem_gb"] for r in results), "launches": len(results)}
 
 
 def main() -> None:
@@ -129,8 +127,11 @@ def main() -> None:
                    help="our input: random tokens like the anchors (default) or the demo corpus's real text")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON for our runs (default: the shipped one)")
     p.add_argument("--override", action="append", default=[], help="extra section.key=value for our runs")
+    p.add_argument("--repeats", type=int, default=1, help="launch every row this many times, interleaved")
     p.add_argument("--out", default="e2e_results")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     os.makedirs(args.out, exist_ok=True)
     cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
     ours = [(b, int(z)) for b in args.backends.split(",") if b for z in args.zero_stages.split(",")]
@@ -138,24 +139,28 @@ def main() -> None:
     port = 29601
     for mbs, gc in cases:
         args.mbs, args.gc = mbs, gc
-        rows = []
         jobs = [(f"ours {b} z{z}", run_ours, (b, z), f"ours-{b}-z{z}-mbs{mbs}-gc{gc}") for b, z in ours]
         jobs += [(f"anchor {m}", run_anchor, m, f"anchor-{m}-mbs{mbs}-gc{gc}") for m in args.anchors.split(",") if m]
-        for label, run, what, name in jobs:
-            port += 1
-            try:
-                rows.append(run(args, what, os.path.abspath(os.path.join(args.out, name)), port))
-            except RuntimeError as e:
-                rows.append({"row": label, "error": str(e)[-500:]})
-            print("ROW", json.dumps({"mbs": mbs, "gc": gc, **rows[-1]}), flush=True)
-        tables.append((mbs, gc, rows))
+        launches: dict[str, list[dict]] = {label: [] for label, *_ in jobs}
+        for repeat in range(1, args.repeats + 1):
+            for label, run, what, name in jobs:
+                port += 1
+                name += f"-r{repeat}" if args.repeats > 1 else ""
+                try:
+                    result = run(args, what, os.path.abspath(os.path.join(args.out, name)), port)
+                except Failure as e:
+                    result = {"row": label, "error": str(e)[-500:]}
+                launches[label].append(result)
+                print("ROW", json.dumps({"mbs": mbs, "gc": gc, "repeat": repeat, **result}), flush=True)
+        tables.append((mbs, gc, [combine_repeats(results) for results in launches.values()]))
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump({"args": vars(args), "cases": [{"mbs": m, "gc": g, "rows": r} for m, g, r in tables]}, f, indent=2)
     import torch  # noqa: PLC0415
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"\n{args.num_gpus}x {card}, layers={args.layers} seq={args.seq}, "
-          f"median of steps {args.warmup + 1}-{args.steps}\n{FORMULA}")
+    print(f"\n{args.num_gpus}x {card}, layers={args.layers} seq={args.seq}, median of steps "
+          f"{args.warmup + 1}-{args.steps}" + (f", median of {args.repeats} launches (TFLOP/s range)"
+                                               if args.repeats > 1 else "") + f"\n{FORMULA}")
     for mbs, gc, rows in tables:
         print(f"\nmbs={mbs} gc={gc}\n{'row':<34}{'tok/s/GPU':>11}{'TFLOP/s/GPU':>13}{'mem GB':>8}{'loss 1st':>10}"
               f"{'loss last':>10}")
@@ -165,8 +170,9 @@ def main() -> None:
                 print(f"{r['row']:<34} FAILED: {r['error'][-300:]}")
                 continue
             ratio = f"  {r['tflops_per_gpu'] / base['tflops_per_gpu']:.2f}x {base['row']}" if base else ""
+            spread = " ({:.1f}-{:.1f})".format(*r["tflops_range"]) if r["launches"] > 1 else ""
             print(f"{r['row']:<34}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>13.1f}{r['mem_gb']:>8.1f}"
-                  f"{r['first_loss']:>10.4f}{r['last_loss']:>10.4f}{ratio}")
+                  f"{r['first_loss']:>10.4f}{r['last_loss']:>10.4f}{ratio}{spread}")
 
 
 if __name__ == "__main__":

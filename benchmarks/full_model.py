@@ -65,20 +65,18 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing
 
+from benchmarks.launching import Failure, free_port, run_logged, runner  # noqa: E402
+
 CONFIG = os.path.join(REPO, "model_configs", "qwen3-30b-a3b.yaml")
 PRETRAIN = os.path.join(REPO, "launch", "pretrain.py")
 COMPARED = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr")
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def die(message: str) -> None:
@@ -87,49 +85,9 @@ def die(message: str) -> None:
     raise SystemExit(2)
 
 
-class Failure(Exception):
-    """A launch or tool that failed (its log is named in the message)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(num_gpus: int) -> list[str]:
-    """e2e.py's DeepSpeed runner for several processes (CUDA or, without it, CPU processes on gloo); python for one."""
-    from benchmarks.e2e import runner  # noqa: PLC0415
-
+    """DeepSpeed's runner for several processes (CUDA or, without it, CPU processes on gloo); python for one."""
     return [sys.executable] if num_gpus == 1 else runner(num_gpus, free_port())
-
-
-def run_logged(cmd: list[str], log: str, timeout: float | None = None) -> None:
-    """Run cmd from the repo root with its output in `log`; raise Failure on a nonzero status."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env["PYTHONUNBUFFERED"] = "1"
-    start = time.time()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        # its own process group, so that a timeout (or Ctrl-C) stops the runner's rank processes too
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except BaseException as e:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            if not isinstance(e, subprocess.TimeoutExpired):
-                raise
-            rc = f"timeout after {timeout:g} s"
-    print(f"[{time.time() - start:6.1f} s] rc={rc} {os.path.basename(log)}: {' '.join(cmd[-4:])[-140:]}", flush=True)
-    if rc != 0:
-        with open(log) as f:
-            tail = f.read()[-3000:]
-        raise Failure(f"{os.path.basename(log)} failed (rc={rc}); log {log}:\n{tail}")
 
 
 def train_records(out: str) -> dict[int, dict]:

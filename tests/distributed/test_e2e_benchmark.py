@@ -1,0 +1,46 @@
+"""benchmarks/e2e.py on CPU: model_configs/tiny.yaml on 2 gloo processes, EP=2, ZeRO-3, launched twice (--repeats 2).
+The row combines both launches (median throughput, range, same losses), and e2e.json holds what the table printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from benchmarks.e2e import combine_repeats
+from benchmarks.launching import DIST_ENV
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "benchmarks", "e2e.py")
+TINY_YAML = os.path.join(REPO, "model_configs", "tiny.yaml")
+
+
+def test_e2e_repeats_two_launches_and_combines_them(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    proc = subprocess.run([sys.executable, SCRIPT, "--config", TINY_YAML, "--num_gpus", "2", "--ep", "2",
+                           "--layers", "2", "--seq", "64", "--cases", "1:0", "--steps", "3", "--warmup", "1",
+                           "--anchors=", "--zero_stages", "3", "--repeats", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launches = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    assert [r["repeat"] for r in launches] == [1, 2] and all("error" not in r for r in launches), launches
+    assert launches[0]["last_loss"] == launches[1]["last_loss"]  # same seed, same steps: the same training
+    row = json.loads((tmp_path / "e2e.json").read_text())["cases"][0]["rows"][0]
+    assert row["launches"] == 2
+    assert row["tokens_per_s_per_gpu"] == statistics.median(r["tokens_per_s_per_gpu"] for r in launches)
+    assert "median of 2 launches" in proc.stdout
+    assert sorted(os.listdir(tmp_path)) == ["e2e.json", "ours-grouped_mm-z3-mbs1-gc0-r1",
+                                            "ours-grouped_mm-z3-mbs1-gc0-r1.log", "ours-grouped_mm-z3-mbs1-gc0-r2",
+                                            "ours-grouped_mm-z3-mbs1-gc0-r2.log"]
+
+
+def test_combine_repeats_takes_medians_and_fails_on_any_failed_launch():
+    ok = [{"row": "ours", "tokens_per_s_per_gpu": t, "tflops_per_gpu": t / 100, "mem_gb": m, "first_loss": 2.0,
+           "last_loss": 1.0} for t, m in ((300.0, 5.0), (100.0, 7.0), (200.0, 6.0))]
+    row = combine_repeats(ok)
+    assert (row["tokens_per_s_per_gpu"], row["tflops_per_gpu"], row["tflops_range"], row["mem_gb"]) == (
+        200.0, 2.0, [1.0, 3.0], 7.0)
+    failed = combine_repeats(ok[:1] + [{"row": "ours", "error": "rc=1"}])
+    assert failed["error"] == "1 of 2 launches failed; first: rc=1"
