@@ -6,7 +6,8 @@
 
 Each row is a separate launch (DeepSpeed's runner, --num_gpus N) of the same model: Qwen3-30B-A3B widths
 (model_configs/qwen3-30b-a3b-8l.yaml) at --layers depth, seq --seq, for each --cases entry MBS:GC (micro batch per
-GPU : activation checkpointing 1/0), bf16. Ours runs at each of --zero_stages with the shipped "auto" ZeRO settings,
+GPU : activation checkpointing 1/0, or moe / attention for ours to recompute only that half of each layer while the
+anchors recompute whole layers), bf16. Ours runs at each of --zero_stages with the shipped "auto" ZeRO settings,
 torch's fused AdamW and the YAML's loss_chunk_tokens; the anchors run their own ZeRO-3 with torch AdamW (or
 --anchor_adam fused: DeepSpeed's FusedAdam). Ours trains on random tokens like the anchors (--data random:
 data.synthetic) or on the demo corpus (--data demo: real text, whose uneven routing makes expert parallelism wait).
@@ -31,6 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.launching import REPO, Failure, run_logged, runner  # noqa: E402
 
 CONFIG = os.path.join(REPO, "model_configs", "qwen3-30b-a3b-8l.yaml")
+# --cases GC: ours recomputes whole layers (1), only the MoE or attention half (moe, attention) or nothing (0); the
+# anchors recompute whole layers for any GC but 0
+CHECKPOINTING = {"1": "true", "0": "false", "moe": "moe", "attention": "attention"}
 FORMULA = ("model FLOPs/token = 6 x (per layer: q,k,v,o projections + top-k experts' 3 matrices + router; + LM head)"
            " + 6 x layers x seq x heads x head_dim (causal attention)")
 
@@ -40,7 +44,7 @@ def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
     data = ["data.synthetic=true"] if args.data == "random" else [f"data.paths=[{demo_text_folder(args.out)}]"]
     overrides = [f"model.num_layers={args.layers}", f"data.seq_len={args.seq}", *data,
                  f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs * args.num_gpus}",
-                 f"train.activation_checkpointing={'true' if args.gc else 'false'}", f"moe.backend={backend}",
+                 f"train.activation_checkpointing={CHECKPOINTING[args.gc]}", f"moe.backend={backend}",
                  f"parallel.ep_size={args.ep}", f"parallel.zero_stage={stage}",
                  f"train.max_steps={args.steps + args.profile_steps}", "train.log_steps=1",
                  "train.save_steps=0", "train.save_at_end=false", "export.at_end=false", "train.progress_bar=false",
@@ -81,7 +85,7 @@ def demo_text_folder(out: str) -> str:
 
 def run_anchor(args, mode: str, out: str, port: int) -> dict:
     env = {"MODE": mode, "LAYERS": str(args.layers), "SEQ": str(args.seq), "MBS": str(args.mbs),
-           "GC": "1" if args.gc else "0", "ADAM": args.anchor_adam}
+           "GC": "0" if args.gc == "0" else "1", "ADAM": args.anchor_adam}
     log = run_logged(runner(args.num_gpus, port) + [args.anchor_script], out + ".log", env=env)
     with open(log) as f:
         lines = [line for line in f if line.startswith("RESULT ")]
@@ -113,7 +117,7 @@ def main() -> None:
     p.add_argument("--ep", type=int, default=4)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--cases", default="1:1", help="comma-separated MBS:GC pairs, e.g. 1:1,4:0")
+    p.add_argument("--cases", default="1:1", help="comma-separated MBS:GC pairs, e.g. 1:1,4:0,1:moe")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile_steps", type=int, default=0,
@@ -133,7 +137,12 @@ def main() -> None:
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     os.makedirs(args.out, exist_ok=True)
-    cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+    cases = []
+    for case in args.cases.split(","):
+        mbs, _, gc = case.partition(":")
+        if not mbs.isdigit() or gc not in CHECKPOINTING:
+            p.error(f"--cases {case!r}: expected MBS:GC with GC one of {', '.join(CHECKPOINTING)}")
+        cases.append((int(mbs), gc))
     ours = [(b, int(z)) for b in args.backends.split(",") if b for z in args.zero_stages.split(",")]
     tables = []
     port = 29601

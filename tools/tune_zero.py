@@ -2,8 +2,9 @@
 """ZeRO / expert-parallel tuning for a run config.
 
     python tools/tune_zero.py estimate --config model_configs/qwen3-30b-a3b.yaml --num_gpus 16 [--ep_size 8]
-        [--zero_stage 3] [--offload] [--micro_batch_size 1] [--seq_len 4096] [--activation_checkpointing on|off]
-        [--attention auto|varlen|sdpa|eager] [--deepspeed my.json] [--gpu_memory_gb 80] [--gpus_per_node 8]
+        [--zero_stage 3] [--offload] [--micro_batch_size 1] [--seq_len 4096]
+        [--activation_checkpointing on|off|moe|attention] [--attention auto|varlen|sdpa|eager] [--deepspeed my.json]
+        [--gpu_memory_gb 80] [--gpus_per_node 8]
         [section.key=value ...]
 
 estimate: per-GPU memory of parameters, gradients, optimizer states, activations (with and without activation
@@ -46,8 +47,8 @@ def add_estimate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="optimizer states and fp32 master weights on the CPU")
     p.add_argument("--micro_batch_size", type=int, help="sequences per GPU (default train.micro_batch_size)")
     p.add_argument("--seq_len", type=int, help="tokens per sequence (default data.seq_len)")
-    p.add_argument("--activation_checkpointing", choices=("on", "off"),
-                   help="default train.activation_checkpointing")
+    p.add_argument("--activation_checkpointing", choices=("on", "off", "moe", "attention"),
+                   help="default train.activation_checkpointing (on: whole layers; moe, attention: that half)")
     p.add_argument("--attention", choices=("auto", "varlen", "sdpa", "eager"),
                    help="default model.attn_implementation; auto = varlen where torch has it, as on the GPUs")
     p.add_argument("--deepspeed", help="DeepSpeed JSON with ZeRO settings, as given to launch/pretrain.py")
@@ -69,8 +70,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         raise UserError(f"--zero_stage {args.zero_stage}: unknown ZeRO stage; expected 0, 1, 2 or 3")
     flags = {"parallel.ep_size": args.ep_size, "parallel.zero_stage": args.zero_stage,
              "train.micro_batch_size": args.micro_batch_size, "data.seq_len": args.seq_len,
-             "train.activation_checkpointing": None if args.activation_checkpointing is None
-             else args.activation_checkpointing == "on"}
+             "train.activation_checkpointing": {"on": True, "off": False}.get(args.activation_checkpointing,
+                                                                              args.activation_checkpointing)}
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items() if v is not None]
 
 

@@ -58,7 +58,11 @@ class TrainSection(Section):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
-    activation_checkpointing: bool = False
+    # true: recompute every decoder layer in backward (keeps only each layer's input). "moe": recompute only the MoE
+    # (or dense MLP) half of each layer, its all-to-alls included, and keep attention's activations; "attention":
+    # recompute only the attention half. The selective modes cost part of full recompute's time and part of its
+    # memory saving (tools/tune_zero.py estimate prints all four).
+    activation_checkpointing: bool | Literal["moe", "attention"] = False
     # > 0: LM head + cross-entropy this many tokens at a time, gradients computed in the forward pass (the fp32
     # [B, S, vocab] logits never exist; Qwen3's 151,936-token vocabulary makes them 2.5 GB per 4096 tokens; faster
     # too: framework/ops/linear_cross_entropy.py). 0: all at once, the model returns the logits.
@@ -76,6 +80,17 @@ class TrainSection(Section):
     progress_bar: bool = True
     # [first, last]: torch-profile these optimizer steps (1-based, as logged) into OUTPUT_DIR/profile; []: off
     profile_steps: list[int] = Field(default_factory=list)
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_mode(cls, value: Any) -> bool | str:
+        # one message for the four values instead of pydantic's two (one per member of the union)
+        words = {"true": True, "on": True, "false": False, "off": False, "moe": "moe", "attention": "attention"}
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in words:
+            return words[value.lower()]
+        raise ValueError("expected true, false, moe or attention")
 
     @field_validator("profile_steps")
     @classmethod

@@ -90,9 +90,12 @@ def dense_mlp_saved(s: ModelShape) -> int:
     return rmsnorm_saved(s.hidden) + BF16 * s.hidden + 4 * BF16 * s.dense_intermediate
 
 
+def mlp_saved(s: ModelShape, layer: int, ep_size: int) -> int:
+    return moe_saved(s, ep_size) if s.moe_layers[layer] else dense_mlp_saved(s)
+
+
 def layer_saved(s: ModelShape, layer: int, attention: str, seq: int, ep_size: int) -> int:
-    mlp = moe_saved(s, ep_size) if s.moe_layers[layer] else dense_mlp_saved(s)
-    return attention_saved(s, attention, seq) + mlp
+    return attention_saved(s, attention, seq) + mlp_saved(s, layer, ep_size)
 
 
 def layer_backward_workspace(s: ModelShape, layer: int, attention: str, seq: int) -> int:
@@ -144,13 +147,21 @@ class ActivationPeaks:
         return max(self.loss, self.layer_backward, self.optimizer_step)
 
 
-def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: bool, attention: str,
+CHECKPOINTING_MODES = (True, "moe", "attention", False)  # train.activation_checkpointing's values
+
+
+def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: bool | str, attention: str,
                      ep_size: int, loss_chunk_tokens: int = 0) -> ActivationPeaks:
+    """checkpointing: True (whole layers recomputed), "moe" / "attention" (that half of each layer recomputed, the
+    other half's activations kept) or False."""
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention {attention!r}: expected one of {', '.join(ATTENTION_KINDS)}")
+    if checkpointing not in CHECKPOINTING_MODES:
+        raise ValueError(f"activation checkpointing {checkpointing!r}: expected true, false, moe or attention")
     tokens = micro_batch * seq
     layers = range(s.num_layers)
-    saved = [layer_saved(s, i, attention, seq, ep_size) for i in layers]
+    attn = [attention_saved(s, attention, seq)] * s.num_layers
+    mlp = [mlp_saved(s, i, ep_size) for i in layers]
     workspace = [layer_backward_workspace(s, i, attention, seq) for i in layers]
     # rotary cos/sin [B,S,head_dim] bf16 and the mask live through forward and backward
     common = tokens * 2 * BF16 * s.head_dim + mask_bytes(micro_batch, seq, attention)
@@ -158,19 +169,24 @@ def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: b
     loss_peak = tokens * loss_backward_peak(s)
     if loss_chunk_tokens > 0:  # train.loss_chunk_tokens: no logits are returned, one chunk's logits at a time
         logits, loss_peak = 0, chunked_loss_peak(s, min(loss_chunk_tokens, tokens), tokens)
-    if checkpointing:
-        # non-reentrant checkpoint per layer keeps only each layer's input [B,S,H]; backward recomputes one layer
-        stored = tokens * BF16 * s.hidden * s.num_layers
-        one_layer = tokens * max(a + w for a, w in zip(saved, workspace))
-        return ActivationPeaks(
-            loss=common + stored + tokens * final_norm_saved(s) + loss_peak,
-            layer_backward=common + stored + logits + one_layer,
-            optimizer_step=logits)
-    everything = tokens * sum(saved)
     # out.z_loss is computed even with z_loss_coef 0; its graph (logsumexp's fp32 logits) is never backpropagated,
-    # so it lives as long as the output does.
+    # so it lives as long as the output does (inside a recomputed layer it is not kept).
     z_graph = tokens * s.num_moe_layers * (FP32 * s.num_experts + FP32)
+    checkpoint_input = BF16 * s.hidden  # a non-reentrant checkpoint keeps its [B,S,H] input
+    if checkpointing is False:
+        kept, recomputed, optimizer_step = [a + m for a, m in zip(attn, mlp)], [], logits + z_graph
+    elif checkpointing is True:
+        kept, recomputed, optimizer_step = [checkpoint_input] * s.num_layers, [a + m for a, m in zip(attn, mlp)], logits
+    elif checkpointing == "moe":
+        kept, recomputed, optimizer_step = [a + checkpoint_input for a in attn], mlp, logits
+    else:
+        kept, recomputed, optimizer_step = [m + checkpoint_input for m in mlp], attn, logits + z_graph
+    stored = tokens * sum(kept)
+    # backward: one layer's (or one half's) recomputed activations at once, beside the gradients of that layer;
+    # without recomputation the last layer's backward comes first, with everything still stored
+    one_layer = tokens * (workspace[-1] if checkpointing is False else
+                          max(r + w for r, w in zip(recomputed, workspace)))
     return ActivationPeaks(
-        loss=common + everything + tokens * final_norm_saved(s) + loss_peak,
-        layer_backward=common + everything + logits + tokens * workspace[-1],
-        optimizer_step=logits + z_graph)
+        loss=common + stored + tokens * final_norm_saved(s) + loss_peak,
+        layer_backward=common + stored + logits + one_layer,
+        optimizer_step=optimizer_step)

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from framework.tuning.activations import BF16, FP32, ActivationPeaks, activation_peaks
+from framework.tuning.activations import BF16, CHECKPOINTING_MODES, FP32, ActivationPeaks, activation_peaks
 from framework.tuning.params import ModelShape, ParamSpec, local_numel, model_shape, param_inventory
 
 GIB = 2**30
@@ -277,7 +277,7 @@ class MemoryEstimate:
     zero_stage: int
     micro_batch_size: int
     seq_len: int
-    activation_checkpointing: bool
+    activation_checkpointing: bool | str  # True, "moe", "attention" or False (train.activation_checkpointing)
     offload: bool
     attention: str
     shape: ModelShape
@@ -285,18 +285,16 @@ class MemoryEstimate:
     num_expert_params: int
     settings: ZeroSettings
     state: ZeroState
-    activations_checkpointed: ActivationPeaks
-    activations_full: ActivationPeaks
+    activations: dict[bool | str, ActivationPeaks]  # for each activation checkpointing mode
 
-    def phases(self, checkpointing: bool | None = None) -> list[Phase]:
+    def phases(self, checkpointing: bool | str | None = None) -> list[Phase]:
         """The three moments of a step, with the configured activation checkpointing unless told otherwise."""
-        use = self.activation_checkpointing if checkpointing is None else checkpointing
-        acts = self.activations_checkpointed if use else self.activations_full
+        acts = self.activations[self.activation_checkpointing if checkpointing is None else checkpointing]
         s = self.state
         return [Phase(name, s.parameters, s.gradients[name], s.optimizer_states, getattr(acts, name),
                       s.buffers[name], s.step_temporaries if name == "optimizer_step" else 0) for name in PHASES]
 
-    def peak(self, checkpointing: bool | None = None) -> Phase:
+    def peak(self, checkpointing: bool | str | None = None) -> Phase:
         return max(self.phases(checkpointing), key=lambda p: p.total)
 
     @property
@@ -314,7 +312,7 @@ class MemoryEstimate:
     def fits(self, gpu_memory_gb: float = 80.0, usable: float = USABLE_FRACTION) -> bool:
         return self.total_gib <= usable * gpu_memory_gb
 
-    def verdict(self, gpu_memory_gb: float = 80.0, checkpointing: bool | None = None) -> str:
+    def verdict(self, gpu_memory_gb: float = 80.0, checkpointing: bool | str | None = None) -> str:
         need = self.peak(checkpointing).total / GIB
         if need <= USABLE_FRACTION * gpu_memory_gb:
             return f"fits ({gpu_memory_gb - need:.1f} GiB to spare)"
@@ -325,7 +323,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(hf_config, num_gpus: int, ep_size: int = 1, zero_stage: int = 3, micro_batch_size: int = 1,
-                    seq_len: int = 4096, activation_checkpointing: bool = True, offload: bool = False,
+                    seq_len: int = 4096, activation_checkpointing: bool | str = True, offload: bool = False,
                     ds_config: dict[str, Any] | None = None, attention: str = "varlen",
                     loss_chunk_tokens: int = 0) -> MemoryEstimate:
     """Per-GPU memory of a bf16 training run of `hf_config` (a Qwen3MoeConfig or a config.json dict).
@@ -343,14 +341,17 @@ def estimate_memory(hf_config, num_gpus: int, ep_size: int = 1, zero_stage: int 
     params = param_inventory(shape)
     z = zero_settings(ds_config, zero_stage, offload, config, ep_size)
     state = (zero3_state if zero_stage == 3 else zero12_state)(params, num_gpus, ep_size, z)
+    if activation_checkpointing not in CHECKPOINTING_MODES:
+        raise ValueError(f"activation_checkpointing {activation_checkpointing!r}: expected true, false, moe or "
+                         "attention")
     acts = {ac: activation_peaks(shape, micro_batch_size, seq_len, ac, attention, ep_size, loss_chunk_tokens)
-            for ac in (True, False)}
+            for ac in CHECKPOINTING_MODES}
     return MemoryEstimate(
         num_gpus=num_gpus, ep_size=ep_size, zero_stage=zero_stage, micro_batch_size=micro_batch_size,
         seq_len=seq_len, activation_checkpointing=activation_checkpointing, offload=offload, attention=attention,
         shape=shape, num_params=sum(p.numel for p in params),
         num_expert_params=sum(p.numel for p in params if p.expert), settings=z, state=state,
-        activations_checkpointed=acts[True], activations_full=acts[False])
+        activations=acts)
 
 
 def _check_setup(num_gpus: int, zero_stage: int, offload: bool, micro_batch_size: int, seq_len: int) -> None:

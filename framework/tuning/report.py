@@ -5,6 +5,7 @@ Owns: wording and layout only; every number comes from framework/tuning/estimate
 
 from __future__ import annotations
 
+from framework.tuning.activations import CHECKPOINTING_MODES
 from framework.tuning.estimate import GIB, PHASE_TITLES, MemoryEstimate
 
 
@@ -13,6 +14,13 @@ def _human(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:g}"
+
+
+def _mode(checkpointing: bool | str) -> str:
+    """train.activation_checkpointing as the report names it: on (whole layers), moe only, attention only, off."""
+    if isinstance(checkpointing, bool):
+        return "on" if checkpointing else "off"
+    return f"{checkpointing} only"
 
 
 def _row(label: str, values: list[float | None]) -> str:
@@ -40,27 +48,26 @@ def format_report(est: MemoryEstimate, gpu_memory_gb: float = 80.0, gpus_per_nod
         + f"; {optimizer}; largest group stepped at once {_human(est.state.largest_step_group)} elements",
         "",
     ]
-    phases = {ac: est.phases(ac) for ac in (True, False)}
+    phases = {ac: est.phases(ac) for ac in CHECKPOINTING_MODES}
     mine = phases[used]
     lines.append(f"{'per GPU, GiB':<46}" + "".join(f"{PHASE_TITLES[p.name]:>17}" for p in mine))
     lines.append(_row("parameters (bf16)", [p.parameters for p in mine]))
     lines.append(_row(grads, [p.gradients for p in mine]))
     lines.append(_row("optimizer states (fp32 master + Adam m, v)", [p.optimizer_states for p in mine]))
-    for ac in (True, False):
+    for ac in CHECKPOINTING_MODES:
         mark = "  <- used" if ac == used else ""
-        lines.append(_row(f"activations, checkpointing {'on' if ac else 'off'}{mark}",
-                          [p.activations for p in phases[ac]]))
+        lines.append(_row(f"activations, checkpointing {_mode(ac)}{mark}", [p.activations for p in phases[ac]]))
     lines.append(_row("communication / prefetch buffers", [p.buffers for p in mine]))
     lines.append(_row("optimizer step temporaries", [p.optimizer_temporaries or None for p in mine]))
-    lines.append(_row(f"total (checkpointing {'on' if used else 'off'})", [p.total for p in mine]))
-    lines.append(_row(f"total if checkpointing {'off' if used else 'on'}", [p.total for p in phases[not used]]))
+    lines.append(_row(f"total (checkpointing {_mode(used)})", [p.total for p in mine]))
     lines.append("")
     peak = est.peak()
     lines.append(f"peak {peak.total / GIB:.1f} GiB per GPU ({PHASE_TITLES[peak.name]}) of {gpu_memory_gb:g} GiB: "
                  f"{est.verdict(gpu_memory_gb)}")
-    other = est.peak(not used)
-    lines.append(f"with checkpointing {'off' if used else 'on'}: {other.total / GIB:.1f} GiB: "
-                 f"{est.verdict(gpu_memory_gb, not used)}")
+    for ac in CHECKPOINTING_MODES:
+        if ac != used:
+            lines.append(f"with checkpointing {_mode(ac)}: {est.peak(ac).total / GIB:.1f} GiB: "
+                         f"{est.verdict(gpu_memory_gb, ac)}")
     if est.offload:
         per_node = gpus_per_node or min(est.num_gpus, 8)
         lines.append(f"CPU: {est.cpu_bytes_per_rank / GIB:.1f} GiB per rank (fp32 master, Adam m, v, gradients), "

@@ -32,22 +32,27 @@ class Trial:
     zero_stage: int
     ep_size: int
     bucket_scale: float
-    activation_checkpointing: bool
+    activation_checkpointing: bool | str  # True, "moe", "attention" or False
     offload: bool
 
     @property
     def name(self) -> str:
         return (f"mbs{self.micro_batch_size}-z{self.zero_stage}-ep{self.ep_size}-b{self.bucket_scale:g}"
-                f"-ac{int(self.activation_checkpointing)}-off{int(self.offload)}")
+                f"-ac{self._ac}-off{int(self.offload)}")
+
+    @property
+    def _ac(self) -> str:
+        ac = self.activation_checkpointing
+        return str(int(ac)) if isinstance(ac, bool) else ac
 
     def overrides(self) -> list[str]:
         return [f"train.micro_batch_size={self.micro_batch_size}", f"parallel.zero_stage={self.zero_stage}",
                 f"parallel.ep_size={self.ep_size}",
-                f"train.activation_checkpointing={'true' if self.activation_checkpointing else 'false'}"]
+                f"train.activation_checkpointing={str(self.activation_checkpointing).lower()}"]
 
 
 def grid(micro_batch_sizes: list[int], zero_stages: list[int], ep_sizes: list[int], bucket_scales: list[float],
-         activation_checkpointing: list[bool], offload: list[bool]) -> list[Trial]:
+         activation_checkpointing: list[bool | str], offload: list[bool]) -> list[Trial]:
     trials = [Trial(*combo) for combo in itertools.product(micro_batch_sizes, zero_stages, ep_sizes, bucket_scales,
                                                            activation_checkpointing, offload)]
     return [t for t in trials if not (t.offload and t.zero_stage == 0)]

@@ -2,7 +2,7 @@
 
     python tools/tune_zero.py search --config model_configs/X.yaml --num_gpus N [--hostfile H] [--out DIR]
         [--micro_batch_sizes 1,2,4] [--zero_stages 2,3] [--ep_sizes 1,4] [--bucket_scales 0.5,1,2]
-        [--activation_checkpointing on,off] [--offload off,on] [--steps 8] [--warmup 3] [--gpu_memory_gb 80]
+        [--activation_checkpointing on,moe,off] [--offload off,on] [--steps 8] [--warmup 3] [--gpu_memory_gb 80]
         [section.key=value ...]
 
 Every trial is a short real run of launch/pretrain.py (same launcher, same code as training) recorded in
@@ -35,6 +35,15 @@ def _switches(text: str) -> list[bool]:
         raise argparse.ArgumentTypeError(f"expected on/off values, found {e.args[0]!r}") from None
 
 
+def _checkpointing_modes(text: str) -> list[bool | str]:
+    values = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False, "moe": "moe",
+              "attention": "attention"}
+    try:
+        return [values[x.lower()] for x in text.split(",") if x]
+    except KeyError as e:
+        raise argparse.ArgumentTypeError(f"expected on/off/moe/attention values, found {e.args[0]!r}") from None
+
+
 def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the run YAML")
     p.add_argument("--num_gpus", type=int, help="GPUs per node (DeepSpeed's --num_gpus)")
@@ -45,7 +54,8 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero_stages", type=_ints, default=[3])
     p.add_argument("--ep_sizes", type=_ints, help="default: the YAML's parallel.ep_size")
     p.add_argument("--bucket_scales", type=_floats, default=[1.0], help="x the auto bucket (one layer's experts)")
-    p.add_argument("--activation_checkpointing", type=_switches, default=[True])
+    p.add_argument("--activation_checkpointing", type=_checkpointing_modes, default=[True],
+                   help="comma-separated: on (whole layers), moe, attention (that half of each layer), off")
     p.add_argument("--offload", type=_switches, default=[False])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the throughput median")

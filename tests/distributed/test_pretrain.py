@@ -159,3 +159,24 @@ def test_chunked_loss_under_zero3_matches(tmp_path, corpus):
         losses[chunk] = [(r["lm_loss"], r["grad_norm"]) for _, r in sorted(train_records(str(out)).items())]
     for (a, na), (b, nb) in zip(losses[24], losses[0]):
         assert a == pytest.approx(b, rel=1e-6) and na == pytest.approx(nb, rel=1e-5)
+
+
+def test_selective_recompute_under_zero3_ep2_matches(tmp_path, corpus):
+    """train.activation_checkpointing moe / attention on 2 processes, EP=2, ZeRO-3 (each decoder layer a ZeRO-3 leaf,
+    the checkpointed half recomputed inside it, the MoE half with its all-to-alls): the losses and gradient norms of
+    no recomputation."""
+    train, _ = corpus
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(29700 + os.getpid() % 500)]
+    records = {}
+    for mode in ("false", "moe", "attention"):
+        out = tmp_path / mode
+        proc = run([f"data.paths=[{train}]", "train.max_steps=3", "train.save_at_end=false", "export.at_end=false",
+                    "parallel.ep_size=2", "parallel.zero_stage=3", f"train.activation_checkpointing={mode}",
+                    f"train.output_dir={out}"], launcher=launcher)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        records[mode] = [(r["lm_loss"], r["grad_norm"]) for _, r in sorted(train_records(str(out)).items())]
+    assert len(records["false"]) == 3
+    for mode in ("moe", "attention"):
+        for (a, na), (b, nb) in zip(records[mode], records["false"]):
+            assert a == pytest.approx(b, rel=1e-6) and na == pytest.approx(nb, rel=1e-5), mode

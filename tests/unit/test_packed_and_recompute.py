@@ -33,12 +33,14 @@ def test_packed_documents_match_separate_runs(attn):
     assert rel_err(unpacked[5:], packed[5:]) > 1e-3
 
 
-def test_activation_checkpointing_same_loss_and_gradients():
+@pytest.mark.parametrize("mode", [True, "moe", "attention"])
+def test_activation_checkpointing_same_loss_and_gradients(mode):
+    """Whole layers or one half of each recomputed: loss and every gradient as without recomputation."""
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=g)
     pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
     results = []
-    for recompute in (False, True):
+    for recompute in (False, mode):
         model = _model("eager")
         model.activation_checkpointing = recompute
         out = model(ids, labels=ids, position_ids=pos)
@@ -68,3 +70,23 @@ def test_chunked_loss_same_loss_and_gradients():
     assert rel_err(loss_b, loss_a) < 1e-6
     for name, grad in grads_a.items():
         assert rel_err(grads_b[name], grad) < 1e-6, name
+
+
+def test_recompute_modes_keep_less():
+    """Bytes autograd keeps outside checkpointed regions in one forward: whole layers < one half < nothing."""
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(5))
+    kept = {}
+    for mode in (False, "moe", "attention", True):
+        model = _model("eager")
+        model.activation_checkpointing = mode
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept[mode] = sum(n for ptr, n in storages.items() if ptr not in weights)
+    assert kept[True] < kept["moe"] < kept[False] and kept[True] < kept["attention"] < kept[False], kept

@@ -39,6 +39,7 @@ def test_overrides_and_yaml_numbers():
     ("train.max_steps=ten", "train.max_steps: Input should be a valid integer"),
     ("moe.backend=fast", "moe.backend: Input should be 'auto', 'megablocks', 'grouped_mm' or 'eager'"),
     ("parallel.zero_stage=4", "parallel.zero_stage: Input should be 0, 1, 2 or 3"),
+    ("train.activation_checkpointing=mlp", "train.activation_checkpointing: expected true, false, moe or attention"),
     ("moe.aux_loss_scope=global", "moe.aux_loss_scope: Input should be 'pooled' or 'per_layer'"),
     ("model.path=somewhere", "model: set exactly one of model.path"),
     ("train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than or equal to 1"),

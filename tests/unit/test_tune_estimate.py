@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from framework.checkpoint.cli import run_cli
-from framework.tuning.activations import layer_saved
+from framework.tuning.activations import attention_saved, layer_saved, mlp_saved
 from framework.tuning.estimate import _sub_groups, estimate_memory
 from framework.tuning.params import model_shape, param_inventory
 
@@ -163,9 +163,11 @@ def test_inventory_matches_the_model(config):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_layer_activations_equal_what_autograd_saves(attn):
+@pytest.mark.parametrize("recompute", [None, "moe", "attention"])
+def test_layer_activations_equal_what_autograd_saves(attn, recompute):
     """Every tensor a real bf16 layer saves for backward (unique storages; weights, the layer input, mask and rotary
-    tables excluded) against layer_saved: an MoE layer and a dense-MLP layer."""
+    tables excluded) against layer_saved: an MoE layer and a dense-MLP layer. With one half recomputed, what the
+    other half saves plus the checkpoint's input (for "attention": the layer input, excluded here)."""
     from framework.models.qwen3_moe.model import Qwen3MoeCausalLM, causal_mask
 
     torch.manual_seed(0)
@@ -173,6 +175,7 @@ def test_layer_activations_equal_what_autograd_saves(attn):
     model = Qwen3MoeCausalLM(cfg, backend="grouped_mm").to(torch.bfloat16)
     model.init_weights()
     batch, seq = 2, 64
+    shape = model_shape(cfg)
     for i, layer in enumerate(model.model.layers):
         h = torch.randn(batch, seq, 64, dtype=torch.bfloat16, requires_grad=True)
         pos = torch.arange(seq).expand(batch, seq)
@@ -186,16 +189,20 @@ def test_layer_activations_equal_what_autograd_saves(attn):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(h, rope, mask, None)
+            layer(h, rope, mask, None, recompute=recompute)
         skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
         skip |= {t.untyped_storage().data_ptr() for t in (h, mask, *rope)}
         got = sum(n for ptr, n in saved.items() if ptr not in skip)
-        want = layer_saved(model_shape(cfg), i, attn, seq, 1) * batch * seq
+        want = {None: layer_saved(shape, i, attn, seq, 1),
+                "moe": attention_saved(shape, attn, seq) + 2 * 64,  # + the bf16 [B,S,H] residual the MoE half takes
+                "attention": mlp_saved(shape, i, 1)}[recompute] * batch * seq
         # The estimate counts CUDA's fused rms_norm (bf16 input + fp32 rstd per row); on CPU rms_norm is composite
-        # and keeps two fp32 [rows, width] tensors and one fp32 per row, and not the input: four norms per layer.
-        norm_rows = [(batch * seq, 64), (batch * seq, 64), (batch * seq * cfg.num_attention_heads, cfg.head_dim),
-                     (batch * seq * cfg.num_key_value_heads, cfg.head_dim)]
-        want += sum(rows * (2 * 4 * width + 4 - (2 * width + 4)) for rows, width in norm_rows)
+        # and keeps two fp32 [rows, width] tensors and one fp32 per row, and not the input: four norms per layer
+        # (input, post-attention, q, k), of which the recomputed half's are not kept.
+        norm_rows = [(batch * seq, 64, "attention"), (batch * seq, 64, "moe"),
+                     (batch * seq * cfg.num_attention_heads, cfg.head_dim, "attention"),
+                     (batch * seq * cfg.num_key_value_heads, cfg.head_dim, "attention")]
+        want += sum(rows * (2 * 4 * width + 4 - (2 * width + 4)) for rows, width, half in norm_rows if half != recompute)
         # + the grouped GEMM's int32 expert offsets, [E] per MoE layer rather than per token
         assert 0 <= got - want <= 4 * cfg.num_experts, (i, got, want)
 

@@ -62,17 +62,32 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, h_BSH, position_embeddings, attention_mask, token_mask_T, cu_seqlens=None):
+    def forward(self, h_BSH, position_embeddings, attention_mask, token_mask_T, cu_seqlens=None,
+                recompute: str | None = None):
+        """recompute "attention" / "moe": checkpoint that half of the layer (the caller checkpoints whole layers)."""
+        if recompute == "attention":
+            attn_out = checkpoint(self._attention, h_BSH, position_embeddings, attention_mask, cu_seqlens,
+                                  use_reentrant=False)
+        else:
+            attn_out = self._attention(h_BSH, position_embeddings, attention_mask, cu_seqlens)
+        h_BSH = h_BSH + attn_out
+        if recompute == "moe":
+            mlp_out, stats = checkpoint(self._mlp, h_BSH, token_mask_T, use_reentrant=False)
+        else:
+            mlp_out, stats = self._mlp(h_BSH, token_mask_T)
+        return h_BSH + mlp_out, stats
+
+    def _attention(self, h_BSH, position_embeddings, attention_mask, cu_seqlens):
         extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}  # varlen attention's document boundaries
         attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(h_BSH),
                                      position_embeddings=position_embeddings, attention_mask=attention_mask, **extra)
-        h_BSH = h_BSH + attn_out
+        return attn_out
+
+    def _mlp(self, h_BSH, token_mask_T):
         x = self.post_attention_layernorm(h_BSH)
         if isinstance(self.mlp, MoEBlock):
-            mlp_out, stats = self.mlp(x, token_mask_T)
-        else:
-            mlp_out, stats = self.mlp(x), None
-        return h_BSH + mlp_out, stats
+            return self.mlp(x, token_mask_T)
+        return self.mlp(x), None
 
 
 class DecoderStack(nn.Module):
@@ -119,9 +134,10 @@ class Qwen3MoeCausalLM(nn.Module):
         self.aux_loss_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
         self.z_loss_coef = z_loss_coef
         self.aux_loss_scope = "pooled"  # transformers' statistics; "per_layer": see framework/moe/aux_loss.py
-        # Recompute each decoder layer in backward instead of keeping its activations (non-reentrant checkpointing:
-        # works with ZeRO-3's parameter hooks and with the EP all-to-all, which every rank recomputes alike).
-        self.activation_checkpointing = False
+        # True: recompute each decoder layer in backward instead of keeping its activations; "moe" / "attention":
+        # recompute only that half of each layer (non-reentrant checkpointing: works with ZeRO-3's parameter hooks
+        # and with the EP all-to-all, which every rank recomputes alike). False: keep everything.
+        self.activation_checkpointing: bool | str = False
         # > 0: with labels, compute the LM head and cross-entropy this many tokens at a time (gradients in the forward
         # pass), so the [B, S, V] fp32 logits (2.5 GB per 4096 tokens at V=151,936) never exist; .logits is then None.
         self.loss_chunk_tokens = 0
@@ -174,13 +190,13 @@ class Qwen3MoeCausalLM(nn.Module):
         token_mask_T = None if attention_mask is None else attention_mask.reshape(-1)
 
         stats: list[RouterStats] = []
-        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        recompute = self.activation_checkpointing if torch.is_grad_enabled() else False
         for layer in self.model.layers:
-            if recompute:
+            if recompute is True:
                 h, layer_stats = checkpoint(layer, h, position_embeddings, mask, token_mask_T, cu_seqlens,
                                             use_reentrant=False)
             else:
-                h, layer_stats = layer(h, position_embeddings, mask, token_mask_T, cu_seqlens)
+                h, layer_stats = layer(h, position_embeddings, mask, token_mask_T, cu_seqlens, recompute or None)
             if layer_stats is not None:
                 stats.append(layer_stats)
         h = self.model.norm(h)
