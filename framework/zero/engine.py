@@ -3,8 +3,9 @@
 Owns: everything DeepSpeed-specific about MoE: rejecting ZeRO options that cannot work with expert partition groups,
 tagging expert parameters for per-parameter partition groups, making each decoder layer a ZeRO-3 leaf module (its
 parameters gathered and reduced as a unit: ranks that route to different experts never issue mismatched collectives,
-and one fetch and one reduction per layer replace DeepSpeed's hooks on each of its ~10 submodules), and, for ZeRO-1/2, presenting MoE blocks as DeepSpeed MoE layers (the only way
-the stage-1/2 optimizer shards expert states over the EDP group and reduces expert gradients there).
+and one fetch and one reduction per layer replace DeepSpeed's hooks on each of its ~10 submodules), and, for
+ZeRO-1/2, presenting MoE blocks as DeepSpeed MoE layers (the only way the stage-1/2 optimizer shards expert states
+over the EDP group and reduces expert gradients there).
 """
 
 from __future__ import annotations

@@ -202,7 +202,8 @@ def test_layer_activations_equal_what_autograd_saves(attn, recompute):
         norm_rows = [(batch * seq, 64, "attention"), (batch * seq, 64, "moe"),
                      (batch * seq * cfg.num_attention_heads, cfg.head_dim, "attention"),
                      (batch * seq * cfg.num_key_value_heads, cfg.head_dim, "attention")]
-        want += sum(rows * (2 * 4 * width + 4 - (2 * width + 4)) for rows, width, half in norm_rows if half != recompute)
+        want += sum(rows * (2 * 4 * width + 4 - (2 * width + 4))
+                    for rows, width, half in norm_rows if half != recompute)
         # + the grouped GEMM's int32 expert offsets, [E] per MoE layer rather than per token
         assert 0 <= got - want <= 4 * cfg.num_experts, (i, got, want)
 
