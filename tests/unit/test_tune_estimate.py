@@ -211,8 +211,8 @@ def test_layer_activations_equal_what_autograd_saves(attn, recompute):
 @pytest.mark.gpu
 def test_real_width_layer_and_loss_on_gpu():
     """On the GPU (memory-efficient sdpa, CUDA kernels), one Qwen3-30B-A3B layer at 4096 tokens and the LM head's loss
-    against the formulas. Measured (H100 and H200, torch 2.11): layer 838.9 MB vs 857.8 MB estimated (+2.2%); loss
-    backward 8,713.7 MB vs 14 x T x V = 8,712.6 MB."""
+    against the formulas, and the layer with either half recomputed. Measured (H100 and H200, torch 2.11): layer
+    838.9 MB vs 857.8 MB estimated (+2.2%); loss backward 8,713.7 MB vs 14 x T x V = 8,712.6 MB."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
     from framework.models.qwen3_moe.config import load_hf_config
@@ -238,6 +238,16 @@ def test_real_width_layer_and_loss_on_gpu():
     saved = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
     assert saved == pytest.approx(layer_saved(model_shape(cfg), 0, "sdpa", seq, 1) * seq, rel=0.05)
     del y
+    # One half recomputed: the other half's activations, plus the checkpoint's input where it is a new tensor (the
+    # residual before the MoE half; the attention half's input is the layer input, allocated before `base`).
+    for recompute, want in (("moe", attention_saved(model_shape(cfg), "sdpa", seq) + 2 * H),
+                            ("attention", mlp_saved(model_shape(cfg), 0, 1))):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        y, _ = layer(h, rope, mask, None, recompute=recompute)
+        saved = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
+        assert saved == pytest.approx(want * seq, rel=0.05), recompute
+        del y
     lm_head = torch.nn.Linear(H, V, bias=False, device=dev, dtype=torch.bfloat16)
     x = torch.randn(1, seq, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, V, (1, seq), device=dev)
