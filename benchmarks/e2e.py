@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.launching import REPO, Failure, run_logged, runner  # noqa: E402
+from benchmarks.launching import REPO, Failure, free_port, run_logged, runner  # noqa: E402
 
 CONFIG = os.path.join(REPO, "model_configs", "qwen3-30b-a3b-8l.yaml")
 # --cases GC: ours recomputes whole layers (1), only the MoE or attention half (moe, attention) or nothing (0); the
@@ -145,7 +145,6 @@ def main() -> None:
         cases.append((int(mbs), gc))
     ours = [(b, int(z)) for b in args.backends.split(",") if b for z in args.zero_stages.split(",")]
     tables = []
-    port = 29601
     for mbs, gc in cases:
         args.mbs, args.gc = mbs, gc
         jobs = [(f"ours {b} z{z}", run_ours, (b, z), f"ours-{b}-z{z}-mbs{mbs}-gc{gc}") for b, z in ours]
@@ -153,10 +152,9 @@ def main() -> None:
         launches: dict[str, list[dict]] = {label: [] for label, *_ in jobs}
         for repeat in range(1, args.repeats + 1):
             for label, run, what, name in jobs:
-                port += 1
                 name += f"-r{repeat}" if args.repeats > 1 else ""
                 try:
-                    result = run(args, what, os.path.abspath(os.path.join(args.out, name)), port)
+                    result = run(args, what, os.path.abspath(os.path.join(args.out, name)), free_port())
                 except Failure as e:
                     result = {"row": label, "error": str(e)[-500:]}
                 launches[label].append(result)

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from tests.distributed.launch import free_port
 from tests.helpers import read_safetensors_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -161,22 +162,22 @@ def test_chunked_loss_under_zero3_matches(tmp_path, corpus):
         assert a == pytest.approx(b, rel=1e-6) and na == pytest.approx(nb, rel=1e-5)
 
 
-def test_selective_recompute_under_zero3_ep2_matches(tmp_path, corpus):
-    """train.activation_checkpointing moe / attention on 2 processes, EP=2, ZeRO-3 (each decoder layer a ZeRO-3 leaf,
-    the checkpointed half recomputed inside it, the MoE half with its all-to-alls): the losses and gradient norms of
-    no recomputation."""
+def test_recompute_modes_under_zero3_ep2_match(tmp_path, corpus):
+    """train.activation_checkpointing true / moe / attention on 2 processes, EP=2, ZeRO-3 (each decoder layer a ZeRO-3
+    leaf; whole layers, or one half recomputed inside it, the MoE half with its all-to-alls): the losses and gradient
+    norms of no recomputation."""
     train, _ = corpus
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(29700 + os.getpid() % 500)]
     records = {}
-    for mode in ("false", "moe", "attention"):
+    for mode in ("false", "true", "moe", "attention"):
         out = tmp_path / mode
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                    str(free_port())]
         proc = run([f"data.paths=[{train}]", "train.max_steps=3", "train.save_at_end=false", "export.at_end=false",
                     "parallel.ep_size=2", "parallel.zero_stage=3", f"train.activation_checkpointing={mode}",
                     f"train.output_dir={out}"], launcher=launcher)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         records[mode] = [(r["lm_loss"], r["grad_norm"]) for _, r in sorted(train_records(str(out)).items())]
     assert len(records["false"]) == 3
-    for mode in ("moe", "attention"):
+    for mode in ("true", "moe", "attention"):
         for (a, na), (b, nb) in zip(records[mode], records["false"]):
             assert a == pytest.approx(b, rel=1e-6) and na == pytest.approx(nb, rel=1e-5), mode
