@@ -6,6 +6,8 @@
     python launch/pretrain.py                                   # the demo: model_configs/demo.yaml on this machine
 
 Configuration errors stop every process before any work, with one line naming the file, key and fix (exit code 2).
+A training loss that turns nan/inf stops every process at the next log or save, before anything is saved (exit code 1;
+train.stop_on_nonfinite_loss).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from framework.cluster import prelaunch, split_launcher_args, wants_prelaunch  # noqa: PLC0415
     from framework.config import ConfigError, load_run_config  # noqa: PLC0415
+    from framework.train.errors import NonFiniteLoss  # noqa: PLC0415
 
     script = os.path.abspath(__file__)
     launch_by_hand = wants_prelaunch([script, *argv])
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLoss as e:  # every rank raises it at the same step (the flag is all-reduced)
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except (ValueError, RuntimeError) as e:
         if not launch_by_hand:
             raise

@@ -78,6 +78,10 @@ class TrainSection(Section):
     peak_tflops: float | None = Field(None, gt=0)  # per-GPU dense bf16 peak for MFU; default: known from the device
     tensorboard: bool = True
     progress_bar: bool = True
+    # Stop (exit 1, one line naming the step) at the next log or save once a training loss is nan/inf, before
+    # anything is saved: no checkpoint of a diverged run replaces a good one. false: go on (DeepSpeed skips bf16
+    # steps whose gradients are not finite).
+    stop_on_nonfinite_loss: bool = True
     # [first, last]: torch-profile these optimizer steps (1-based, as logged) into OUTPUT_DIR/profile; []: off
     profile_steps: list[int] = Field(default_factory=list)
 

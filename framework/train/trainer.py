@@ -24,7 +24,8 @@ import yaml
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError, gradient_accumulation_steps
 from framework.config.schema import RunConfig
-from framework.train.checkpointing import CheckpointManager, rng_state, set_rng_state
+from framework.train.checkpointing import CheckpointManager, latest_tag, rng_state, set_rng_state
+from framework.train.errors import NonFiniteLoss
 from framework.train.flops import flops_per_token, peak_tflops
 from framework.train.metrics import MetricsWriter, WindowMeter, peak_memory_gb
 from framework.train.schedule import LRSchedule
@@ -71,6 +72,11 @@ def _fault_point(name: str, step: int) -> None:
     """Fault injection for the crash tests: FRAMEWORK_FAULT=mid_save:4 SIGKILLs every rank at that point."""
     if os.environ.get("FRAMEWORK_FAULT") == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Fault injection for the divergence test: FRAMEWORK_FAULT=nan_loss:3 makes step 3's loss nan on every rank."""
+    return loss * float("nan") if os.environ.get("FRAMEWORK_FAULT") == f"nan_loss:{step}" else loss
 
 
 def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
@@ -282,6 +288,7 @@ class Trainer:
             from framework.train.profiling import StepProfiler  # noqa: PLC0415
 
             profiler = StepProfiler(cfg.train.profile_steps, self.output_dir, rt.rank, rt.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         while self.step < cfg.train.max_steps:
             if profiler is not None:
                 profiler.step_begin(self.step + 1)
@@ -289,9 +296,11 @@ class Trainer:
             for _ in range(self.gas):
                 b = self._batch(self.loader)
                 out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+                out.loss = _fault_loss(out.loss, self.step + 1)
                 self.engine.backward(out.loss)
                 self.engine.step()
                 meter.add_micro_batch(out.loss, out.lm_loss, out.aux_loss, out.router_stats, tokens_per_micro)
+                nonfinite |= ~torch.isfinite(out.loss.detach())  # no host sync here: checked at logs and saves
             self.step += 1
             if profiler is not None and (written := profiler.step_end(self.step)):
                 self._print(bar, f"step {self.step}: profile of steps {cfg.train.profile_steps} written to {written}")
@@ -300,11 +309,13 @@ class Trainer:
             if self.step % cfg.train.log_steps == 0 or last:
                 self._log(meter, bar)
                 meter.reset()
+                self._stop_if_nonfinite(nonfinite)
             if cfg.train.eval_steps and (self.step % cfg.train.eval_steps == 0 or last):
                 record = {"step": self.step, **self.evaluate()}
                 self.metrics.write(record)
                 self._print(bar, f"step {self.step}: eval loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}")
             if (cfg.train.save_steps and self.step % cfg.train.save_steps == 0) or (last and cfg.train.save_at_end):
+                self._stop_if_nonfinite(nonfinite)
                 path = self.save()
                 self._print(bar, f"step {self.step}: saved {path}")
                 _fault_point("after_save", self.step)
@@ -315,6 +326,21 @@ class Trainer:
         if cfg.export.at_end:
             self.export(os.path.join(self.output_dir, "hf"))
         self.metrics.close()
+
+    def _stop_if_nonfinite(self, nonfinite: torch.Tensor) -> None:
+        """Raise NonFiniteLoss if any rank saw a nan/inf training loss since the run started (one small collective)."""
+        if not self.cfg.train.stop_on_nonfinite_loss:
+            return
+        flag = nonfinite.to(torch.int32)
+        if self.rt.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            last = latest_tag(self.ckpt.root)
+            kept = f"the last checkpoint is {os.path.join(self.ckpt.root, last)}" if last else "no checkpoint exists"
+            raise NonFiniteLoss(
+                f"step {self.step}: the training loss is nan or inf (see {self.metrics.path}); stopped before saving, "
+                f"{kept}; lower train.lr or raise train.warmup_steps and resume (--resume auto), or set "
+                "train.stop_on_nonfinite_loss=false to go on")
 
     def _log(self, meter: WindowMeter, bar) -> None:
         record = meter.window_record(self.rt.world_size)
