@@ -84,6 +84,10 @@ class TrainSection(Section):
     stop_on_nonfinite_loss: bool = True
     # [first, last]: torch-profile these optimizer steps (1-based, as logged) into OUTPUT_DIR/profile; []: off
     profile_steps: list[int] = Field(default_factory=list)
+    # [[first, last], ...]: read and drop the batches of these optimizer steps without training on them (no forward,
+    # no update; the step count moves on). For resuming from a checkpoint before a loss spike or a nan without
+    # feeding the same batches again; by step number, so a later resume with the same setting skips nothing twice.
+    skip_data_steps: list[list[int]] = Field(default_factory=list)
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod
@@ -102,6 +106,14 @@ class TrainSection(Section):
         if steps and not (len(steps) == 2 and 1 <= steps[0] <= steps[1]):
             raise ValueError("expected [first, last] optimizer steps with 1 <= first <= last, or [] for off")
         return steps
+
+    @field_validator("skip_data_steps")
+    @classmethod
+    def _skip_ranges(cls, ranges: list[list[int]]) -> list[list[int]]:
+        for r in ranges:
+            if not (len(r) == 2 and 1 <= r[0] <= r[1]):
+                raise ValueError(f"range {r}: expected [[first, last], ...] optimizer steps with 1 <= first <= last")
+        return ranges
 
     @model_validator(mode="after")
     def _profile_within_run(self) -> "TrainSection":

@@ -293,8 +293,11 @@ class Trainer:
             if profiler is not None:
                 profiler.step_begin(self.step + 1)
             self.step_lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on after it)
+            skip = any(first <= self.step + 1 <= last for first, last in cfg.train.skip_data_steps)
             for _ in range(self.gas):
                 b = self._batch(self.loader)
+                if skip:
+                    continue
                 out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
                 out.loss = _fault_loss(out.loss, self.step + 1)
                 self.engine.backward(out.loss)
@@ -304,9 +307,12 @@ class Trainer:
             self.step += 1
             if profiler is not None and (written := profiler.step_end(self.step)):
                 self._print(bar, f"step {self.step}: profile of steps {cfg.train.profile_steps} written to {written}")
-            meter.steps += 1
             last = self.step == cfg.train.max_steps
-            if self.step % cfg.train.log_steps == 0 or last:
+            if skip:
+                self._print(bar, f"step {self.step}: its batches read and dropped (train.skip_data_steps), no update")
+            else:
+                meter.steps += 1
+            if (self.step % cfg.train.log_steps == 0 or last) and meter.steps:
                 self._log(meter, bar)
                 meter.reset()
                 self._stop_if_nonfinite(nonfinite)
@@ -337,10 +343,11 @@ class Trainer:
         if flag.item():
             last = latest_tag(self.ckpt.root)
             kept = f"the last checkpoint is {os.path.join(self.ckpt.root, last)}" if last else "no checkpoint exists"
+            first = int(last.rsplit("_", 1)[1]) + 1 if last else 1  # tags are step_<N>
             raise NonFiniteLoss(
                 f"step {self.step}: the training loss is nan or inf (see {self.metrics.path}); stopped before saving, "
-                f"{kept}; lower train.lr or raise train.warmup_steps and resume (--resume auto), or set "
-                "train.stop_on_nonfinite_loss=false to go on")
+                f"{kept}; resume (--resume auto) with train.skip_data_steps=[[{first},{self.step}]] to pass over "
+                "these steps' batches, or with a lower train.lr; train.stop_on_nonfinite_loss=false goes on instead")
 
     def _log(self, meter: WindowMeter, bar) -> None:
         record = meter.window_record(self.rt.world_size)

@@ -183,22 +183,39 @@ def test_recompute_modes_under_zero3_ep2_match(tmp_path, corpus):
             assert a == pytest.approx(b, rel=1e-6) and na == pytest.approx(nb, rel=1e-5), mode
 
 
-def test_nonfinite_loss_stops_before_saving(tmp_path, corpus):
+def test_nonfinite_loss_stops_before_saving_and_resume_skips_its_batches(tmp_path, corpus):
     """A nan loss at step 3 (fault injection) stops the run at step 3 with one line and exit 1: the step-2 checkpoint
-    stays the latest and no later one is written. With train.stop_on_nonfinite_loss=false the run goes on."""
+    stays the latest and no later one is written. Resuming with the train.skip_data_steps the line suggests reads and
+    drops step 3's batches, so the data position at step 5 is the uninterrupted run's. With
+    train.stop_on_nonfinite_loss=false the run goes on."""
     train, _ = corpus
-    common = [f"data.paths=[{train}]", "train.max_steps=5", "train.save_steps=2", "train.log_steps=1",
-              "export.at_end=false"]
-    proc = run(common + [f"train.output_dir={tmp_path / 'stop'}"], env_extra={"FRAMEWORK_FAULT": "nan_loss:3"})
+    common = [f"data.paths=[{train}]", "train.max_steps=5", "train.save_steps=1", "train.keep_last=5",
+              "train.log_steps=1", "export.at_end=false"]
+    stop = tmp_path / "stop"
+    proc = run(common + [f"train.output_dir={stop}"], env_extra={"FRAMEWORK_FAULT": "nan_loss:3"})
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: step 3: the training loss is nan or inf"), errors
-    root = tmp_path / "stop" / "checkpoints"
+    root = stop / "checkpoints"
     assert "the last checkpoint is " + str(root / "step_00000002") in errors[0]
-    assert sorted(os.listdir(root)) == ["latest", "step_00000002"]
+    assert "train.skip_data_steps=[[3,3]]" in errors[0]
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
     assert (root / "latest").read_text().strip() == "step_00000002"
-    records = train_records(str(tmp_path / "stop"))
+    records = train_records(str(stop))
     assert sorted(records) == [1, 2, 3] and records[3]["loss"] != records[3]["loss"]  # nan, logged before stopping
+
+    resumed = run(common + [f"train.output_dir={stop}", "train.skip_data_steps=[[3,3]]", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step 3: its batches read and dropped (train.skip_data_steps), no update" in resumed.stdout
+    assert sorted(train_records(str(stop))) == [1, 2, 4, 5]
+    whole = tmp_path / "whole"
+    assert run(common + [f"train.output_dir={whole}"]).returncode == 0
+
+    def data_position(out, step):
+        return torch.load(out / "checkpoints" / f"step_{step:08d}" / "trainer_state_rank0.pt", weights_only=False)["data"]
+
+    for step in (3, 5):
+        assert data_position(stop, step) == data_position(whole, step), step
 
     proc = run(common + [f"train.output_dir={tmp_path / 'go_on'}", "train.stop_on_nonfinite_loss=false"],
                env_extra={"FRAMEWORK_FAULT": "nan_loss:3"})

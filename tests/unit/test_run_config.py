@@ -40,6 +40,7 @@ def test_overrides_and_yaml_numbers():
     ("moe.backend=fast", "moe.backend: Input should be 'auto', 'megablocks', 'grouped_mm' or 'eager'"),
     ("parallel.zero_stage=4", "parallel.zero_stage: Input should be 0, 1, 2 or 3"),
     ("train.activation_checkpointing=mlp", "train.activation_checkpointing: expected true, false, moe or attention"),
+    ("train.skip_data_steps=[[3,2]]", "train.skip_data_steps: range [3, 2]: expected [[first, last], ...] optimizer"),
     ("moe.aux_loss_scope=global", "moe.aux_loss_scope: Input should be 'pooled' or 'per_layer'"),
     ("model.path=somewhere", "model: set exactly one of model.path"),
     ("train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than or equal to 1"),
