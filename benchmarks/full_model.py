@@ -134,7 +134,7 @@ def model_numbers(args) -> dict:
     """Parameter count and bytes per parameter of the run's config (no model built), for the disk estimate."""
     from framework.config import load_run_config  # noqa: PLC0415
     from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-    from framework.train.trainer import model_source  # noqa: PLC0415
+    from framework.config.plan import model_source  # noqa: PLC0415
     from framework.tuning.params import model_shape, param_inventory  # noqa: PLC0415
 
     cfg = load_run_config(args.config, base_overrides(args))

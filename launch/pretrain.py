@@ -32,10 +32,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def launch_world(argv: list[str]) -> int:
+    """The number of processes a validated launch (`--hostfile H [--num_nodes N] [--num_gpus G]`) starts; hostfile
+    errors are left to prelaunch, which names their lines."""
+    from framework.cluster import parse_hostfile, split_launcher_args  # noqa: PLC0415
+    from framework.cluster.world import select_gpus  # noqa: PLC0415
+
+    opts, _ = split_launcher_args(argv)
+    try:
+        hosts = parse_hostfile(str(opts["--hostfile"]))
+    except (OSError, ValueError, KeyError):
+        return 1
+    return sum(select_gpus(hosts, opts.get("--num_gpus"), opts.get("--num_nodes"), "", []).values()) or 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from framework.cluster import prelaunch, split_launcher_args, wants_prelaunch  # noqa: PLC0415
     from framework.config import ConfigError, load_run_config  # noqa: PLC0415
+    from framework.config.plan import resolve_plan  # noqa: PLC0415
     from framework.train.errors import NonFiniteLoss  # noqa: PLC0415
 
     script = os.path.abspath(__file__)
@@ -47,21 +62,25 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
         config_path = args.config or DEMO_CONFIG
         cfg = load_run_config(config_path, overrides)
-        if launch_by_hand:
-            hf = cfg.model.hf_config or {}
-            command = prelaunch([script, *argv], cfg.parallel.ep_size, hf.get("num_experts"),
-                                cfg.train.micro_batch_size, cfg.train.global_batch_size)
-            print("launching: " + " ".join(command), flush=True)
-            os.execvp(command[0], command)
+        world = launch_world(argv) if launch_by_hand else int(os.environ.get("WORLD_SIZE", "1"))
+        # every check that needs the config, the world, the model and the checkpoint, before any process starts;
+        # the corpus is scanned once per machine (local rank 0; the launcher stops the others when it fails)
+        plan = resolve_plan(cfg, world, check_corpus=os.environ.get("LOCAL_RANK", "0") == "0")
         from framework.config.deepspeed import build_ds_config, read_ds_json  # noqa: PLC0415
-        from framework.train.trainer import Trainer  # noqa: PLC0415
 
         ds_user = read_ds_json(args.deepspeed) if args.deepspeed else None
         # the whole DeepSpeed JSON checked against the YAML now, before any process group or model exists
-        build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), True, ds_user, args.deepspeed or "DeepSpeed config")
+        build_ds_config(plan.cfg, world, True, ds_user, args.deepspeed or "DeepSpeed config")
+        if launch_by_hand:
+            command = prelaunch([script, *argv], plan.cfg.parallel.ep_size, plan.hf_config.num_experts,
+                                plan.cfg.train.micro_batch_size, plan.cfg.train.global_batch_size)
+            print("launching: " + " ".join(command), flush=True)
+            os.execvp(command[0], command)
+        from framework.train.trainer import Trainer  # noqa: PLC0415
+
         if rank0 and not args.config:
             print(f"no --config given: running the demo ({os.path.relpath(DEMO_CONFIG)})", flush=True)
-        trainer = Trainer(cfg, ds_user, args.deepspeed or "DeepSpeed config")
+        trainer = Trainer(plan, ds_user, args.deepspeed or "DeepSpeed config")
         trainer.train()
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         if rank0:

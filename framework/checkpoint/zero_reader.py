@@ -192,7 +192,8 @@ class ZeroCheckpointReader:
             if not os.path.isfile(os.path.join(tag_dir, name)):
                 raise FileNotFoundError(f"{tag_dir}: missing rank file {name} (optimizer state of rank {r} of "
                                         f"{self.world_size}); the checkpoint is incomplete")
-        self._files: dict[int, list[torch.Tensor]] = {}
+        self._files: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._states: dict[int, dict] = {}
 
     def __enter__(self) -> "ZeroCheckpointReader":
         return self
@@ -203,12 +204,13 @@ class ZeroCheckpointReader:
     def release(self) -> None:
         """Unmap every rank file (they are mapped again on the next read)."""
         self._files.clear()
+        self._states.clear()
 
     # -- rank files
 
-    def _flat_groups(self, rank: int) -> list[torch.Tensor]:
-        flats = self._files.get(rank)
-        if flats is None:
+    def _rank_state(self, rank: int) -> dict:
+        state = self._states.get(rank)
+        if state is None:
             name = self.meta["files"]["optim"][rank]
             path = os.path.join(self.path, name)
             try:
@@ -217,9 +219,58 @@ class ZeroCheckpointReader:
                 raise FileNotFoundError(f"{self.path}: missing rank file {name} (rank {rank})") from None
             except Exception as exc:  # noqa: BLE001 - pickle / zip errors: say which file
                 raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            self._states[rank] = state
+        return state
+
+    def _flat_groups(self, rank: int, key: str = "fp32") -> list[torch.Tensor]:
+        flats = self._files.get((rank, key))
+        if flats is None:
+            path = os.path.join(self.path, self.meta["files"]["optim"][rank])
+            state = self._rank_state(rank)
             flats = self._check_rank_state(rank, path, state)
-            self._files[rank] = flats
+            if key != "fp32":
+                flats = self._moment_flats(path, state, key, flats)
+            self._files[(rank, key)] = flats
         return flats
+
+    def _base_optimizer_state(self, path: str, state: dict) -> dict:
+        """The wrapped torch optimizer's state_dict: {"state": {group index: {exp_avg, exp_avg_sq, step}}, ...}; one
+        flat tensor per group, element for element beside the fp32 master partition."""
+        osd = state[_OPTIM_KEY]
+        base = osd.get("optimizer_state_dict" if self.zero_stage == 3 else "base_optimizer_state")
+        if not isinstance(base, dict) or not isinstance(base.get("state"), dict):
+            raise ValueError(f"{path}: no base optimizer state dict (an elastic-format ZeRO file?); cannot read "
+                             "optimizer moments")
+        return base
+
+    def _moment_flats(self, path: str, state: dict, key: str, fp32: list[torch.Tensor]) -> list[torch.Tensor]:
+        per_group = self._base_optimizer_state(path, state)["state"]
+        flats = []
+        for gi, master in enumerate(fp32):
+            entry = per_group.get(gi)
+            if entry is None or key not in entry:
+                raise ValueError(f"{path}: optimizer group {gi} has no {key!r} state (an optimizer other than Adam?)")
+            flat = entry[key]
+            if flat.numel() < master.numel():  # ZeRO-1/2 may keep alignment padding after the master's elements
+                raise ValueError(f"{path}: {key} of group {gi} has {flat.numel()} elements, the fp32 master "
+                                 f"{master.numel()}")
+            flats.append(flat)
+        return flats
+
+    def optimizer_step(self) -> int:
+        """Adam's step count (bias correction), the same in every group and rank."""
+        path = os.path.join(self.path, self.meta["files"]["optim"][0])
+        steps = {int(entry["step"]) for entry in self._base_optimizer_state(path, self._rank_state(0))["state"].values()
+                 if "step" in entry}
+        if len(steps) != 1:
+            raise ValueError(f"{path}: optimizer groups disagree on Adam's step count: {sorted(steps)}")
+        return steps.pop()
+
+    def param_groups(self) -> list[dict]:
+        """The saved optimizer hyperparameters (lr, betas, eps, weight_decay) per group, from rank 0."""
+        path = os.path.join(self.path, self.meta["files"]["optim"][0])
+        return [{k: v for k, v in g.items() if k != "params"}
+                for g in self._base_optimizer_state(path, self._rank_state(0)).get("param_groups", [])]
 
     def _check_rank_state(self, rank: int, path: str, state: dict) -> list[torch.Tensor]:
         """The rank's flat fp32 groups, after checking the file against meta.json."""
@@ -272,8 +323,9 @@ class ZeroCheckpointReader:
 
     # -- parameters
 
-    def read(self, name: str) -> torch.Tensor:
-        """The full fp32 parameter (a new tensor, not a view into a mapped file)."""
+    def read(self, name: str, key: str = "fp32") -> torch.Tensor:
+        """The full fp32 parameter (key "fp32") or its Adam moment ("exp_avg", "exp_avg_sq"): a new tensor, not a
+        view into a mapped file."""
         info = self.params.get(name)
         if info is None:
             raise KeyError(f"{self.path}: no parameter {name}")
@@ -285,15 +337,15 @@ class ZeroCheckpointReader:
                 raise ValueError(f"{self.path}: {name}: {self.ep_size} EP blocks of {list(info.local_shape)} do not "
                                  f"make {list(info.shape)}")
             for block, ranks in zip(blocks, self.meta["edp_groups"]):
-                self._read_replica(info, ranks, block)
+                self._read_replica(info, ranks, block, key)
         else:
             if info.local_shape != info.shape:
                 raise ValueError(f"{self.path}: {name} is partitioned over the world but holds one EP rank's block "
                                  f"{list(info.local_shape)} of {list(info.shape)}")
-            self._read_replica(info, list(range(self.world_size)), out)
+            self._read_replica(info, list(range(self.world_size)), out, key)
         return out
 
-    def _read_replica(self, info: ParamInfo, ranks: list[int], out: torch.Tensor) -> None:
+    def _read_replica(self, info: ParamInfo, ranks: list[int], out: torch.Tensor, key: str) -> None:
         """Fill `out` (contiguous, local_shape) with the parameter as the partition group `ranks` holds it (for
         experts: one EP rank's block)."""
         flat_out = out.view(-1)
@@ -306,7 +358,7 @@ class ZeroCheckpointReader:
                 lo, hi = k * step, min((k + 1) * step, numel)
                 if hi <= lo:
                     break
-                flat_out[lo:hi] = self._slice(rank, info, info.offset, info.offset + hi - lo)
+                flat_out[lo:hi] = self._slice(rank, info, info.offset, info.offset + hi - lo, key)
             return
         size = self.groups[info.group]["partition_size"]
         start, end = info.offset, info.offset + info.numel
@@ -315,10 +367,10 @@ class ZeroCheckpointReader:
                              f"({len(ranks)} partitions of {size})")
         for k in range(start // size, (end - 1) // size + 1):
             lo, hi = max(start, k * size), min(end, (k + 1) * size)
-            flat_out[lo - start:hi - start] = self._slice(ranks[k], info, lo - k * size, hi - k * size)
+            flat_out[lo - start:hi - start] = self._slice(ranks[k], info, lo - k * size, hi - k * size, key)
 
-    def _slice(self, rank: int, info: ParamInfo, lo: int, hi: int) -> torch.Tensor:
-        flat = self._flat_groups(rank)[info.group]
+    def _slice(self, rank: int, info: ParamInfo, lo: int, hi: int, key: str) -> torch.Tensor:
+        flat = self._flat_groups(rank, key)[info.group]
         if hi > flat.numel():
             raise ValueError(f"{self.path}: {self.meta['files']['optim'][rank]}: {info.name} needs elements "
                              f"{lo}..{hi} of flat group {info.group}, which has {flat.numel()} (topology mismatch)")

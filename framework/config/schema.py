@@ -75,6 +75,9 @@ class TrainSection(Section):
     eval_steps: int = Field(0, ge=0)  # 0: no evaluation
     eval_batches: int = Field(8, ge=1)  # micro batches per rank per evaluation
     resume: str | None = None  # "auto" (newest checkpoint in output_dir, if any) or a checkpoint directory
+    # Keys a resume may change although they change what the run trains on (framework/config/plan.py MEANING_KEYS:
+    # num_experts_per_tok, data.seq_len, data.paths, model.tokenizer, ...); the resume refuses them otherwise.
+    allow_resume_changes: list[str] = Field(default_factory=list)
     peak_tflops: float | None = Field(None, gt=0)  # per-GPU dense bf16 peak for MFU; default: known from the device
     tensorboard: bool = True
     progress_bar: bool = True
@@ -99,6 +102,16 @@ class TrainSection(Section):
         if isinstance(value, str) and value.lower() in words:
             return words[value.lower()]
         raise ValueError("expected true, false, moe or attention")
+
+    @field_validator("allow_resume_changes")
+    @classmethod
+    def _known_meaning_keys(cls, keys: list[str]) -> list[str]:
+        from framework.config.plan import MEANING_KEYS  # noqa: PLC0415
+
+        unknown = [k for k in keys if k not in MEANING_KEYS]
+        if unknown:
+            raise ValueError(f"{unknown[0]} is not a key that needs it; expected some of {', '.join(MEANING_KEYS)}")
+        return keys
 
     @field_validator("profile_steps")
     @classmethod

@@ -26,16 +26,6 @@ class ParallelGroups:
         return self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank
 
 
-def check_ep_size(ep_size: int, world_size: int, num_experts: int) -> None:
-    if ep_size < 1:
-        raise ValueError(f"parallel.ep_size ({ep_size}) must be >= 1")
-    if world_size % ep_size:
-        raise ValueError(f"parallel.ep_size ({ep_size}) must divide the number of processes ({world_size}); "
-                         f"choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
-    if num_experts % ep_size:
-        raise ValueError(f"num_experts ({num_experts}) must be divisible by parallel.ep_size ({ep_size})")
-
-
 def init_parallel_groups(ep_size: int, num_experts: int) -> ParallelGroups:
     """Create (or look up) the EP/EDP groups; torch.distributed must be initialised (deepspeed.init_distributed)."""
     import deepspeed  # noqa: PLC0415 - deepspeed imports are slow; only distributed code needs it
@@ -45,7 +35,9 @@ def init_parallel_groups(ep_size: int, num_experts: int) -> ParallelGroups:
         raise RuntimeError("torch.distributed is not initialised: call deepspeed.init_distributed() first")
     if not deepspeed.comm.is_initialized():  # a plain torch process group: DeepSpeed's groups API needs its wrapper
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-    check_ep_size(ep_size, dist.get_world_size(), num_experts)
+    from framework.config.plan import check_parallel  # noqa: PLC0415
+
+    check_parallel(ep_size, dist.get_world_size(), num_experts)
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)

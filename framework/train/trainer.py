@@ -22,13 +22,16 @@ import torch.distributed as dist
 import yaml
 
 from framework.config.deepspeed import build_ds_config
-from framework.config.load import ConfigError, gradient_accumulation_steps
-from framework.config.schema import RunConfig
+from framework.config.load import ConfigError
+from framework.config.plan import RunPlan
+from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
 from framework.train.checkpointing import CheckpointManager, latest_tag, rng_state, set_rng_state
 from framework.train.errors import NonFiniteLoss
 from framework.train.flops import flops_per_token, peak_tflops
 from framework.train.metrics import MetricsWriter, WindowMeter, peak_memory_gb
 from framework.train.schedule import LRSchedule
+
+DATA_STATE_NAME = "data_state.json"  # the run's data position (framework/data/samples.py), in every checkpoint
 
 
 @dataclass
@@ -79,78 +82,29 @@ def _fault_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
     return loss * float("nan") if os.environ.get("FRAMEWORK_FAULT") == f"nan_loss:{step}" else loss
 
 
-def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    if cfg.model.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
-
-
-def model_source(cfg: RunConfig):
-    """What load_model gets: a checkpoint path, or a config dict (with model.num_layers applied)."""
-    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-    from framework.models.qwen3_moe.load import _has_weights  # noqa: PLC0415
-
-    if cfg.model.path is not None and _has_weights(cfg.model.path):
-        if cfg.model.num_layers is not None:
-            raise ConfigError(f"model.num_layers={cfg.model.num_layers} with model.path={cfg.model.path} holding "
-                              "weights: reduced depth is for random initialisation; remove one of them")
-        return cfg.model.path
-    raw = load_hf_config(cfg.model.path if cfg.model.path is not None else dict(cfg.model.hf_config)).to_dict()
-    if cfg.model.num_layers is not None:
-        raw["num_hidden_layers"] = cfg.model.num_layers
-        raw["mlp_only_layers"] = [i for i in raw.get("mlp_only_layers") or [] if i < cfg.model.num_layers]
-        if "layer_types" in raw:
-            raw["layer_types"] = raw["layer_types"][:cfg.model.num_layers]
-    for private in [k for k in raw if k.startswith("_")]:
-        raw.pop(private)
-    return raw
-
-
-def tokenizer_dir(cfg: RunConfig) -> str:
-    from framework.data import DEMO_TOKENIZER_DIR  # noqa: PLC0415
-
-    if cfg.model.tokenizer is not None:
-        return cfg.model.tokenizer
-    if cfg.model.path is not None and os.path.exists(os.path.join(cfg.model.path, "tokenizer_config.json")):
-        return cfg.model.path
-    return DEMO_TOKENIZER_DIR
-
-
-def check_before_start(cfg: RunConfig, world_size: int) -> None:
-    """Everything that can be checked without building anything (runs on every rank before the model exists)."""
-    gradient_accumulation_steps(cfg, world_size)
-    if not cfg.data.paths and not cfg.data.use_demo_corpus and not cfg.data.synthetic:
-        raise ConfigError("data.paths is empty: list jsonl/parquet/txt files or folders, or set "
-                          "data.use_demo_corpus=true (or data.synthetic=true for random tokens)")
-    if cfg.data.synthetic and (cfg.data.paths or cfg.data.use_demo_corpus):
-        raise ConfigError("data.synthetic=true trains on random tokens: leave data.paths empty and "
-                          "data.use_demo_corpus false")
-    for path in cfg.data.paths + cfg.data.eval_paths:
-        if not os.path.exists(path):
-            raise ConfigError(f"data: {path} does not exist")
-    if cfg.train.eval_steps and not cfg.data.eval_paths:
-        raise ConfigError(f"train.eval_steps={cfg.train.eval_steps} but data.eval_paths is empty")
-
-
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_user: dict[str, Any] | None = None, ds_source: str = "DeepSpeed config"):
+    def __init__(self, plan: RunPlan, ds_user: dict[str, Any] | None = None, ds_source: str = "DeepSpeed config"):
         import framework  # noqa: PLC0415
         from framework.data import PackedDataLoader, build_demo_corpus, load_tokenizer  # noqa: PLC0415
         from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: PLC0415
-        from framework.parallel.groups import check_ep_size, init_parallel_groups  # noqa: PLC0415
+        from framework.parallel.groups import init_parallel_groups  # noqa: PLC0415
         from framework.zero.engine import initialize  # noqa: PLC0415
 
-        self.cfg = cfg
+        self.plan = plan
+        self.cfg = cfg = plan.cfg
         self.rt = rt = init_distributed()
-        check_before_start(cfg, rt.world_size)
-        source = model_source(cfg)
-        self.dtype = resolve_dtype(cfg, rt.device)
-        self.gas = gradient_accumulation_steps(cfg, rt.world_size)
+        if rt.world_size != plan.world_size:
+            raise RuntimeError(f"the run plan was resolved for {plan.world_size} processes, this job has "
+                               f"{rt.world_size}")
+        self.dtype = plan.dtype
+        self.gas = plan.gas
         self.output_dir = os.path.abspath(cfg.train.output_dir)
         self.ckpt = CheckpointManager(self.output_dir, cfg.train.keep_last, rt.rank)
-        resume_from = self.ckpt.resolve(cfg.train.resume)
+        if rt.rank == 0:
+            for line in plan.notes:
+                print(line, flush=True)
 
-        self.tokenizer_dir = tokenizer_dir(cfg)
+        self.tokenizer_dir = plan.tokenizer_dir
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         if rt.rank == 0:
             os.makedirs(self.output_dir, exist_ok=True)
@@ -163,25 +117,19 @@ class Trainer:
                 build_demo_corpus(cache_dir)
             dist.barrier()
             paths.append(build_demo_corpus(cache_dir))
-        loader_args = dict(tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                           dp_rank=rt.rank, dp_world=rt.world_size, text_field=cfg.data.text_field, cache_dir=cache_dir)
-        from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-
-        hf_config = load_hf_config(source)
+        hf_config = plan.hf_config
         if len(self.tokenizer) > hf_config.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(self.tokenizer)} tokens but the model's "
                               f"vocab_size is {hf_config.vocab_size}; raise model vocab_size or use another tokenizer")
-        if cfg.data.synthetic:
-            from framework.data.synthetic import RandomTokenLoader  # noqa: PLC0415
-            self.loader = RandomTokenLoader(hf_config.vocab_size, cfg.data.seq_len, cfg.train.micro_batch_size,
-                                            rt.rank, cfg.train.seed)
-        else:
-            self.loader = PackedDataLoader(paths, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **loader_args)
+        self.data_state = self._saved_data_state()
+        self.loader = self._train_loader(paths, cache_dir, hf_config.vocab_size)
         self.eval_loader = None
         if cfg.data.eval_paths:
-            self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), seed=0, shuffle=False, **loader_args)
+            self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), self.tokenizer, seq_len=cfg.data.seq_len,
+                                                micro_batch_size=cfg.train.micro_batch_size, dp_rank=rt.rank,
+                                                dp_world=rt.world_size, seed=0, shuffle=False,
+                                                text_field=cfg.data.text_field, cache_dir=cache_dir)
             self.eval_start = self.eval_loader.state_dict()
-        check_ep_size(cfg.parallel.ep_size, rt.world_size, hf_config.num_experts)
         self.ds_config = build_ds_config(cfg, rt.world_size, self.dtype == torch.bfloat16, ds_user, ds_source,
                                          hf_config)
         if rt.rank == 0:
@@ -191,7 +139,7 @@ class Trainer:
                 and k != "stage") + f" (resolved JSON: {os.path.join(self.output_dir, 'ds_config.json')})", flush=True)
         self.groups = init_parallel_groups(cfg.parallel.ep_size, hf_config.num_experts)
         torch.manual_seed(cfg.train.seed)
-        model = framework.load_model(source, backend=cfg.moe.backend, dtype=self.dtype, device=rt.device,
+        model = framework.load_model(plan.model_source, backend=cfg.moe.backend, dtype=self.dtype, device=rt.device,
                                      attn_implementation=cfg.model.attn_implementation,
                                      aux_loss_coef=cfg.moe.aux_loss_coef, z_loss_coef=cfg.moe.z_loss_coef,
                                      seed=cfg.train.seed, prepare=lambda m: apply_expert_parallel(m, self.groups))
@@ -200,17 +148,51 @@ class Trainer:
         model.aux_loss_scope = cfg.moe.aux_loss_scope
         self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len)
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops(rt.device)
-        schedule = LRSchedule(cfg.train.lr_schedule, cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+        self.schedule = LRSchedule(cfg.train.lr_schedule, cfg.train.max_steps, cfg.train.warmup_steps,
+                                   cfg.train.min_lr_ratio)
         self.engine, *_ = initialize(model, self.ds_config, self.groups,
-                                     lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+                                     lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
         self.model = model
         self.step = 0
-        if resume_from is not None:
-            self._resume(*resume_from)
+        if plan.resume is not None:
+            self._resume(plan.resume.root, plan.resume.tag)
         if rt.rank == 0:
             self._write_run_files()
         self.metrics = MetricsWriter(self.output_dir, rt.rank == 0, cfg.train.tensorboard,
-                                     self.step if resume_from is not None else None)
+                                     self.step if plan.resume is not None else None)
+
+    def _saved_data_state(self) -> dict | None:
+        """The checkpoint's data position (None: a fresh run, or a resume whose data changed)."""
+        if self.plan.resume is None or self.plan.restart_data:
+            return None
+        path = os.path.join(self.plan.resume.path, DATA_STATE_NAME)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"resume: {path} is missing: the checkpoint was written before the world-size-"
+                              "independent data order; start a new run from its export (tools/ds_to_hf.py)") from None
+
+    def _train_loader(self, paths: list[str], cache_dir: str, vocab_size: int) -> StepBatchLoader:
+        cfg, rt = self.cfg, self.rt
+        if cfg.data.synthetic:
+            rows = RandomRows(vocab_size, cfg.data.seq_len, cfg.train.seed)
+        else:
+            from framework.data.sources import open_corpus  # noqa: PLC0415
+
+            corpus = open_corpus(paths, cfg.data.text_field, cache_dir)
+            saved = self.data_state
+            streams = saved["num_streams"] if saved and "num_streams" in saved else \
+                default_num_streams(cfg.train.global_batch_size, corpus.num_docs)
+            rows = packed_rows(corpus, self.tokenizer, cfg.data.seq_len, streams, cfg.train.seed, cfg.data.shuffle)
+        loader = StepBatchLoader(rows, cfg.train.global_batch_size, cfg.train.micro_batch_size, rt.rank,
+                                 rt.world_size)
+        if self.data_state is not None:
+            try:
+                loader.load_state(self.data_state)
+            except ValueError as e:
+                raise ConfigError(f"resume: {self.plan.resume.path}: {e}") from None
+        return loader
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _write_run_files(self) -> None:
@@ -225,9 +207,13 @@ class Trainer:
 
         step, rank = self.step, self.rt.rank
 
+        positions: list[dict] = [None] * self.rt.world_size  # type: ignore[list-item]
+        dist.all_gather_object(positions, self.loader.local_positions())
+        data_state = self.loader.global_state(positions)
+
         def write_rank_files(directory: str) -> None:
-            torch.save({"step": step, "data": self.loader.state_dict(), "rng": rng_state(),
-                        "world_size": self.rt.world_size}, os.path.join(directory, f"trainer_state_rank{rank}.pt"))
+            torch.save({"step": step, "rng": rng_state(), "world_size": self.rt.world_size},
+                       os.path.join(directory, f"trainer_state_rank{rank}.pt"))
 
         def write_shared_files(directory: str) -> None:
             with open(os.path.join(directory, "config.json"), "w") as f:
@@ -235,6 +221,8 @@ class Trainer:
             with open(os.path.join(directory, "run_config.yaml"), "w") as f:
                 yaml.safe_dump(self.cfg.model_dump(), f, sort_keys=False)
             self.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+            with open(os.path.join(directory, DATA_STATE_NAME), "w") as f:
+                json.dump(data_state, f)
             _fault_point("mid_save", step)
 
         return self.ckpt.save(step, lambda root, tag: save_engine_checkpoint(self.engine, self.groups, root, tag,
@@ -242,17 +230,21 @@ class Trainer:
                               write_rank_files, write_shared_files)
 
     def _resume(self, root: str, tag: str) -> None:
+        """Weights and optimizer state (resharded when the layout changed), then this run's hyperparameters and
+        schedule at the resumed step, the data position and, on an unchanged layout, each rank's RNG state."""
         from framework.zero.checkpoint_io import load_engine_checkpoint  # noqa: PLC0415
+        from framework.zero.engine import set_hyperparameters  # noqa: PLC0415
 
+        client = load_engine_checkpoint(self.engine, self.groups, root, tag)
+        self.step = int(client["step"])
+        t = self.cfg.train
+        set_hyperparameters(self.engine, t.lr, self.schedule, self.step, (t.adam_beta1, t.adam_beta2), t.adam_eps,
+                            t.weight_decay, t.grad_clip)
         state_path = os.path.join(root, tag, f"trainer_state_rank{self.rt.rank}.pt")
-        if not os.path.exists(state_path):
-            raise ConfigError(f"resume: {state_path} is missing; the checkpoint was written by a run with a different "
-                              f"number of processes than {self.rt.world_size}")
-        load_engine_checkpoint(self.engine, self.groups, root, tag)
-        state = torch.load(state_path, weights_only=False)
-        self.loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        self.step = state["step"]
+        if os.path.exists(state_path):
+            state = torch.load(state_path, weights_only=False)
+            if state.get("world_size") == self.rt.world_size:
+                set_rng_state(state["rng"])
         if self.rt.rank == 0:
             print(f"resumed from {os.path.join(root, tag)} at step {self.step}", flush=True)
 

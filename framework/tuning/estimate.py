@@ -332,11 +332,11 @@ def estimate_memory(hf_config, num_gpus: int, ep_size: int = 1, zero_stage: int 
     defaults for `zero_stage`. Its stage and offload_optimizer must agree with `zero_stage` and `offload`.
     `attention`: varlen (flash over packed documents), sdpa (with the [B,1,S,S] document mask) or eager."""
     from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-    from framework.parallel.groups import check_ep_size  # noqa: PLC0415
+    from framework.config.plan import check_parallel  # noqa: PLC0415
 
     config = load_hf_config(hf_config)
     _check_setup(num_gpus, zero_stage, offload, micro_batch_size, seq_len)
-    check_ep_size(ep_size, num_gpus, config.num_experts)
+    check_parallel(ep_size, num_gpus, config.num_experts, config.num_experts_per_tok)
     shape = model_shape(config)
     params = param_inventory(shape)
     z = zero_settings(ds_config, zero_stage, offload, config, ep_size)

@@ -67,7 +67,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     from framework.config import load_run_config  # noqa: PLC0415
     from framework.config.deepspeed import auto_sizes  # noqa: PLC0415
     from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-    from framework.train.trainer import model_source  # noqa: PLC0415
+    from framework.config.plan import model_source  # noqa: PLC0415
     from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
 
     from framework.models.qwen3_moe.attention import resolve_attention  # noqa: PLC0415

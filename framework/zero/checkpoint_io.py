@@ -268,41 +268,51 @@ def save_engine_checkpoint(engine, groups: ParallelGroups, save_dir: str, tag: s
     dist.barrier()
 
 
-def _topology_error(meta: dict, engine, groups: ParallelGroups, tag_dir: str) -> str | None:
-    dtype = next(engine.module.parameters()).dtype
+def topology_changes(meta: dict, engine, groups: ParallelGroups) -> dict[str, tuple]:
+    """{key: (saved, now)} for the layout keys that differ (world_size, ep_size, zero_stage)."""
     here = {"world_size": dist.get_world_size(), "ep_size": groups.ep_size,
-            "zero_stage": engine.zero_optimization_stage(), "dtype": DTYPE_NAMES.get(dtype, str(dtype))}
-    for key, value in here.items():
-        if meta.get(key) != value:
-            return (f"{tag_dir}: checkpoint was saved with {key}={meta.get(key)} but this run has {key}={value}; "
-                    "resume with the same world size, ep_size, ZeRO stage and dtype (tools/ds_to_hf.py exports it "
-                    "for any other use)")
+            "zero_stage": engine.zero_optimization_stage()}
+    return {k: (meta.get(k), v) for k, v in here.items() if meta.get(k) != v}
+
+
+def _incompatibility(meta: dict, engine, groups: ParallelGroups, tag_dir: str) -> str | None:
+    """What makes the checkpoint unloadable into this engine whatever the layout: dtype, parameter names, shapes."""
+    dtype = next(engine.module.parameters()).dtype
+    here = DTYPE_NAMES.get(dtype, str(dtype))
+    if meta.get("dtype") != here:
+        return (f"{tag_dir}: checkpoint model dtype is {meta.get('dtype')}, this run's {here}; resume with the "
+                "model.dtype it was saved with")
     for name, p in engine.module.named_parameters():
         saved = meta["params"].get(name)
         if saved is None:
             return f"{tag_dir}: checkpoint has no parameter {name}"
-        if saved["local_shape"] != _local_shape(p):
-            return (f"{tag_dir}: {name}: checkpoint has shape {saved['local_shape']} per rank, the model "
-                    f"{_local_shape(p)}")
+        local = _local_shape(p)
+        full = [local[0] * groups.ep_size, *local[1:]] if id(p) in _expert_param_ids(engine.module) else local
+        if saved["shape"] != full:
+            return f"{tag_dir}: {name}: checkpoint has shape {saved['shape']}, the model {full}"
     extra = sorted(set(meta["params"]) - {n for n, _ in engine.module.named_parameters()})
     if extra:
         return f"{tag_dir}: checkpoint parameter {extra[0]} is not in the model"
     return None
 
 
-def load_engine_checkpoint(engine, groups: ParallelGroups, load_dir: str, tag: str) -> dict:
-    """Restore weights, fp32 master weights, Adam moments, lr scheduler and step counters saved by
-    `save_engine_checkpoint` with the same world size, ep_size, ZeRO stage and dtype; returns the saved client_state.
-    Collective; every check runs on every rank before anything is modified. Call it on a freshly built engine
-    (DeepSpeed: a ZeRO-3 engine cannot load right after it saved)."""
+def load_engine_checkpoint(engine, groups: ParallelGroups, load_dir: str, tag: str, lr_scheduler: bool = False) -> dict:
+    """Restore weights, fp32 master weights, Adam moments and step counters saved by `save_engine_checkpoint`, at
+    the same or any other world size, ep_size and ZeRO stage (framework/zero/reshard.py), with the same model dtype;
+    returns the saved client_state. The lr scheduler's state is restored only with `lr_scheduler=True`; the trainer
+    instead re-evaluates its config's schedule at the resumed step, so that a changed lr or schedule takes effect. Collective; every check runs on
+    every rank before anything is modified. Call it on a freshly built engine (DeepSpeed: a ZeRO-3 engine cannot
+    load right after it saved)."""
     _check_supported(engine)
     tag = str(tag)
     tag_dir = os.path.join(load_dir, tag)
     error = None
+    reshard = False
     try:
         meta = read_meta(tag_dir)
-        error = _topology_error(meta, engine, groups, tag_dir)
-        if error is None:
+        error = _incompatibility(meta, engine, groups, tag_dir)
+        reshard = bool(topology_changes(meta, engine, groups))
+        if error is None and not reshard:
             mine = [meta["files"]["optim"][dist.get_rank()], *meta["files"]["model"]]
             if _own_expert_files(engine, groups.ep_size):
                 mine.append(meta["files"]["experts"][groups.ep_rank])
@@ -313,10 +323,14 @@ def load_engine_checkpoint(engine, groups: ParallelGroups, load_dir: str, tag: s
         error = str(exc)
     if _any_rank(error is not None, engine.device):
         raise ValueError(error or f"{tag_dir}: another rank could not read this checkpoint (see its error)")
+    if _any_rank(reshard, engine.device):
+        from framework.zero.reshard import load_resharded  # noqa: PLC0415
+
+        return load_resharded(engine, groups, tag_dir, lr_scheduler).get(CLIENT_STATE_KEY, {})
 
     with _as_plain_deepspeed(engine):
         load_path, client = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                   load_optimizer_states=True, load_lr_scheduler_states=lr_scheduler)
     if load_path is None:
         raise RuntimeError(f"{tag_dir}: DeepSpeed did not load the checkpoint")
     if _own_expert_files(engine, groups.ep_size):

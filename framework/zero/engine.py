@@ -110,3 +110,20 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGrou
     elif groups.ep_size > 1:
         _as_deepspeed_moe(model, groups)
     return deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config, **kwargs)
+
+
+def set_hyperparameters(engine, lr: float, schedule, step: int, betas: tuple[float, float], eps: float,
+                        weight_decay: float, grad_clip: float) -> None:
+    """Put this run's optimizer settings on a resumed engine, with the lr schedule evaluated at `step` (optimizer
+    steps done). DeepSpeed's load restores the saved param groups (lr, betas, eps, weight decay) and, for ZeRO-1/2,
+    the saved clipping norm: without this a changed setting on resume would be silently ignored."""
+    opt = engine.optimizer
+    for group in opt.param_groups:
+        group.update(lr=lr * schedule(step), initial_lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if hasattr(opt, "clip_grad"):
+        opt.clip_grad = grad_clip
+    sched = engine.lr_scheduler
+    if sched is not None:
+        sched.base_lrs = [lr] * len(opt.param_groups)
+        sched.last_epoch = step
+        sched._last_lr = [g["lr"] for g in opt.param_groups]

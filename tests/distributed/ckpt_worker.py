@@ -26,13 +26,14 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import deepspeed  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
 import framework  # noqa: E402
 from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.checkpoint_io import load_engine_checkpoint, save_engine_checkpoint  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
+from framework.zero.reshard import ensure_adam_states  # noqa: E402
 from tests.distributed import common  # noqa: E402
 from tests.distributed.common import LR, MICRO, model_config  # noqa: E402
 from tests.distributed.ep_worker import full_tensors  # noqa: E402
@@ -99,6 +100,12 @@ def fp32_params(engine, groups) -> dict[str, torch.Tensor]:
     return full_tensors(engine, groups, safe_get_full_fp32_param)
 
 
+def adam_moments(engine, groups) -> dict[str, torch.Tensor]:
+    ensure_adam_states(engine)  # links ZeRO-1/2's expert fragments to their states (see its docstring)
+    return {f"{name}:{key}": t for key in ("exp_avg", "exp_avg_sq")
+            for name, t in full_tensors(engine, groups, lambda p: safe_get_full_optimizer_state(p, key)).items()}
+
+
 def module_params(engine, groups) -> dict[str, torch.Tensor]:
     """The weights the forward pass uses (gathered under ZeRO-3), as fp32."""
     def read(p):
@@ -131,6 +138,7 @@ def train(case: str, out_dir: str) -> None:
     train_steps(engine, 0, SAVE_AT, result["saved"])
     result["at_save"] = fp32_params(engine, groups)
     result["at_save_module"] = module_params(engine, groups)
+    result["at_save_moments"] = adam_moments(engine, groups)
     # saved under a temporary name and renamed, as the trainer does: nothing may depend on the tag directory's name
     client_state = {"step": SAVE_AT, "case": case, "data": [1, 2, 3]}
     save_engine_checkpoint(engine, groups, case_dir, f"{TAG}.partial", client_state)
@@ -154,14 +162,20 @@ def resume(case: str, out_dir: str, wrong: str | None) -> None:
     rank = dist.get_rank()
     case_dir = os.path.join(out_dir, case)
     result = {"phase": "resume", "losses": [], "lrs": []}
-    engine, groups, _ = build(case)
-    if wrong is not None:
+    if wrong is not None:  # another case's checkpoint: another ZeRO stage / ep_size (resharded) or dtype (refused)
+        engine, groups, _ = build(case)
         try:
-            load_engine_checkpoint(engine, groups, os.path.join(out_dir, wrong), TAG)
-            result["wrong_error"] = None
+            load_engine_checkpoint(engine, groups, os.path.join(out_dir, wrong), TAG, lr_scheduler=True)
+            result["cross"] = {"from": wrong, "loaded": fp32_params(engine, groups),
+                               "loaded_module": module_params(engine, groups),
+                               "moments": adam_moments(engine, groups), "global_steps": engine.global_steps,
+                               "lrs": [], "losses": []}
+            train_steps(engine, SAVE_AT, STEPS, result["cross"])
         except ValueError as exc:
-            result["wrong_error"] = str(exc)
-    client = load_engine_checkpoint(engine, groups, case_dir, TAG)
+            result["cross"] = {"from": wrong, "error": str(exc)}
+        engine.destroy()
+    engine, groups, _ = build(case)
+    client = load_engine_checkpoint(engine, groups, case_dir, TAG, lr_scheduler=True)
     result["client_state"] = client
     result["global_steps"] = engine.global_steps
     result["loaded_module"] = module_params(engine, groups)

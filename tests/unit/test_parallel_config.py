@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from framework.parallel.groups import check_ep_size
+from framework.config.plan import check_parallel
 from framework.zero.engine import check_ds_config
 
 
 def test_ep_size_must_divide_world_and_experts():
-    check_ep_size(4, 8, 128)
+    check_parallel(4, 8, 128, 8)
     with pytest.raises(ValueError, match=r"parallel.ep_size \(3\) must divide the number of processes \(8\); "
                                          r"choose one of \[1, 2, 4, 8\]"):
-        check_ep_size(3, 8, 128)
-    with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by parallel.ep_size \(4\)"):
-        check_ep_size(4, 8, 6)
+        check_parallel(3, 8, 128)
+    with pytest.raises(ValueError, match=r"parallel.ep_size \(4\) must divide the model's num_experts \(6\)"):
+        check_parallel(4, 8, 6)
     with pytest.raises(ValueError, match="must be >= 1"):
-        check_ep_size(0, 8, 128)
+        check_parallel(0, 8, 128)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok \(9\) must be between 1 and num_experts \(8\)"):
+        check_parallel(1, 1, 8, 9)
 
 
 @pytest.mark.parametrize("zero,extra,match", [

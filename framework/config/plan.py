@@ -1,0 +1,310 @@
+"""One resolved run plan: the run config, the world size, the model and (when resuming) the checkpoint, checked together
+once, before any process group, model or DeepSpeed engine exists.
+
+Owns: every cross-check between those inputs (batch arithmetic, ep_size against the world and the experts, top-k
+against the experts, the model source, data paths, the output directory, and what a resume may change), each in one
+place, as one-line `ConfigError`s; and the values derived from them (the global batch when the user set none, the
+gradient accumulation steps, the model dtype, the tokenizer). launch/pretrain.py (under a launcher and in the
+validated multi-node launch), the trainer, tools/tune_zero.py and the ZeRO search use it.
+
+What a resume may change (README "Resuming"):
+- anything that keeps the checkpoint's shapes takes effect (lr, schedule, warmup, betas, clipping, max_steps, ...):
+  `changes` lists them in one line;
+- world size, ep_size, ZeRO stage and the global batch: the checkpoint is resharded, the data continues from the
+  same sample (framework/data/samples.py);
+- model shapes and the model dtype: refused (SHAPE_KEYS);
+- keys that keep shapes but change what the run trains on (MEANING_KEYS): refused unless listed in
+  train.allow_resume_changes; a changed corpus, tokenizer or data order then starts its data from the beginning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from framework.config.load import ConfigError
+from framework.config.schema import RunConfig, TrainSection
+
+# checkpoint config.json fields whose change makes the saved tensors unusable
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "mlp_only_layers",
+              "decoder_sparse_step", "tie_word_embeddings")
+# keys that keep shapes but change the run's meaning; data-order keys restart the data when allowed
+DATA_ORDER_KEYS = ("data.paths", "data.text_field", "data.use_demo_corpus", "data.synthetic", "data.shuffle",
+                   "model.tokenizer", "train.seed")
+MEANING_KEYS = ("num_experts_per_tok", "data.seq_len", *DATA_ORDER_KEYS)
+NOT_COMPARED = ("train.resume", "train.allow_resume_changes")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    root: str  # the checkpoint root (OUTPUT_DIR/checkpoints or a user-given one)
+    tag: str
+    run_config: dict[str, Any]  # the saved run_config.yaml
+    meta: dict[str, Any]  # the engine's meta.json (world_size, ep_size, zero_stage, dtype)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.tag)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: RunConfig  # with derived values filled in (train.global_batch_size)
+    world_size: int
+    gas: int  # micro batches per optimizer step on each rank
+    model_source: str | dict  # an HF checkpoint directory, or a config dict for random initialisation
+    hf_config: Any  # the resolved model config (transformers PretrainedConfig)
+    dtype: torch.dtype
+    tokenizer_dir: str
+    resume: ResumePoint | None
+    restart_data: bool  # resuming with another corpus / tokenizer / data order: the data starts anew
+    notes: list[str] = field(default_factory=list)  # lines to print once (rank 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def _model_source(cfg: RunConfig) -> str | dict:
+    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
+    from framework.models.qwen3_moe.load import _has_weights  # noqa: PLC0415
+
+    if cfg.model.path is not None and not os.path.exists(cfg.model.path):
+        raise ConfigError(f"model.path {cfg.model.path} does not exist")
+    if cfg.model.path is not None and _has_weights(cfg.model.path):
+        if cfg.model.num_layers is not None:
+            raise ConfigError(f"model.num_layers={cfg.model.num_layers} with model.path={cfg.model.path} holding "
+                              "weights: reduced depth is for random initialisation; remove one of them")
+        return cfg.model.path
+    raw = load_hf_config(cfg.model.path if cfg.model.path is not None else dict(cfg.model.hf_config)).to_dict()
+    if cfg.model.num_layers is not None:
+        raw["num_hidden_layers"] = cfg.model.num_layers
+        raw["mlp_only_layers"] = [i for i in raw.get("mlp_only_layers") or [] if i < cfg.model.num_layers]
+        if "layer_types" in raw:
+            raw["layer_types"] = raw["layer_types"][:cfg.model.num_layers]
+    for private in [k for k in raw if k.startswith("_")]:
+        raw.pop(private)
+    return raw
+
+
+def model_source(cfg: RunConfig) -> str | dict:
+    """What load_model gets: a checkpoint path, or a config dict (model.num_layers applied). One-line ConfigError
+    for a missing path or a config that is not Qwen3-MoE (e.g. a dense model)."""
+    where = f"model.path {cfg.model.path}" if cfg.model.path is not None else "model.hf_config"
+    try:
+        return _model_source(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {e}; this trainer trains Qwen3-MoE models (model_type qwen3_moe)") from None
+
+
+def resolve_dtype(cfg: RunConfig, cuda: bool | None = None) -> torch.dtype:
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
+
+
+def tokenizer_dir(cfg: RunConfig) -> str:
+    from framework.data import DEMO_TOKENIZER_DIR  # noqa: PLC0415
+
+    if cfg.model.tokenizer is not None:
+        return cfg.model.tokenizer
+    if cfg.model.path is not None and os.path.exists(os.path.join(cfg.model.path, "tokenizer_config.json")):
+        return cfg.model.path
+    return DEMO_TOKENIZER_DIR
+
+
+def global_batch(cfg: RunConfig, world_size: int, saved: int | None = None) -> tuple[int, str | None]:
+    """train.global_batch_size as set, or, when the user set none, the saved run's (resuming, if it divides) or the
+    smallest multiple of micro_batch_size x processes that is at least the default. Returns (value, note)."""
+    per_step = cfg.train.micro_batch_size * world_size
+    if "global_batch_size" in cfg.train.model_fields_set:
+        return cfg.train.global_batch_size, None
+    if saved is not None and saved % per_step == 0:
+        return saved, None
+    default = TrainSection.model_fields["global_batch_size"].default
+    value = per_step * max(1, math.ceil(default / per_step))
+    return value, (f"train.global_batch_size not set: {value} (train.micro_batch_size {cfg.train.micro_batch_size} x "
+                   f"{world_size} processes x {value // per_step} accumulation steps)")
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        nearest = max(per_step, round(global_batch_size / per_step) * per_step)
+        raise ConfigError(f"train.global_batch_size ({global_batch_size}) must be a multiple of "
+                          f"train.micro_batch_size ({micro_batch_size}) x {world_size} processes = {per_step}; "
+                          f"e.g. train.global_batch_size={nearest}, or leave it unset to derive it")
+    return global_batch_size // per_step
+
+
+def check_parallel(ep_size: int, world_size: int, num_experts: int, top_k: int | None = None) -> None:
+    """ep_size against the processes and the experts, top-k against the experts (the one place for both)."""
+    if ep_size < 1:
+        raise ConfigError(f"parallel.ep_size ({ep_size}) must be >= 1")
+    if world_size % ep_size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ConfigError(f"parallel.ep_size ({ep_size}) must divide the number of processes ({world_size}); choose "
+                          f"one of {divisors}")
+    if num_experts % ep_size:
+        raise ConfigError(f"parallel.ep_size ({ep_size}) must divide the model's num_experts ({num_experts})")
+    if top_k is not None and not 1 <= top_k <= num_experts:
+        raise ConfigError(f"model num_experts_per_tok ({top_k}) must be between 1 and num_experts ({num_experts})")
+
+
+def check_data(cfg: RunConfig) -> None:
+    if not cfg.data.paths and not cfg.data.use_demo_corpus and not cfg.data.synthetic:
+        raise ConfigError("data.paths is empty: list jsonl/parquet/txt files or folders, or set "
+                          "data.use_demo_corpus=true (or data.synthetic=true for random tokens)")
+    if cfg.data.synthetic and (cfg.data.paths or cfg.data.use_demo_corpus):
+        raise ConfigError("data.synthetic=true trains on random tokens: leave data.paths empty and "
+                          "data.use_demo_corpus false")
+    for path in cfg.data.paths + cfg.data.eval_paths:
+        if not os.path.exists(path):
+            raise ConfigError(f"data: {path} does not exist")
+    if cfg.train.eval_steps and not cfg.data.eval_paths:
+        raise ConfigError(f"train.eval_steps={cfg.train.eval_steps} but data.eval_paths is empty")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The directory (or its nearest existing parent) must be a writable directory."""
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"train.output_dir {output_dir} is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir {output_dir}: {existing} is not writable by this user; choose another "
+                          "train.output_dir")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resuming
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name != "model.hf_config":
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def read_resume_point(root: str, tag: str) -> ResumePoint:
+    from framework.checkpoint.zero_reader import read_meta  # noqa: PLC0415
+
+    tag_dir = os.path.join(root, tag)
+    try:
+        meta = read_meta(tag_dir)
+        with open(os.path.join(tag_dir, "run_config.yaml")) as f:
+            run_config = yaml.safe_load(f) or {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume: {tag_dir}: cannot read the checkpoint ({e})") from None
+    return ResumePoint(root, tag, run_config, meta)
+
+
+def _checkpoint_model(point: ResumePoint) -> dict[str, Any]:
+    path = os.path.join(point.path, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume: {path}: cannot read the checkpoint's model config ({e})") from None
+
+
+def resume_changes(cfg: RunConfig, hf_config, dtype: torch.dtype, point: ResumePoint) -> tuple[list[str], bool]:
+    """Check what this run changes against the checkpoint; returns (one line per change, restart the data)."""
+    from framework.zero.checkpoint_io import DTYPE_NAMES  # noqa: PLC0415
+
+    saved_model = _checkpoint_model(point)
+    now_model = hf_config.to_dict()
+    shape = [f"{k} {saved_model.get(k)!r} -> {now_model.get(k)!r}" for k in SHAPE_KEYS
+             if k in saved_model and saved_model.get(k) != now_model.get(k)]
+    saved_dtype, now_dtype = point.meta.get("dtype"), DTYPE_NAMES.get(dtype, str(dtype))
+    if saved_dtype != now_dtype:
+        shape.append(f"model dtype {saved_dtype} -> {now_dtype} (model.dtype)")
+    if shape:
+        raise ConfigError(f"resume: {point.path} cannot load into this model: {'; '.join(shape)}; resume with the "
+                          "model config it was saved with, or start a new train.output_dir")
+    saved, now = _flatten(point.run_config), _flatten(cfg.model_dump())
+    saved["num_experts_per_tok"] = saved_model.get("num_experts_per_tok")
+    now["num_experts_per_tok"] = now_model.get("num_experts_per_tok")
+    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+               if k not in NOT_COMPARED and saved.get(k) != now.get(k) and k != "model.hf_config"}
+    if saved.get("model.hf_config") != now.get("model.hf_config"):
+        # shapes are equal (checked above); report the inline model fields that differ
+        old, new = saved.get("model.hf_config") or {}, now.get("model.hf_config") or {}
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k) and k != "num_experts_per_tok":
+                changed[f"model.hf_config.{k}"] = (old.get(k), new.get(k))
+    allowed = set(cfg.train.allow_resume_changes)
+    refused = [k for k in MEANING_KEYS if k in changed and k not in allowed]
+    if refused:
+        what = "; ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise ConfigError(f"resume: {what} changes what the run trains on; to continue anyway pass "
+                          f"train.allow_resume_changes=[{', '.join(refused)}], or start a new train.output_dir")
+    lines = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()]
+    return lines, any(k in changed for k in DATA_ORDER_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) -> RunPlan:
+    """Check `cfg` for a run of `world_size` processes and resolve everything derived from it. Pure: reads files
+    (configs, checkpoint metadata, with `check_corpus` the corpus), starts nothing. Raises ConfigError (one line)."""
+    from framework.train.checkpointing import CheckpointManager  # noqa: PLC0415
+
+    check_data(cfg)
+    if check_corpus and cfg.data.paths:
+        from framework.data.sources import check_corpus as scan  # noqa: PLC0415
+
+        scan(list(cfg.data.paths) + list(cfg.data.eval_paths), cfg.data.text_field)
+    check_output_dir(cfg.train.output_dir)
+    source = model_source(cfg)
+    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
+
+    hf_config = load_hf_config(source)
+    check_parallel(cfg.parallel.ep_size, world_size, hf_config.num_experts, hf_config.num_experts_per_tok)
+    dtype = resolve_dtype(cfg)
+    notes: list[str] = []
+    point = None
+    try:
+        found = CheckpointManager(os.path.abspath(cfg.train.output_dir), cfg.train.keep_last, 0).resolve(
+            cfg.train.resume)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    if found is not None:
+        point = read_resume_point(*found)
+    saved_batch = point.run_config.get("train", {}).get("global_batch_size") if point else None
+    gbs, note = global_batch(cfg, world_size, saved_batch)
+    if note:
+        notes.append(note)
+    if gbs != cfg.train.global_batch_size:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"global_batch_size": gbs})})
+    gas = accumulation_steps(gbs, cfg.train.micro_batch_size, world_size)
+    restart_data = False
+    if point is not None:
+        changes, restart_data = resume_changes(cfg, hf_config, dtype, point)
+        if point.meta.get("world_size") != world_size:
+            changes.append(f"processes {point.meta.get('world_size')} -> {world_size}")
+        if changes:
+            notes.append(f"resume: changed since {point.path}: {'; '.join(changes)}")
+        if restart_data:
+            notes.append("resume: the data changed (allowed by train.allow_resume_changes): it starts from its "
+                         "beginning")
+    return RunPlan(cfg, world_size, gas, source, hf_config, dtype, tokenizer_dir(cfg), point, restart_data, notes)
