@@ -358,6 +358,52 @@ def test_missing_index_and_shard_and_config(ckpts, tmp_path, capsys):
                                     and capsys.readouterr().err)
 
 
+def _edit_index(src: str, dst: str, edit) -> dict:
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, INDEX_NAME)) as f:
+        index = json.load(f)
+    edit(index["weight_map"])
+    with open(os.path.join(dst, INDEX_NAME), "w") as f:
+        json.dump(index, f)
+    return index
+
+
+@pytest.mark.parametrize("tool, prog, flags", [
+    (merge_tool, "moe_merge", ("--raw_hf_path", "--merge_hf_path")),
+    (split_tool, "moe_split", ("--merge_hf_path", "--output_hf_path")),
+])
+def test_index_and_shards_agree_both_ways(ckpts, merged, tmp_path, capsys, tool, prog, flags):
+    """A tensor in a shard but not in the index used to be dropped from the output, and --verify agreed."""
+    raw = ckpts["raw"] if tool is merge_tool else merged
+    with open(os.path.join(raw, INDEX_NAME)) as f:
+        index = json.load(f)["weight_map"]
+
+    def run(src: str) -> str:
+        assert run_tool(tool, prog, flags[0], src, flags[1], str(tmp_path / "o"), "--verify", "--quiet") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
+        assert not os.path.exists(tmp_path / "o") and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+        return err
+
+    norm_shard = index["model.norm.weight"]
+    src = str(tmp_path / "unlisted")
+    _edit_index(raw, src, lambda m: m.pop("model.norm.weight"))
+    assert (f"{os.path.join(src, norm_shard)}: tensor model.norm.weight is in the shard but not in {INDEX_NAME}; "
+            "add it to weight_map or re-create the index") in run(src)
+
+    src = str(tmp_path / "phantom")
+    _edit_index(raw, src, lambda m: m.update({"model.extra.weight": norm_shard}))
+    assert (f"{src}: missing tensor model.extra.weight in shard {norm_shard} named by the index (no shard holds it)"
+            in run(src))
+
+    src = str(tmp_path / "extra_shard")
+    extra = "model-00099-of-00099.safetensors"
+    shutil.copytree(raw, src)
+    save_file({"model.stray.weight": torch.zeros(2)}, os.path.join(src, extra))
+    assert (f"{os.path.join(src, extra)}: shard holds 1 tensor(s) (e.g. model.stray.weight) that {INDEX_NAME} does "
+            "not name; add them to weight_map or remove the shard") in run(src)
+
+
 # ---- download ----
 
 def test_download_offline_is_one_line(tmp_path):
