@@ -91,8 +91,9 @@ class HFCheckpoint:
         self.close()
 
     def check_shards(self) -> None:
-        """Check that the shards hold exactly what the index says: no tensor missing from its shard, none in two
-        shards, and no sharded checkpoint without its index. Reads shard headers only."""
+        """Check that the shards hold exactly what the index says, both ways: no tensor missing from its shard, none
+        in two shards, none in a shard but not in the index (a converter would drop it silently), no numbered shard
+        the index leaves out, and no sharded checkpoint without its index. Reads shard headers only."""
         index = os.path.join(self.path, INDEX_NAME)
         if not os.path.exists(index):
             numbered = sorted(f for f in os.listdir(self.path) if _SHARD_OF_RE.search(f))
@@ -111,6 +112,21 @@ class HFCheckpoint:
             if seen.get(key) != shard:
                 where = f"it is in {seen[key]}" if key in seen else "no shard holds it"
                 raise ValueError(f"{self.path}: missing tensor {key} in shard {shard} named by the index ({where})")
+        self._check_unlisted(seen)
+
+    def _check_unlisted(self, seen: dict[str, str]) -> None:
+        """The other direction of `check_shards`: every tensor of every shard is in the index."""
+        for key in sorted(seen):
+            if key not in self.key_to_file:
+                raise ValueError(f"{os.path.join(self.path, seen[key])}: tensor {key} is in the shard but not in "
+                                 f"{INDEX_NAME}; add it to weight_map or re-create the index")
+        named = set(seen.values())
+        for shard in sorted(f for f in os.listdir(self.path) if _SHARD_OF_RE.search(f) and f not in named):
+            keys = sorted(self._header(shard).tensors)
+            if keys:
+                raise ValueError(f"{os.path.join(self.path, shard)}: shard holds {len(keys)} tensor(s) "
+                                 f"(e.g. {keys[0]}) that {INDEX_NAME} does not name; add them to weight_map or "
+                                 "remove the shard")
 
     def _key_map(self, path: str) -> dict[str, str]:
         index = os.path.join(path, INDEX_NAME)

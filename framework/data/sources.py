@@ -2,8 +2,13 @@
 
 Owns: finding the data files behind the user's `paths` (files, folders searched recursively, `datasets` save_to_disk
 directories), opening each one as a source of documents, the checks on them (missing path, unknown extension,
-`text_field` absent or not text, no documents), and `Corpus`, which maps a global document id to its text. Does not own
-tokenisation, document order or packing (see `tokenizer.py`, `order.py`, `stream.py`, `packing.py`).
+`text_field` absent or not text, no documents, binary content), and `Corpus`, which maps a global document id to its
+text. Does not own tokenisation, document order or packing (see `tokenizer.py`, `order.py`, `stream.py`, `packing.py`).
+
+`check_corpus` runs every check before training starts: linear, chunked passes over each text / JSON file (NUL bytes
+and invalid UTF-8 named by file and line, then each JSON line's object and text field), and only the schemas of parquet
+files and saved datasets. `open_corpus` does not repeat those passes on every rank; where it reads anyway (a JSON file that `datasets`
+cannot convert or whose text column is wrong, a text file read for its document) the same checks name the line.
 
 Formats, one document per:
     .jsonl / .json   line or row (JSON lines, or a JSON array of objects), text in `text_field`
@@ -21,17 +26,25 @@ request to the Hub on every call.) Document ids are global, numbered in file ord
 from __future__ import annotations
 
 import bisect
+import codecs
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from framework.config.load import ConfigError
 
 SUFFIX_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
 SAVED_DATASET_DICT_FILE = "dataset_dict.json"
 _KIND_NAMES = {"json": "JSON lines or a JSON array", "parquet": "parquet", "saved": "a saved dataset"}
+_TEXT_TYPES = ("string", "large_string")
+_READ_CHUNK = 1 << 20
+# Named in the error when a "text" file starts like one of these, since a renamed binary is the usual cause.
+_MAGIC = {b"\x7fELF": "an ELF executable", b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file",
+          b"%PDF": "a PDF", b"PAR1": "a parquet file"}
 
 
 @dataclass(frozen=True)
@@ -97,11 +110,168 @@ def find_data_files(paths: Sequence[str], cache_dir: str | None = None) -> list[
     return found
 
 
+# ---------------------------------------------------------------------------------------------------------- checking
+
+
+def _bad_bytes(data: bytes, decoder: codecs.IncrementalDecoder, final: bool) -> tuple[int, str] | None:
+    """Offset in `data` and description of its first NUL byte or invalid UTF-8; `decoder` carries a character split
+    across calls (so the offset can be negative: the bad sequence began in the previous call's bytes)."""
+    pending = len(decoder.getstate()[0])
+    nul = data.find(b"\x00")
+    try:
+        decoder.decode(data, final)
+        return (nul, "NUL byte") if nul >= 0 else None
+    except UnicodeDecodeError as e:
+        offset = e.start - pending
+        if 0 <= nul < offset:
+            return nul, "NUL byte"
+        return offset, f"invalid UTF-8 (byte 0x{e.object[e.start]:02x})"
+
+
+def _starts_like(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    return f", the file starts like {kind}" if kind else ""
+
+
+def check_text_bytes(path: str) -> None:
+    """No NUL byte and valid UTF-8 throughout `path`, read in chunks; a ValueError names the first bad line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_READ_CHUNK)
+            found = _bad_bytes(chunk, decoder, final=not chunk)
+            if found:
+                at, what = found
+                line += chunk.count(b"\n", 0, max(at, 0))
+                fix = ("binary content, not text; remove the file from the corpus" if what == "NUL byte" else
+                       "not UTF-8 text; re-encode the file as UTF-8 (e.g. iconv -t utf-8) or remove it from the corpus")
+                raise ValueError(f"{path}:{line}: {what} at byte {offset + at}{_starts_like(path)}: {fix}")
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def _json_kind(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _document_problem(doc: object, text_field: str) -> str | None:
+    """What is wrong with one parsed JSON document (a line, or an element of an array), if anything."""
+    if not isinstance(doc, dict):
+        return (f"a JSON {_json_kind(doc)}, not an object; each document must be an object with a {text_field!r} "
+                "field")
+    if text_field not in doc:
+        return (f"no field {text_field!r} (fields found: {', '.join(map(str, doc)) or 'none'}); set data.text_field "
+                "to the field holding the text")
+    if not isinstance(doc[text_field], str):
+        return (f"field {text_field!r} holds a JSON {_json_kind(doc[text_field])}, not text; every document needs "
+                "its text there")
+    return None
+
+
+def _first_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.strip()[:1]
+    return b""
+
+
+def check_json_documents(path: str, text_field: str) -> int:
+    """Each document of a JSON lines file (or JSON array) is an object whose `text_field` is a string; returns the
+    number of documents. A ValueError names the first bad line (or array element). Expects `check_text_bytes` passed."""
+    if _first_byte(path) == b"[":  # an array is one JSON value: parsed whole, as `datasets` does
+        with open(path, encoding="utf-8") as f:
+            try:
+                docs = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg}, column {e.colno})") from None
+        for i, doc in enumerate(docs):
+            problem = _document_problem(doc, text_field)
+            if problem:
+                raise ValueError(f"{path}: array element {i}: {problem}")
+        return len(docs)
+    count = 0
+    with open(path, encoding="utf-8", newline="\n") as f:  # lines end at b"\n" only, as counted by check_text_bytes
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line.rstrip("\r\n"))  # a torn last line: "unterminated string", not "control char"
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg}, column {e.colno}); each line must be one JSON "
+                                 f"object with a {text_field!r} field") from None
+            problem = _document_problem(doc, text_field)
+            if problem:
+                raise ValueError(f"{path}:{number}: {problem}")
+            count += 1
+    return count
+
+
+def _check_text_column(path: str, columns: dict[str, str], text_field: str) -> None:
+    """`columns`: name -> type as Arrow prints it (the schema only, no rows read)."""
+    if text_field not in columns:
+        raise ValueError(f"{path}: no field {text_field!r} (fields found: {', '.join(columns)}); set text_field to the "
+                         "one holding the text")
+    if columns[text_field] not in _TEXT_TYPES:
+        raise ValueError(f"{path}: field {text_field!r} holds {columns[text_field]}, not text")
+
+
+def _check_parquet(path: str, text_field: str) -> None:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError...
+        raise ValueError(f"{path}: cannot be read as parquet ({_root_cause(e)})") from e
+    _check_text_column(path, {f.name: str(f.type) for f in schema}, text_field)
+    if _num_parquet_rows(path) == 0:
+        raise ValueError(f"{path}: no documents (0 rows)")
+
+
+def _check_file(file: DataFile, text_field: str) -> None:
+    if file.kind == "text":
+        TextFileSource(file.path)
+        check_text_bytes(file.path)
+    elif file.kind == "json":
+        check_text_bytes(file.path)
+        if check_json_documents(file.path, text_field) == 0:
+            raise ValueError(f"{file.path}: no documents (the file is empty)")
+    elif file.kind == "parquet":
+        _check_parquet(file.path, text_field)
+    else:  # memory-mapped: opening reads the schema and Arrow's stored null counts, no rows
+        open_source(file, text_field, None)
+
+
+def check_corpus(paths: Sequence[str], text_field: str = "text", cache_dir: str | None = None,
+                 key: str = "data.paths") -> None:
+    """Check every data file of `paths` before training: what `open_corpus` checks, plus binary content (NUL bytes,
+    invalid UTF-8) and every JSON document's text field, named by file and line. Reads text files once and JSON files
+    twice (bytes, then documents), sequentially; parquet files and saved datasets only by their schema.
+
+    Raises:
+        ConfigError: `<key>: FILE[:LINE]: what is wrong; how to fix it`, for the first problem found.
+    """
+    try:
+        for file in find_data_files(paths, cache_dir):
+            _check_file(file, text_field)
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------- opening
 
 
 class TextFileSource:
-    """One .txt/.md file = one document, read on demand (UTF-8; undecodable bytes become U+FFFD)."""
+    """One .txt/.md file = one document, read on demand (UTF-8 without NUL bytes, else a ValueError naming the line:
+    a binary file must not train silently, even when `check_corpus` was not run)."""
 
     num_docs = 1
 
@@ -111,23 +281,29 @@ class TextFileSource:
         self.path = path
 
     def texts(self, rows: Sequence[int]) -> list[str]:
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        with open(self.path, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+            bad = "\x00" in text
+        except UnicodeDecodeError:
+            text, bad = "", True
+        if bad:
+            check_text_bytes(self.path)  # raises, naming the line
+            raise ValueError(f"{self.path}: changed while being read; restart once the corpus is complete")
         return [text for _ in rows]
 
 
 class ArrowSource:
-    """The rows of one memory-mapped `datasets.Dataset`, reduced to its text column."""
+    """The rows of one memory-mapped `datasets.Dataset`, reduced to its text column. `text_file`: `path` is a JSON
+    file, whose bytes `check_text_bytes` can name by line (Arrow's JSON reader keeps invalid UTF-8 as it is, so it
+    surfaces only when a row is read)."""
 
-    def __init__(self, path: str, dataset: datasets.Dataset, text_field: str):
+    def __init__(self, path: str, dataset: datasets.Dataset, text_field: str, text_file: bool = False):
         if dataset.num_rows == 0:
             raise ValueError(f"{path}: no documents (0 rows)")
-        if text_field not in dataset.column_names:
-            raise ValueError(f"{path}: no field {text_field!r} (fields found: {', '.join(dataset.column_names)}); "
-                             f"set text_field to the one holding the text")
-        feature = dataset.features[text_field]
-        if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise ValueError(f"{path}: field {text_field!r} holds {feature}, not text")
+        _check_text_column(path, {name: getattr(feature, "dtype", str(feature))
+                                  for name, feature in dataset.features.items()}, text_field)
         dataset = dataset.select_columns([text_field])
         column = dataset.data.column(text_field)
         if column.null_count:
@@ -136,11 +312,25 @@ class ArrowSource:
             first = pc.index(pc.is_null(column), True).as_py()
             raise ValueError(f"{path}: {column.null_count} of {dataset.num_rows} rows have no {text_field!r} "
                              f"(first at row {first})")
-        self.path, self.dataset, self.text_field = path, dataset, text_field
+        self.path, self.dataset, self.text_field, self.text_file = path, dataset, text_field, text_file
         self.num_docs = dataset.num_rows
 
     def texts(self, rows: Sequence[int]) -> list[str]:
-        return self.dataset[[int(r) for r in rows]][self.text_field]
+        try:
+            return self.dataset[[int(r) for r in rows]][self.text_field]
+        except UnicodeDecodeError:
+            self._explain_undecodable(rows)
+            raise
+
+    def _explain_undecodable(self, rows: Sequence[int]) -> None:
+        if self.text_file:
+            check_text_bytes(self.path)  # raises, naming the line
+        for row in rows:
+            try:
+                self.dataset[int(row)]
+            except UnicodeDecodeError:
+                raise ValueError(f"{self.path}: row {row}: field {self.text_field!r} is not valid UTF-8; re-encode "
+                                 "the data as UTF-8") from None
 
 
 @contextlib.contextmanager
@@ -217,7 +407,13 @@ def _load_dataset(file: DataFile, cache_dir: str | None) -> "datasets.Dataset": 
 def open_source(file: DataFile, text_field: str, cache_dir: str | None) -> TextFileSource | ArrowSource:
     if file.kind == "text":
         return TextFileSource(file.path)
-    return ArrowSource(file.path, _load_dataset(file, cache_dir), text_field)
+    try:
+        return ArrowSource(file.path, _load_dataset(file, cache_dir), text_field, text_file=file.kind == "json")
+    except ValueError:
+        if file.kind == "json":  # name the line to blame, when one is: datasets' own message cannot
+            check_text_bytes(file.path)
+            check_json_documents(file.path, text_field)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------------------ corpus
@@ -253,7 +449,14 @@ class Corpus:
         return out
 
 
-def open_corpus(paths: Sequence[str], text_field: str = "text", cache_dir: str | None = None) -> Corpus:
-    """Find, open and check every data file of `paths`; errors are one line naming the file."""
+def open_corpus(paths: Sequence[str], text_field: str = "text", cache_dir: str | None = None,
+                key: str = "data.paths") -> Corpus:
+    """Find, open and check every data file of `paths`; errors are one line naming the file (a bad file's content:
+    a ConfigError `<key>: FILE[:LINE]: ...`, as from `check_corpus`; a missing path: FileNotFoundError)."""
     files = find_data_files(paths, cache_dir)
-    return Corpus([open_source(f, text_field, cache_dir) for f in files])
+    try:
+        return Corpus([open_source(f, text_field, cache_dir) for f in files])
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None

@@ -358,6 +358,154 @@ def test_missing_index_and_shard_and_config(ckpts, tmp_path, capsys):
                                     and capsys.readouterr().err)
 
 
+def _edit_index(src: str, dst: str, edit) -> dict:
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, INDEX_NAME)) as f:
+        index = json.load(f)
+    edit(index["weight_map"])
+    with open(os.path.join(dst, INDEX_NAME), "w") as f:
+        json.dump(index, f)
+    return index
+
+
+@pytest.mark.parametrize("tool, prog, flags", [
+    (merge_tool, "moe_merge", ("--raw_hf_path", "--merge_hf_path")),
+    (split_tool, "moe_split", ("--merge_hf_path", "--output_hf_path")),
+])
+def test_index_and_shards_agree_both_ways(ckpts, merged, tmp_path, capsys, tool, prog, flags):
+    """A tensor in a shard but not in the index used to be dropped from the output, and --verify agreed."""
+    raw = ckpts["raw"] if tool is merge_tool else merged
+    with open(os.path.join(raw, INDEX_NAME)) as f:
+        index = json.load(f)["weight_map"]
+
+    def run(src: str) -> str:
+        assert run_tool(tool, prog, flags[0], src, flags[1], str(tmp_path / "o"), "--verify", "--quiet") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
+        assert not os.path.exists(tmp_path / "o") and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+        return err
+
+    norm_shard = index["model.norm.weight"]
+    src = str(tmp_path / "unlisted")
+    _edit_index(raw, src, lambda m: m.pop("model.norm.weight"))
+    assert (f"{os.path.join(src, norm_shard)}: tensor model.norm.weight is in the shard but not in {INDEX_NAME}; "
+            "add it to weight_map or re-create the index") in run(src)
+
+    src = str(tmp_path / "phantom")
+    _edit_index(raw, src, lambda m: m.update({"model.extra.weight": norm_shard}))
+    assert (f"{src}: missing tensor model.extra.weight in shard {norm_shard} named by the index (no shard holds it)"
+            in run(src))
+
+    src = str(tmp_path / "extra_shard")
+    extra = "model-00099-of-00099.safetensors"
+    shutil.copytree(raw, src)
+    save_file({"model.stray.weight": torch.zeros(2)}, os.path.join(src, extra))
+    assert (f"{os.path.join(src, extra)}: shard holds 1 tensor(s) (e.g. model.stray.weight) that {INDEX_NAME} does "
+            "not name; add them to weight_map or remove the shard") in run(src)
+
+
+# ---- temporary directories left by killed runs ----
+
+from framework.checkpoint import atomic_dir  # noqa: E402
+
+# Enters atomic_output_dir(argv[1]), prints the temporary directory, then waits on stdin: killed there, it leaves what a
+# conversion killed mid-write leaves. Loads atomic_dir.py by path, so the child does not import torch.
+WRITER = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("atomic_dir", sys.argv[2])
+atomic_dir = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic_dir)
+with atomic_dir.atomic_output_dir(sys.argv[1]) as tmp:
+    with open(os.path.join(tmp, "model-00001-of-00002.safetensors"), "w") as f:
+        f.write("half")
+    print(tmp, flush=True)
+    sys.stdin.read()
+"""
+
+
+def start_writer(out: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, out, atomic_dir.__file__], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temp_dir_of_a_live_run_is_named_and_of_a_killed_run_removed(ckpts, merged, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    proc, tmp = start_writer(out)
+    try:
+        assert tmp == f"{out}.tmp-{proc.pid}"
+        with open(os.path.join(tmp, atomic_dir.OWNER_FILE)) as f:
+            assert json.load(f)["pid"] == proc.pid
+        assert run_tool(merge_tool, "moe_merge", "--raw_hf_path", ckpts["raw"], "--merge_hf_path", out,
+                        "--quiet") == 2
+        assert capsys.readouterr().err == (f"moe_merge: error: output {out}: {tmp} is being written by pid "
+                                           f"{proc.pid} on this host; wait for it to finish or stop it\n")
+        assert sorted(os.listdir(tmp_path)) == [os.path.basename(tmp)]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert os.path.isdir(tmp)  # what SIGKILL leaves behind
+    assert run_tool(merge_tool, "moe_merge", "--raw_hf_path", ckpts["raw"], "--merge_hf_path", out, "--quiet") == 0
+    assert capsys.readouterr().err == f"note: removed {tmp}, left by a run that died (pid {proc.pid} on this host)\n"
+    assert os.listdir(tmp_path) == ["out"] and atomic_dir.OWNER_FILE not in os.listdir(out)
+    assert_same_tensors(read_safetensors_dir(merged), read_safetensors_dir(out))
+
+
+def test_temp_dirs_of_dead_pids_other_hosts_and_unknown_owners(tmp_path, capsys):
+    out = str(tmp_path / "out")
+
+    def left_behind(pid: int, owner: dict | None) -> str:
+        tmp = f"{out}.tmp-{pid}"
+        os.mkdir(tmp)
+        if owner is not None:
+            with open(os.path.join(tmp, atomic_dir.OWNER_FILE), "w") as f:
+                json.dump(owner, f)
+        return tmp
+
+    pid = dead_pid()
+    stale = left_behind(pid, {"host": atomic_dir.socket.gethostname(), "pid": pid, "started": None})
+    (tmp_path / "out.tmp-x").mkdir()  # not ours: no pid
+    with atomic_dir.atomic_output_dir(out) as tmp:
+        assert not os.path.exists(stale) and os.path.isfile(os.path.join(tmp, atomic_dir.OWNER_FILE))
+    assert capsys.readouterr().err == f"note: removed {stale}, left by a run that died (pid {pid} on this host)\n"
+    assert os.listdir(out) == [] and sorted(os.listdir(tmp_path)) == ["out", "out.tmp-x"]
+
+    # A live process whose start time differs from the recorded one took over a dead run's pid: stale.
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        reused = left_behind(other.pid, {"host": atomic_dir.socket.gethostname(), "pid": other.pid, "started": "1"})
+        atomic_dir.check_output_path(out, overwrite=True)
+        assert atomic_dir.remove_stale_temp_dirs(out, note=lambda _msg: None) == [reused]
+        honest = left_behind(other.pid, {"host": atomic_dir.socket.gethostname(), "pid": other.pid,
+                                         "started": atomic_dir._process_start(other.pid)})
+        with pytest.raises(FileExistsError, match=re.escape(f"{honest} is being written by pid {other.pid} on this")):
+            atomic_dir.check_output_path(out, overwrite=True)
+        shutil.rmtree(honest)
+    finally:
+        other.kill()
+        other.wait()
+
+    remote = left_behind(pid, {"host": "some-other-node", "pid": pid})
+    with pytest.raises(FileExistsError) as info:
+        atomic_dir.check_output_path(out, overwrite=True)
+    assert str(info.value) == (f"output {out}: {remote} belongs to pid {pid} on host some-other-node, which cannot be "
+                               f"checked from here; remove it if no run on some-other-node is writing {out}")
+    shutil.rmtree(remote)
+
+    unknown = left_behind(pid, None)
+    with pytest.raises(FileExistsError, match=re.escape(f"{unknown} has no readable owner record "
+                                                        f"({atomic_dir.OWNER_FILE}); remove it if no run is writing")):
+        with atomic_dir.atomic_output_dir(out, overwrite=True):
+            pass
+    assert os.path.isdir(unknown) and sorted(os.listdir(tmp_path)) == ["out", os.path.basename(unknown), "out.tmp-x"]
+
+
 # ---- download ----
 
 def test_download_offline_is_one_line(tmp_path):
