@@ -13,8 +13,8 @@ hostfile line; then the caller replaces itself (`os.execvp`) with
 
 `--no_ssh --node_rank K` is the one-launch-per-node form (Kubernetes, or any cluster without ssh between nodes): each
 node runs the same line with its own K, and the runner starts that node's processes only. PRELAUNCH_OPTIONS are read
-here and passed to nobody. Runner options are passed as `--name=value` so that a value starting with `-` (`--launcher_args=-x FOO`) survives
-argparse.
+here and passed to nobody. Runner options are passed as `--name=value` so that a value starting with `-`
+(`--launcher_args=-x FOO`) survives argparse.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import sys
 import pytest
 from deepspeed.launcher import runner as ds_runner
 
-from framework.cluster import (OPTIONS, PRELAUNCH_OPTIONS, REJECTED, check_deepspeed_env, check_world, deepspeed_env_files,
-                               is_under_launcher, parse_hostfile, prelaunch, runner_command, select_gpus,
-                               split_launcher_args, wants_prelaunch)
+from framework.cluster import (OPTIONS, PRELAUNCH_OPTIONS, REJECTED, check_deepspeed_env, check_world,
+                               deepspeed_env_files, is_under_launcher, parse_hostfile, prelaunch, runner_command,
+                               select_gpus, split_launcher_args, wants_prelaunch)
 
 GOOD = """# two 8-GPU nodes
 
@@ -364,8 +364,8 @@ def test_prelaunch_no_ssh_errors(write, clean_env, extra, pattern):
 def test_prelaunch_ep_across_nodes_opt_in(write, clean_env):
     """2 nodes x 1 process with EP=2: refused by default, with the opt-in named; accepted with it."""
     path = write("localhost slots=1\n127.0.0.1 slots=1\n")
-    with pytest.raises(ValueError, match=r"^parallel.ep_size \(2\) exceeds the 1 GPUs of one node .*"
-                                         r"\(or pass --allow_cross_node_ep to let expert-parallel groups span nodes\)$"):
+    with pytest.raises(ValueError, match=r"^parallel.ep_size \(2\) exceeds the 1 GPUs of one node .*\(or pass "
+                                         r"--allow_cross_node_ep to let expert-parallel groups span nodes\)$"):
         prelaunch(["p.py", "--hostfile", path, "--master_addr=127.0.0.1"], 2, 8, 2, 4)
     cmd = prelaunch(["p.py", "--hostfile", path, "--allow_cross_node_ep", "--master_addr=127.0.0.1"], 2, 8, 2, 4)
     assert "--allow_cross_node_ep" not in cmd and cmd[-1] == "p.py"
