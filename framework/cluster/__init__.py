@@ -8,10 +8,10 @@ size it gives and its fit with the run config (world.py), `.deepspeed_env` files
 
 from framework.cluster.ds_env import check_deepspeed_env, deepspeed_env_files
 from framework.cluster.hostfile import HostPool, parse_hostfile
-from framework.cluster.prelaunch import (OPTIONS, REJECTED, is_under_launcher, prelaunch, runner_command,
-                                         split_launcher_args, wants_prelaunch)
-from framework.cluster.world import check_world, describe_world, select_gpus
+from framework.cluster.prelaunch import (OPTIONS, PRELAUNCH_OPTIONS, REJECTED, is_under_launcher, prelaunch,
+                                         runner_command, split_launcher_args, wants_prelaunch)
+from framework.cluster.world import ALLOW_CROSS_NODE_EP, check_world, describe_world, select_gpus
 
-__all__ = ["OPTIONS", "REJECTED", "HostPool", "check_deepspeed_env", "check_world", "deepspeed_env_files",
-           "describe_world", "is_under_launcher", "parse_hostfile", "prelaunch", "runner_command", "select_gpus",
-           "split_launcher_args", "wants_prelaunch"]
+__all__ = ["ALLOW_CROSS_NODE_EP", "OPTIONS", "PRELAUNCH_OPTIONS", "REJECTED", "HostPool", "check_deepspeed_env",
+           "check_world", "deepspeed_env_files", "describe_world", "is_under_launcher", "parse_hostfile", "prelaunch",
+           "runner_command", "select_gpus", "split_launcher_args", "wants_prelaunch"]

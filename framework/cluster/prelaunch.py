@@ -11,8 +11,10 @@ hostfile line; then the caller replaces itself (`os.execvp`) with
 
     [sys.executable, "-m", "deepspeed.launcher.runner", --hostfile=H, <runner options>, script, <script arguments>]
 
-Runner options are passed as `--name=value` so that a value starting with `-` (`--launcher_args=-x FOO`) survives
-argparse.
+`--no_ssh --node_rank K` is the one-launch-per-node form (Kubernetes, or any cluster without ssh between nodes): each
+node runs the same line with its own K, and the runner starts that node's processes only. PRELAUNCH_OPTIONS are read
+here and passed to nobody. Runner options are passed as `--name=value` so that a value starting with `-`
+(`--launcher_args=-x FOO`) survives argparse.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 from framework.cluster.ds_env import check_deepspeed_env, deepspeed_env_files
 from framework.cluster.hostfile import HostPool, parse_hostfile
-from framework.cluster.world import check_world, describe_world, select_gpus
+from framework.cluster.world import ALLOW_CROSS_NODE_EP, check_world, describe_world, select_gpus
 
 # DeepSpeed 0.19.8's multi-node backends (deepspeed/launcher/constants.py); the runner lower-cases --launcher.
 LAUNCHERS = ("pdsh", "openmpi", "mpich", "impi", "mvapich", "slurm")
@@ -55,6 +57,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--num_gpus", "--num_accelerators"), "--num_gpus", "int"),
     Option(("--master_addr",), "--master_addr", "str"),
     Option(("--master_port",), "--master_port", "int"),
+    Option(("--no_ssh",), "--no_ssh", "flag"),
+    Option(("--node_rank",), "--node_rank", "int"),
     Option(("--launcher",), "--launcher", "str"),
     Option(("--launcher_args",), "--launcher_args", "str"),
     Option(("--ssh_port",), "--ssh_port", "int"),
@@ -64,7 +68,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--force_multi",), "--force_multi", "flag"),
     Option(("--no_local_rank",), "--no_local_rank", "flag"),
 )
-_BY_NAME = {name: opt for opt in OPTIONS for name in opt.names}
+# Ours alone: read here, never passed to the runner or the script.
+PRELAUNCH_OPTIONS: tuple[Option, ...] = (Option((ALLOW_CROSS_NODE_EP,), ALLOW_CROSS_NODE_EP, "flag"),)
+_BY_NAME = {name: opt for opt in OPTIONS + PRELAUNCH_OPTIONS for name in opt.names}
+# What the runner ignores under --no_ssh (it then runs deepspeed.launcher.launch on this node only, no ssh or pdsh).
+_SSH_ONLY = ("--launcher_args", "--ssh_port", "--venv_script", "--force_multi")
 _BYPASS = "run `deepspeed [options] launch/pretrain.py ...` directly to use it without these checks"
 # Runner options that change which processes start in ways the checks here do not model.
 REJECTED: dict[str, str] = {
@@ -72,8 +80,6 @@ REJECTED: dict[str, str] = {
     "-i": f"select hosts by editing the hostfile or with --num_nodes/--num_gpus; {_BYPASS}",
     "--exclude": f"select hosts by editing the hostfile or with --num_nodes/--num_gpus; {_BYPASS}",
     "-e": f"select hosts by editing the hostfile or with --num_nodes/--num_gpus; {_BYPASS}",
-    "--no_ssh": f"one launch per node; {_BYPASS} on every node",
-    "--node_rank": f"one launch per node; {_BYPASS} on every node",
     "--module": "the script is launch/pretrain.py",
     "--no_python": "the script is launch/pretrain.py",
     "--autotuning": _BYPASS,
@@ -102,7 +108,8 @@ def _value(opt: Option, name: str, raw: str) -> str | int:
 
 
 def split_launcher_args(args: list[str]) -> tuple[dict[str, str | int | bool], list[str]]:
-    """Split the arguments after the script path into runner options (keyed by runner name) and the script's own.
+    """Split the arguments after the script path into launch options (runner options keyed by the runner's name, and
+    PRELAUNCH_OPTIONS by theirs) and the script's own.
 
     `--name value` and `--name=value` are both read; `--` ends the runner options (it and what follows pass through).
 
@@ -172,6 +179,35 @@ def _launcher_errors(opts: dict[str, str | int | bool], hosts: HostPool, gpus: d
     return errors
 
 
+def _no_ssh_errors(opts: dict[str, str | int | bool], hosts: HostPool, selected: dict[str, int],
+                   path: str) -> list[str]:
+    """Checks of a per-node launch (`--no_ssh --node_rank K`), which DeepSpeed makes with a bare assert or an ssh."""
+    if "--no_ssh" not in opts:
+        if "--node_rank" in opts:
+            return ["--node_rank is read only with --no_ssh (pdsh numbers the nodes itself); add --no_ssh to launch "
+                    "each node yourself, or drop --node_rank"]
+        return []
+    errors = []
+    nodes = describe_world(hosts, selected, path)
+    rank = opts.get("--node_rank")
+    if rank is None:
+        errors.append(f"--no_ssh needs --node_rank K, this node's place among the hostfile's nodes ({nodes}): "
+                      f"0..{len(selected) - 1}, a different K on each node")
+    elif not 0 <= int(rank) < len(selected):
+        errors.append(f"--node_rank ({rank}) must be in 0..{len(selected) - 1}, one per node of {nodes}")
+    if "--master_addr" not in opts:
+        first = next(iter(selected))
+        errors.append(f"--no_ssh needs --master_addr: the address of node rank 0 ({first!r}) that every node can "
+                      f"reach, the same on every node (without it DeepSpeed runs `ssh {first} hostname -I`)")
+    launcher = str(opts.get("--launcher", "pdsh")).lower()
+    ignored = [name for name in _SSH_ONLY if name in opts] + (["--launcher"] if launcher != "pdsh" else [])
+    if ignored:
+        errors.append(f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --no_ssh "
+                      f"(each node starts its own processes, without ssh or a launcher); drop "
+                      f"{'it' if len(ignored) == 1 else 'them'}")
+    return errors
+
+
 def _is_this_machine(host: str) -> bool:
     short = host.split(".")[0]
     names = {"localhost", "127.0.0.1", socket.gethostname().split(".")[0], socket.getfqdn().split(".")[0]}
@@ -195,6 +231,10 @@ def prelaunch(argv: list[str], ep_size: int, num_experts: int | None, micro_batc
             with the launcher options, the world size, `parallel.ep_size`, the batch sizes and `.deepspeed_env`,
             one per line.
         RuntimeError: called inside a launched process.
+
+    With `--no_ssh --node_rank K` the command starts this node's processes only (rank K of the hostfile's nodes);
+    every node runs the same line with its own K. `--allow_cross_node_ep` lifts the one-node limit on
+    expert-parallel groups and is not passed on.
     """
     if is_under_launcher():
         raise RuntimeError("prelaunch runs before the launcher, not inside a launched process (LOCAL_RANK is set)")
@@ -206,12 +246,14 @@ def prelaunch(argv: list[str], ep_size: int, num_experts: int | None, micro_batc
     hosts = parse_hostfile(path)
     num_gpus, num_nodes = opts.get("--num_gpus"), opts.get("--num_nodes")
     selected = select_gpus(hosts, num_gpus, num_nodes, path, [])  # check_world reports selection errors
-    errors = _launcher_errors(opts, hosts, selected, path)
+    no_ssh = bool(opts.get("--no_ssh"))
+    errors = _launcher_errors(opts, hosts, selected, path) + _no_ssh_errors(opts, hosts, selected, path)
     try:
-        check_world(hosts, num_gpus, num_nodes, ep_size, num_experts, micro_batch_size, global_batch_size, path)
+        check_world(hosts, num_gpus, num_nodes, ep_size, num_experts, micro_batch_size, global_batch_size, path,
+                    ep_across_nodes=bool(opts.get(ALLOW_CROSS_NODE_EP)))
     except ValueError as e:
         errors.append(str(e))
-    multi_node = len(selected) > 1 or bool(opts.get("--force_multi"))
+    multi_node = (len(selected) > 1 or bool(opts.get("--force_multi"))) and not no_ssh
     if multi_node:  # the runner reads .deepspeed_env only on its multi-node path
         for env_file in deepspeed_env_files():
             try:
@@ -220,7 +262,11 @@ def prelaunch(argv: list[str], ep_size: int, num_experts: int | None, micro_batc
                 errors.append(str(e))
     if errors:
         raise ValueError("\n".join(errors))
-    if not multi_node and not _is_this_machine(next(iter(selected))):
+    ignored_env = deepspeed_env_files() if no_ssh else []
+    if ignored_env:
+        print(f"prelaunch: warning: with --no_ssh DeepSpeed's runner does not export {', '.join(ignored_env)}; set "
+              f"those variables in each node's own environment", file=sys.stderr)
+    if not multi_node and not no_ssh and not _is_this_machine(next(iter(selected))):
         host = next(iter(selected))
         print(f"prelaunch: warning: {path} selects one host ({host!r}); DeepSpeed then starts every rank on this "
               f"machine ({socket.gethostname()}), not on {host!r}; pass --force_multi to launch there over ssh",

@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 _MAX_LISTED = 6  # hosts named one by one in a message before it abbreviates
+# Cross-node expert parallelism is slower (all-to-all over the inter-node network instead of NVLink), not wrong: the
+# layout errors below are guards against a costly accident, so each names the way to ask for it on purpose.
+ALLOW_CROSS_NODE_EP = "--allow_cross_node_ep"
+_OPT_IN = f" (or pass {ALLOW_CROSS_NODE_EP} to let expert-parallel groups span nodes)"
 
 
 def _where(hosts: Mapping[str, int], host: str, source: str) -> str:
@@ -75,13 +79,19 @@ def describe_world(hosts: Mapping[str, int], gpus: Mapping[str, int], source: st
 
 
 def _ep_errors(hosts: Mapping[str, int], gpus: Mapping[str, int], ep_size: int, num_experts: int | None,
-               source: str) -> list[str]:
+               source: str, ep_across_nodes: bool) -> list[str]:
     if ep_size < 1:
         return [f"parallel.ep_size ({ep_size}) must be >= 1"]
     errors = []
     if num_experts is not None and num_experts % ep_size:
         errors.append(f"num_experts ({num_experts}) must be divisible by parallel.ep_size ({ep_size})")
     if ep_size == 1 or not gpus:
+        return errors
+    if ep_across_nodes:
+        world = sum(gpus.values())
+        if world % ep_size:
+            errors.append(f"parallel.ep_size ({ep_size}) must divide the {world} processes "
+                          f"({describe_world(hosts, gpus, source)}); choose one of {_divisors(world)}")
         return errors
     # EP groups are blocks of consecutive ranks and DeepSpeed numbers ranks node by node, so a group stays inside one
     # node (its all-to-all on NVLink) exactly when every node has the same GPU count G and ep_size divides G.
@@ -91,18 +101,18 @@ def _ep_errors(hosts: Mapping[str, int], gpus: Mapping[str, int], ep_size: int, 
         errors.append(f"parallel.ep_size ({ep_size}) > 1 needs the same GPU count on every node, but "
                       f"{_where(hosts, first, source)} has {gpus[first]} and {_where(hosts, odd[0], source)} has "
                       f"{gpus[odd[0]]}; an expert-parallel group of consecutive ranks would span two nodes; give "
-                      f"every host the same slots, or pass --num_gpus")
+                      f"every host the same slots, or pass --num_gpus{_OPT_IN}")
         return errors
     per_node = gpus[first]
     if ep_size > per_node:
         errors.append(f"parallel.ep_size ({ep_size}) exceeds the {per_node} GPUs of one node "
                       f"({_where(hosts, first, source)}); expert-parallel groups are consecutive ranks, so the "
                       f"expert all-to-all would leave NVLink for the inter-node network; set parallel.ep_size to "
-                      f"one of {_divisors(per_node)}")
+                      f"one of {_divisors(per_node)}{_OPT_IN}")
     elif per_node % ep_size:
         errors.append(f"parallel.ep_size ({ep_size}) must divide the {per_node} GPUs per node "
                       f"({_where(hosts, first, source)}), else an expert-parallel group of consecutive ranks spans "
-                      f"two nodes; choose one of {_divisors(per_node)}")
+                      f"two nodes; choose one of {_divisors(per_node)}{_OPT_IN}")
     return errors
 
 
@@ -120,7 +130,8 @@ def _batch_errors(micro_batch_size: int, global_batch_size: int, world: int, des
 
 
 def check_world(hosts: Mapping[str, int], num_gpus: int | None, num_nodes: int | None, ep_size: int,
-                num_experts: int | None, micro_batch_size: int, global_batch_size: int, source: str) -> int:
+                num_experts: int | None, micro_batch_size: int, global_batch_size: int, source: str,
+                ep_across_nodes: bool = False) -> int:
     """Check that a hostfile launch fits the run config; return the world size (number of processes).
 
     Args:
@@ -129,6 +140,7 @@ def check_world(hosts: Mapping[str, int], num_gpus: int | None, num_nodes: int |
         ep_size, num_experts: `parallel.ep_size` and the model's expert count (None: not checked).
         micro_batch_size, global_batch_size: `train.micro_batch_size`, `train.global_batch_size`.
         source: the hostfile path, for messages.
+        ep_across_nodes: allow expert-parallel groups that span nodes (then ep_size need only divide the world size).
 
     Raises:
         ValueError: every problem found, one per line, each naming the config key and the hostfile line(s).
@@ -136,7 +148,7 @@ def check_world(hosts: Mapping[str, int], num_gpus: int | None, num_nodes: int |
     errors: list[str] = []
     gpus = select_gpus(hosts, num_gpus, num_nodes, source, errors)
     world = sum(gpus.values())
-    errors += _ep_errors(hosts, gpus, ep_size, num_experts, source)
+    errors += _ep_errors(hosts, gpus, ep_size, num_experts, source, ep_across_nodes)
     errors += _batch_errors(micro_batch_size, global_batch_size, world, describe_world(hosts, gpus, source))
     if errors:
         raise ValueError("\n".join(errors))

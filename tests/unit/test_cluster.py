@@ -11,9 +11,9 @@ import sys
 import pytest
 from deepspeed.launcher import runner as ds_runner
 
-from framework.cluster import (OPTIONS, REJECTED, check_deepspeed_env, check_world, deepspeed_env_files,
-                               is_under_launcher, parse_hostfile, prelaunch, runner_command, select_gpus,
-                               split_launcher_args, wants_prelaunch)
+from framework.cluster import (OPTIONS, PRELAUNCH_OPTIONS, REJECTED, check_deepspeed_env, check_world,
+                               deepspeed_env_files, is_under_launcher, parse_hostfile, prelaunch, runner_command,
+                               select_gpus, split_launcher_args, wants_prelaunch)
 
 GOOD = """# two 8-GPU nodes
 
@@ -137,15 +137,30 @@ def test_ep_size_larger_than_a_node(write):
     path = write("a slots=8\nb slots=8\n")
     with pytest.raises(ValueError, match=rf"^parallel.ep_size \(16\) exceeds the 8 GPUs of one node "
                                          rf"\({re.escape(path)}:1 'a slots=8'\); .* set parallel.ep_size to one of "
-                                         rf"\[1, 2, 4, 8\]$"):
+                                         rf"\[1, 2, 4, 8\] \(or pass --allow_cross_node_ep to let "
+                                         rf"expert-parallel groups span nodes\)$"):
         check_world(parse_hostfile(path), None, None, 16, 128, 1, 16, path)
 
 
 def test_ep_size_must_divide_a_node(write):
     path = write("a slots=6\nb slots=6\n")
     with pytest.raises(ValueError, match=r"^parallel.ep_size \(4\) must divide the 6 GPUs per node .* "
-                                         r"choose one of \[1, 2, 3, 6\]$"):
+                                         r"choose one of \[1, 2, 3, 6\] \(or pass --allow_cross_node_ep .*\)$"):
         check_world(parse_hostfile(path), None, None, 4, 128, 1, 12, path)
+
+
+def test_ep_across_nodes_on_request(write):
+    """The opt-in lifts the one-node limit; EP groups must still tile the world."""
+    path = write("a slots=6\nb slots=6\nc slots=4\n")
+    hosts = parse_hostfile(path)
+    assert check_world(hosts, None, None, 16, 128, 1, 16, path, ep_across_nodes=True) == 16
+    assert check_world(hosts, 1, 2, 2, 8, 1, 2, path, ep_across_nodes=True) == 2  # 2 nodes x 1 process, EP=2
+    with pytest.raises(ValueError, match=r"^parallel.ep_size \(2\) exceeds the 1 GPUs of one node"):
+        check_world(hosts, 1, 2, 2, 8, 1, 2, path)
+    with pytest.raises(ValueError, match=rf"^parallel.ep_size \(32\) must divide the 16 processes \(a:6, b:6, c:4 "
+                                         rf"GPUs, {re.escape(path)} lines 1, 2, 3\); choose one of "
+                                         rf"\[1, 2, 4, 8, 16\]$"):
+        check_world(hosts, None, None, 32, 128, 1, 16, path, ep_across_nodes=True)
 
 
 def test_ep_needs_equal_nodes(write):
@@ -192,6 +207,8 @@ def test_option_table_matches_deepspeed_runner(monkeypatch):
     actions = _deepspeed_runner_parser(monkeypatch)._option_string_actions
     for name in REJECTED:
         assert name in actions, name
+    for opt in PRELAUNCH_OPTIONS:  # ours: must never shadow a runner option
+        assert not set(opt.names) & set(actions), opt
     for opt in OPTIONS:
         for name in opt.names:  # every spelling is the runner's, for the same option
             assert actions[name] is actions[opt.runner], name
@@ -214,7 +231,9 @@ def test_split_launcher_args():
 @pytest.mark.parametrize("argv,pattern", [
     (["--include", "a:0"], r"^--include is not supported by the validated launch .*edit.* the hostfile"),
     (["-e=a"], r"^-e is not supported"),
-    (["--no_ssh"], r"^--no_ssh is not supported"),
+    (["--module"], r"^--module is not supported .*the script is launch/pretrain.py$"),
+    (["--node_rank", "one"], r"^--node_rank expects an integer, found 'one'$"),
+    (["--allow_cross_node_ep=yes"], r"^--allow_cross_node_ep takes no value"),
     (["--num_gpus", "four"], r"^--num_gpus expects an integer, found 'four'$"),
     (["--master_addr"], r"^--master_addr expects a value$"),
     (["--force_multi=1"], r"^--force_multi takes no value"),
@@ -303,6 +322,53 @@ def test_prelaunch_warns_on_one_remote_host(write, clean_env, capsys):
     assert "DeepSpeed then starts every rank on this machine" in capsys.readouterr().err
     prelaunch(["p.py", "--hostfile", path, "--force_multi"], 1, 8, 1, 2)
     assert capsys.readouterr().err == ""
+
+
+def test_prelaunch_no_ssh_command_parses_back_in_deepspeed(write, clean_env, capsys):
+    """One launch per node: the runner gets --no_ssh --node_rank=K; the EP opt-in stays here."""
+    path = write(GOOD)
+    argv = ["p.py", "--hostfile", path, "--no_ssh", "--node_rank=1", "--master_addr", "10.0.0.5", "--master_port",
+            "29600", "--allow_cross_node_ep", "--config", "c.yaml"]
+    cmd = prelaunch(argv, ep_size=16, num_experts=128, micro_batch_size=1, global_batch_size=16)
+    assert cmd[3:] == [f"--hostfile={path}", "--master_addr=10.0.0.5", "--master_port=29600", "--no_ssh",
+                       "--node_rank=1", "p.py", "--config", "c.yaml"]
+    args = ds_runner.parse_args(cmd[3:])
+    assert (args.no_ssh, args.node_rank, args.master_addr, args.user_args) == (True, 1, "10.0.0.5", ["--config",
+                                                                                                     "c.yaml"])
+    assert capsys.readouterr().err == ""
+    (clean_env / ".deepspeed_env").write_text("NCCL_DEBUG=WARN\n\n")  # not read under --no_ssh: a warning, no check
+    prelaunch(argv, ep_size=16, num_experts=128, micro_batch_size=1, global_batch_size=16)
+    assert "with --no_ssh DeepSpeed's runner does not export " + str(clean_env / ".deepspeed_env") in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--no_ssh", "--master_addr=a"], r"^--no_ssh needs --node_rank K, this node's place among the hostfile's nodes "
+                                      r"\(2 hosts x 8 GPUs, .* lines 3, 4\): 0..1, a different K on each node$"),
+    (["--no_ssh", "--node_rank=2", "--master_addr=a"], r"^--node_rank \(2\) must be in 0..1, one per node of 2 hosts"),
+    (["--no_ssh", "--node_rank=1", "--master_addr=a", "--num_nodes=1"], r"^--node_rank \(1\) must be in 0..0, one "
+                                                                        r"per node of 1 host x 8 GPUs"),
+    (["--no_ssh", "--node_rank=-1", "--master_addr=a"], r"^--node_rank \(-1\) must be in 0..1"),
+    (["--no_ssh", "--node_rank=0"], r"^--no_ssh needs --master_addr: the address of node rank 0 \('node-a'\) that "
+                                    r"every node can reach, .*`ssh node-a hostname -I`\)$"),
+    (["--node_rank=0"], r"^--node_rank is read only with --no_ssh \(pdsh numbers the nodes itself\); add --no_ssh"),
+    (["--no_ssh", "--node_rank=0", "--master_addr=a", "--ssh_port=22", "--launcher=openmpi"],
+     r"^--ssh_port, --launcher have no effect with --no_ssh .*; drop them$"),
+])
+def test_prelaunch_no_ssh_errors(write, clean_env, extra, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        prelaunch(["p.py", "--hostfile", write(GOOD), *extra], 1, 8, 1, 16)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_prelaunch_ep_across_nodes_opt_in(write, clean_env):
+    """2 nodes x 1 process with EP=2: refused by default, with the opt-in named; accepted with it."""
+    path = write("localhost slots=1\n127.0.0.1 slots=1\n")
+    with pytest.raises(ValueError, match=r"^parallel.ep_size \(2\) exceeds the 1 GPUs of one node .*\(or pass "
+                                         r"--allow_cross_node_ep to let expert-parallel groups span nodes\)$"):
+        prelaunch(["p.py", "--hostfile", path, "--master_addr=127.0.0.1"], 2, 8, 2, 4)
+    cmd = prelaunch(["p.py", "--hostfile", path, "--allow_cross_node_ep", "--master_addr=127.0.0.1"], 2, 8, 2, 4)
+    assert "--allow_cross_node_ep" not in cmd and cmd[-1] == "p.py"
 
 
 def test_under_launcher(clean_env, monkeypatch):
