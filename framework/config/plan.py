@@ -270,10 +270,13 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) ->
     from framework.train.checkpointing import CheckpointManager  # noqa: PLC0415
 
     check_data(cfg)
-    if check_corpus and cfg.data.paths:
+    if check_corpus:
         from framework.data.sources import check_corpus as scan  # noqa: PLC0415
 
-        scan(list(cfg.data.paths) + list(cfg.data.eval_paths), cfg.data.text_field)
+        if cfg.data.paths:
+            scan(list(cfg.data.paths), cfg.data.text_field, cfg.data.cache_dir)
+        if cfg.data.eval_paths:
+            scan(list(cfg.data.eval_paths), cfg.data.text_field, cfg.data.cache_dir, key="data.eval_paths")
     check_output_dir(cfg.train.output_dir)
     source = model_source(cfg)
     from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415

@@ -307,7 +307,7 @@ def test_cli_table(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--num_gpus", "16", "--ep_size", "3"], "parallel.ep_size (3) must divide the number of processes (16)"),
-    (["--num_gpus", "3", "--ep_size", "3"], "num_experts (128) must be divisible by parallel.ep_size (3)"),
+    (["--num_gpus", "3", "--ep_size", "3"], "parallel.ep_size (3) must divide the model's num_experts (128)"),
     (["--num_gpus", "16", "--zero_stage", "5"], "--zero_stage 5: unknown ZeRO stage; expected 0, 1, 2 or 3"),
     (["--num_gpus", "16", "--zero_stage", "0", "--offload"], "--offload needs parallel.zero_stage 1, 2 or 3"),
     (["--num_gpus", "0"], "--num_gpus 0: must be >= 1"),
