@@ -24,7 +24,8 @@ import yaml
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError, gradient_accumulation_steps
 from framework.config.schema import RunConfig
-from framework.train.checkpointing import CheckpointManager, latest_tag, rng_state, set_rng_state
+from framework.train.checkpointing import (CheckpointManager, estimate_checkpoint_bytes, latest_tag, rng_state,
+                                          set_rng_state)
 from framework.train.errors import NonFiniteLoss
 from framework.train.flops import flops_per_token, peak_tflops
 from framework.train.metrics import MetricsWriter, WindowMeter, peak_memory_gb
@@ -224,6 +225,9 @@ class Trainer:
         from framework.zero.checkpoint_io import save_engine_checkpoint  # noqa: PLC0415
 
         step, rank = self.step, self.rt.rank
+        # disk: every rank stops here together (DiskFull) rather than one of them failing halfway through the write
+        self.ckpt.check_free_space(
+            step, lambda: estimate_checkpoint_bytes(self.engine.module, self.cfg.parallel.ep_size, self.dtype))
 
         def write_rank_files(directory: str) -> None:
             torch.save({"step": step, "data": self.loader.state_dict(), "rng": rng_state(),
