@@ -5,8 +5,9 @@ Owns: the per-tag `manifest.json` (size and checksum of every file, written by r
 written and before the tag directory gets its final name), `verify_checkpoint`, and `resolve_resume`, the rules for
 `--resume`:
 - none: a fresh run; refused if OUTPUT_DIR/checkpoints already holds checkpoints (another run's: resume it or choose
-  another directory), so two runs never share one checkpoint directory.
-- "auto": the checkpoint `latest` names. If it is damaged, the newest older checkpoint that verifies, with one warning
+  another directory), or OUTPUT_DIR/metrics.jsonl has records, so two runs never share a checkpoint directory or a
+  metrics file.
+- "auto": the checkpoint `latest` names; none yet: from scratch (and metrics.jsonl restarts at step 1). If it is damaged, the newest older checkpoint that verifies, with one warning
   line; none verifies: an error. No `latest` but step directories: an error naming them (see `_latest`).
 - a tag directory: that checkpoint, which must verify. A checkpoint root (holding `latest`): as "auto" there.
 """
@@ -176,6 +177,11 @@ def resolve_resume(output_dir: str, resume: str | None) -> ResumePoint | None:
             raise CheckpointError(
                 f"train.output_dir {output_dir} already holds checkpoints ({tags[-1] if tags else 'latest'} in "
                 f"{root}) from another run; continue it with --resume auto, or choose another train.output_dir")
+        metrics = os.path.join(os.path.abspath(output_dir), "metrics.jsonl")
+        if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:  # a run that never saved: its log is all it left
+            raise CheckpointError(
+                f"train.output_dir {output_dir} already holds another run's {metrics} (and no checkpoint); choose "
+                "another train.output_dir, or --resume auto to start over there (that run's records are dropped)")
         return None
     if resume == "auto":
         return _resolve_in_root(root)

@@ -210,8 +210,9 @@ class Trainer:
             self._resume(*resume_from)
         if rt.rank == 0:
             self._write_run_files()
+        # metrics.jsonl never mixes runs: any record after the step this run starts from is another run's
         self.metrics = MetricsWriter(self.output_dir, rt.rank == 0, cfg.train.tensorboard,
-                                     self.step if resume_from is not None else None)
+                                     self.step if resume_from is not None or cfg.train.resume else None)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _write_run_files(self) -> None:

@@ -141,3 +141,25 @@ def test_disk_full_or_failed_save_stops_cleanly(tmp_path, corpus, fault):
     assert sorted(os.listdir(root)) == ["latest", "step_00000002"]
     assert (root / "latest").read_text() == "step_00000002"
     assert sorted(train_records(str(out))) == [1, 2, 3, 4]
+
+
+def test_run_killed_before_its_first_checkpoint(tmp_path, corpus):
+    """Killed in its first save: a fresh run into the directory is refused (its metrics.jsonl is another run's);
+    --resume auto starts from scratch there and metrics.jsonl reads 1, 2 once, with this run's values."""
+    out = tmp_path / "run"
+    killed = run(common(corpus[0], out, 2), env_extra={"FRAMEWORK_FAULT": "mid_save:2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    first = train_records(str(out))
+    assert sorted(first) == [1, 2]
+    proc = run(common(corpus[0], out, 2), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert error_lines(proc) == [f"error: train.output_dir {out} already holds another run's {out}/metrics.jsonl (and "
+                                 "no checkpoint); choose another train.output_dir, or --resume auto to start over there "
+                                 "(that run's records are dropped)"]
+    proc = run(common(corpus[0], out, 2) + ["--resume", "auto"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2]
+    assert [r["loss"] for r in records] == pytest.approx([first[1]["loss"], first[2]["loss"]], rel=1e-6)
+    assert records[0]["time"] > first[2]["time"]  # this run's, not the killed one's

@@ -71,6 +71,12 @@ def test_resolve_resume(tmp_path):
     assert resolve_resume(out, None) is None and resolve_resume(out, "auto") is None  # nothing yet: fresh start
     os.makedirs(os.path.join(root, ".tmp-step_00000002"))  # a first save killed before its rename
     assert resolve_resume(out, "auto") is None
+    metrics = os.path.join(out, "metrics.jsonl")
+    with open(metrics, "w") as f:
+        f.write('{"step": 1}\n')
+    with pytest.raises(CheckpointError, match=f"holds another run's {metrics} \\(and no checkpoint\\); choose"):
+        resolve_resume(out, None)
+    assert resolve_resume(out, "auto") is None
     make_tag(root, 2)
     make_tag(root, 4)
     with pytest.raises(CheckpointError, match=r"already holds checkpoints \(step_00000004 in .*--resume auto, or "
