@@ -7,7 +7,9 @@
 
 Configuration errors stop every process before any work, with one line naming the file, key and fix (exit code 2).
 A training loss that turns nan/inf stops every process at the next log or save, before anything is saved (exit code 1;
-train.stop_on_nonfinite_loss).
+train.stop_on_nonfinite_loss); so does a checkpoint that would not fit on the disk, or whose writing fails (exit code 1,
+the previous checkpoint stays the latest). A second run into an output directory in use, a fresh run into one that
+holds checkpoints, or a damaged checkpoint to resume from stops before training with one line (exit code 2).
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from framework.cluster import prelaunch, split_launcher_args, wants_prelaunch  # noqa: PLC0415
     from framework.config import ConfigError, load_run_config  # noqa: PLC0415
-    from framework.config.plan import resolve_plan  # noqa: PLC0415
-    from framework.train.errors import NonFiniteLoss  # noqa: PLC0415
+    from framework.config.plan import check_output_dir, resolve_plan  # noqa: PLC0415
+    from framework.train.errors import (CheckpointError, CheckpointSaveFailed, DiskFull,  # noqa: PLC0415
+                                        NonFiniteLoss)
+    from framework.train.run_lock import acquire_run_lock  # noqa: PLC0415
 
     script = os.path.abspath(__file__)
     launch_by_hand = wants_prelaunch([script, *argv])
     rank0 = os.environ.get("RANK", "0") == "0"
+    run_lock = None
     try:
         # `python launch/pretrain.py --hostfile H ...`: the launcher options are ours to check, then DeepSpeed's.
         args = parse_args(split_launcher_args(argv)[1] if launch_by_hand else argv)
@@ -63,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         config_path = args.config or DEMO_CONFIG
         cfg = load_run_config(config_path, overrides)
         world = launch_world(argv) if launch_by_hand else int(os.environ.get("WORLD_SIZE", "1"))
+        if rank0 and not launch_by_hand:
+            # One run per output directory, decided before its checkpoints are looked at and before any process
+            # group exists: the other ranks of a refused run are stopped by the launcher when rank 0 exits. Held
+            # until this process ends (the OS releases it on a crash).
+            check_output_dir(cfg.train.output_dir)
+            run_lock = acquire_run_lock(cfg.train.output_dir)
         # every check that needs the config, the world, the model and the checkpoint, before any process starts;
         # the corpus is scanned once per machine (local rank 0; the launcher stops the others when it fails)
         plan = resolve_plan(cfg, world, check_corpus=os.environ.get("LOCAL_RANK", "0") == "0")
@@ -82,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no --config given: running the demo ({os.path.relpath(DEMO_CONFIG)})", flush=True)
         trainer = Trainer(plan, ds_user, args.deepspeed or "DeepSpeed config")
         trainer.train()
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except NonFiniteLoss as e:  # every rank raises it at the same step (the flag is all-reduced)
+    except (NonFiniteLoss, DiskFull, CheckpointSaveFailed) as e:  # every rank raises it at the same step
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -95,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)  # hostfile / world-size problems, one line each
         return 2
+    finally:
+        if run_lock is not None:
+            run_lock.release()
     return 0
 
 

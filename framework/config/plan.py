@@ -267,7 +267,8 @@ def resume_changes(cfg: RunConfig, hf_config, dtype: torch.dtype, point: ResumeP
 def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) -> RunPlan:
     """Check `cfg` for a run of `world_size` processes and resolve everything derived from it. Pure: reads files
     (configs, checkpoint metadata, with `check_corpus` the corpus), starts nothing. Raises ConfigError (one line)."""
-    from framework.train.checkpointing import CheckpointManager  # noqa: PLC0415
+    from framework.train.checkpoint_integrity import resolve_resume  # noqa: PLC0415
+    from framework.train.errors import CheckpointError  # noqa: PLC0415
 
     check_data(cfg)
     if check_corpus:
@@ -286,13 +287,14 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) ->
     dtype = resolve_dtype(cfg)
     notes: list[str] = []
     point = None
-    try:
-        found = CheckpointManager(os.path.abspath(cfg.train.output_dir), cfg.train.keep_last, 0).resolve(
-            cfg.train.resume)
-    except FileNotFoundError as e:
+    try:  # verifies the checkpoint's files; a damaged newest one falls back with a warning
+        found = resolve_resume(cfg.train.output_dir, cfg.train.resume)
+    except (FileNotFoundError, CheckpointError) as e:
         raise ConfigError(str(e)) from None
     if found is not None:
-        point = read_resume_point(*found)
+        if found.warning:
+            notes.append(found.warning)
+        point = read_resume_point(found.root, found.tag)
     saved_batch = point.run_config.get("train", {}).get("global_batch_size") if point else None
     gbs, note = global_batch(cfg, world_size, saved_batch)
     if note:

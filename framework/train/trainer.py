@@ -25,7 +25,8 @@ from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
 from framework.config.plan import RunPlan
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
-from framework.train.checkpointing import CheckpointManager, latest_tag, rng_state, set_rng_state
+from framework.train.checkpointing import (CheckpointManager, estimate_checkpoint_bytes, latest_tag, rng_state,
+                                          set_rng_state)
 from framework.train.errors import NonFiniteLoss
 from framework.train.flops import flops_per_token, peak_tflops
 from framework.train.metrics import MetricsWriter, WindowMeter, peak_memory_gb
@@ -158,8 +159,9 @@ class Trainer:
             self._resume(plan.resume.root, plan.resume.tag)
         if rt.rank == 0:
             self._write_run_files()
+        # metrics.jsonl never mixes runs: any record after the step this run starts from is another run's
         self.metrics = MetricsWriter(self.output_dir, rt.rank == 0, cfg.train.tensorboard,
-                                     self.step if plan.resume is not None else None)
+                                     self.step if plan.resume is not None or cfg.train.resume else None)
 
     def _saved_data_state(self) -> dict | None:
         """The checkpoint's data position (None: a fresh run, or a resume whose data changed)."""
@@ -206,6 +208,9 @@ class Trainer:
         from framework.zero.checkpoint_io import save_engine_checkpoint  # noqa: PLC0415
 
         step, rank = self.step, self.rt.rank
+        # disk: every rank stops here together (DiskFull) rather than one of them failing halfway through the write
+        self.ckpt.check_free_space(
+            step, lambda: estimate_checkpoint_bytes(self.engine.module, self.cfg.parallel.ep_size, self.dtype))
 
         positions: list[dict] = [None] * self.rt.world_size  # type: ignore[list-item]
         dist.all_gather_object(positions, self.loader.local_positions())

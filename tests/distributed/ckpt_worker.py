@@ -163,9 +163,14 @@ def resume(case: str, out_dir: str, wrong: str | None) -> None:
     case_dir = os.path.join(out_dir, case)
     result = {"phase": "resume", "losses": [], "lrs": []}
     if wrong is not None:  # another case's checkpoint: another ZeRO stage / ep_size (resharded) or dtype (refused)
+        # CKPT_CROSS_WORLD="DIR;case=source,...": this case loads DIR/source instead, saved at another world size
+        cross_dir, _, pairs = os.environ.get("CKPT_CROSS_WORLD", "").partition(";")
+        sources = dict(p.split("=") for p in pairs.split(",") if p)
+        source_dir = os.path.join(cross_dir, sources[case]) if case in sources else os.path.join(out_dir, wrong)
+        wrong = sources.get(case, wrong)
         engine, groups, _ = build(case)
         try:
-            load_engine_checkpoint(engine, groups, os.path.join(out_dir, wrong), TAG, lr_scheduler=True)
+            load_engine_checkpoint(engine, groups, source_dir, TAG, lr_scheduler=True)
             result["cross"] = {"from": wrong, "loaded": fp32_params(engine, groups),
                                "loaded_module": module_params(engine, groups),
                                "moments": adam_moments(engine, groups), "global_steps": engine.global_steps,
@@ -225,7 +230,7 @@ def run(out_dir: str, phase: str, cases: list[str]) -> None:
             train(case, out_dir)
     if phase in ("resume", "both"):
         for i, case in enumerate(cases):
-            resume(case, out_dir, wrong=cases[i - 1] if len(cases) > 1 else None)
+            resume(case, out_dir, wrong=cases[i - 1] if len(cases) > 1 else case)
     dist.barrier()
 
 

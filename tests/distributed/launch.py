@@ -16,17 +16,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(script: str, args: list[str], world: int, timeout: float = 600) -> None:
+def run_workers(script: str, args: list[str], world: int, timeout: float = 600,
+                env: dict[str, str] | None = None) -> None:
     port = free_port()
     procs, logs = [], []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+                   OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", **(env or {}))
         # Each rank writes to its own file: reading pipes one after another deadlocks once a rank that is not being
         # read fills its pipe (64 KB of warnings) while the one being read waits for it in a collective.
         logs.append(tempfile.TemporaryFile(mode="w+"))
-        procs.append(subprocess.Popen([sys.executable, script, *args], env=env, stdout=logs[-1],
+        procs.append(subprocess.Popen([sys.executable, script, *args], env=rank_env, stdout=logs[-1],
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
     first_failure = None
