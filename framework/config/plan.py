@@ -65,7 +65,8 @@ class RunPlan:
     tokenizer_dir: str
     resume: ResumePoint | None
     restart_data: bool  # resuming with another corpus / tokenizer / data order: the data starts anew
-    notes: list[str] = field(default_factory=list)  # lines to print once (rank 0)
+    notes: list[str] = field(default_factory=list)  # lines to print once (rank 0, stdout)
+    warnings: list[str] = field(default_factory=list)  # lines to print once (rank 0, stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -286,6 +287,7 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) ->
     check_parallel(cfg.parallel.ep_size, world_size, hf_config.num_experts, hf_config.num_experts_per_tok)
     dtype = resolve_dtype(cfg)
     notes: list[str] = []
+    warnings: list[str] = []
     point = None
     try:  # verifies the checkpoint's files; a damaged newest one falls back with a warning
         found = resolve_resume(cfg.train.output_dir, cfg.train.resume)
@@ -293,7 +295,7 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) ->
         raise ConfigError(str(e)) from None
     if found is not None:
         if found.warning:
-            notes.append(found.warning)
+            warnings.append(found.warning)
         point = read_resume_point(found.root, found.tag)
     saved_batch = point.run_config.get("train", {}).get("global_batch_size") if point else None
     gbs, note = global_batch(cfg, world_size, saved_batch)
@@ -312,4 +314,5 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) ->
         if restart_data:
             notes.append("resume: the data changed (allowed by train.allow_resume_changes): it starts from its "
                          "beginning")
-    return RunPlan(cfg, world_size, gas, source, hf_config, dtype, tokenizer_dir(cfg), point, restart_data, notes)
+    return RunPlan(cfg, world_size, gas, source, hf_config, dtype, tokenizer_dir(cfg), point, restart_data, notes,
+                   warnings)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -102,6 +103,8 @@ class Trainer:
         self.output_dir = os.path.abspath(cfg.train.output_dir)
         self.ckpt = CheckpointManager(self.output_dir, cfg.train.keep_last, rt.rank)
         if rt.rank == 0:
+            for line in plan.warnings:
+                print(line, file=sys.stderr, flush=True)
             for line in plan.notes:
                 print(line, flush=True)
 
