@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,9 +99,13 @@ def _model_source(cfg: RunConfig) -> str | dict:
 def model_source(cfg: RunConfig) -> str | dict:
     """What load_model gets: a checkpoint path, or a config dict (model.num_layers applied). One-line ConfigError
     for a missing path or a config that is not Qwen3-MoE (e.g. a dense model)."""
+    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
+
     where = f"model.path {cfg.model.path}" if cfg.model.path is not None else "model.hf_config"
     try:
-        return _model_source(cfg)
+        source = _model_source(cfg)
+        load_hf_config(source)  # a checkpoint's config.json is read here too: a dense model stops now
+        return source
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -184,9 +189,15 @@ def check_output_dir(output_dir: str) -> None:
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir {output_dir}: {existing} is not writable by this user; choose another "
-                          "train.output_dir")
+    if not os.path.isdir(existing):
+        raise ConfigError(f"train.output_dir {output_dir}: {existing} is a file, not a directory")
+    try:  # a real write: permissions alone miss read-only filesystems (and root passes every access check)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"train.output_dir {output_dir}: cannot write in {existing} ({e.strerror}); choose another "
+                          "train.output_dir") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

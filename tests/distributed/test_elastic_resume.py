@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from tests.distributed.launch import free_port
-from tests.distributed.test_pretrain import run, train_records, write_corpus
+from tests.distributed.test_pretrain import TINY_YAML, run, train_records, write_corpus
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.max_steps=8", "train.save_steps=2", "train.keep_last=4", "export.at_end=false",
@@ -32,9 +32,10 @@ def deepspeed(n: int) -> list[str]:
             str(free_port())]
 
 
-def launch(n: int, args: list[str], timeout: int = 400):
+def launch(n: int, args: list[str], timeout: int = 400, config: str | None = TINY_YAML):
     """n processes through DeepSpeed's runner (n > 1) or one plain process."""
-    return run(args, {"OMP_NUM_THREADS": "1"}, launcher=deepspeed(n) if n > 1 else None, timeout=timeout)
+    return run(args, {"OMP_NUM_THREADS": "1"}, launcher=deepspeed(n) if n > 1 else None, timeout=timeout,
+               config=config)
 
 
 def step_dir(out, step: int) -> str:

@@ -32,11 +32,11 @@ def write_corpus(path: str, docs: int, seed: int) -> str:
 
 
 def run(args: list[str], env_extra: dict[str, str] | None = None, launcher: list[str] | None = None,
-        timeout: int = 300) -> subprocess.CompletedProcess:
+        timeout: int = 300, config: str | None = TINY_YAML) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = (launcher or [sys.executable]) + [PRETRAIN, "--config", TINY_YAML] + args
+    cmd = (launcher or [sys.executable]) + [PRETRAIN, *(["--config", config] if config else [])] + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
