@@ -52,3 +52,25 @@ def test_resume_on_two_gpus_continues_the_same_losses(stage, tmp_path):
     evals = [[r["eval_loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "eval_loss" in r]
              for run in ("a", "b")]
     assert len(evals[0]) == len(evals[1]) == 1 and evals[1][0] == pytest.approx(evals[0][0], rel=1e-4)
+
+
+def test_resume_on_one_gpu_at_another_zero_stage(tmp_path):
+    """A ZeRO-3 checkpoint resumed at ZeRO-2 on the GPU (framework/zero/reshard.py with CUDA tensors; the resharded
+    path also runs when the number of GPUs changes), and a halved lr takes effect."""
+    train = write_text_corpus(str(tmp_path / "train"), 300, 0)
+    common = [f"data.paths=[{train}]", "train.max_steps=6", "train.save_steps=2", "export.at_end=false"]
+    full = run(common + [f"train.output_dir={tmp_path / 'a'}", "parallel.zero_stage=3"])
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    start = str(tmp_path / "a" / "checkpoints" / "step_00000002")
+    z2 = run(common + [f"train.output_dir={tmp_path / 'b'}", "parallel.zero_stage=2", "--resume", start])
+    assert z2.returncode == 0, z2.stdout[-3000:] + z2.stderr[-3000:]
+    assert "parallel.zero_stage 3 -> 2" in z2.stdout
+    a, b = train_records(str(tmp_path / "a")), train_records(str(tmp_path / "b"))
+    assert sorted(b) == [3, 4, 5, 6]
+    for step in (3, 4, 5, 6):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-9), (step, key)
+    half = run(common + [f"train.output_dir={tmp_path / 'c'}", "train.lr=5e-4", "--resume", start])
+    assert half.returncode == 0, half.stdout[-3000:] + half.stderr[-3000:]
+    c = train_records(str(tmp_path / "c"))
+    assert [c[s]["lr"] for s in (3, 4, 5, 6)] == pytest.approx([a[s]["lr"] / 2 for s in (3, 4, 5, 6)], rel=1e-9)
