@@ -32,10 +32,11 @@ def deepspeed(n: int) -> list[str]:
             str(free_port())]
 
 
-def launch(n: int, args: list[str], timeout: int = 400, config: str | None = TINY_YAML):
+def launch(n: int, args: list[str], timeout: int = 400, config: str | None = TINY_YAML,
+           env: dict[str, str] | None = None):
     """n processes through DeepSpeed's runner (n > 1) or one plain process."""
-    return run(args, {"OMP_NUM_THREADS": "1"}, launcher=deepspeed(n) if n > 1 else None, timeout=timeout,
-               config=config)
+    return run(args, {"OMP_NUM_THREADS": "1", **(env or {})}, launcher=deepspeed(n) if n > 1 else None,
+               timeout=timeout, config=config)
 
 
 def step_dir(out, step: int) -> str:
@@ -47,6 +48,15 @@ def assert_steps_equal(got: dict, want: dict, steps: range, rel: float = 1e-4) -
         for key in KEYS:
             assert got[step][key] == pytest.approx(want[step][key], rel=rel, abs=1e-7), (step, key, got[step][key],
                                                                                         want[step][key])
+
+
+def resume(reference, name: str, n: int, settings: list[str], source: str | None = None):
+    """Resume the reference run's step-4 checkpoint (or `source`) into BASE/name with n processes; must succeed."""
+    base, common, ref, _ = reference
+    out = base / name
+    got = launch(n, common + [f"train.output_dir={out}", *settings, "--resume", source or step_dir(ref, 4)])
+    assert got.returncode == 0, got.stderr[-4000:]
+    return out, got
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +74,8 @@ def reference(tmp_path_factory):
 
 def test_resume_on_one_process_continues_the_two_process_run(reference):
     """The bar: saved by 2 processes with EP 2, resumed by 1 process with EP 1: steps 5-8 as if never stopped."""
-    base, common, ref, want = reference
-    out = base / "w1"
-    got = launch(1, common + [f"train.output_dir={out}", "parallel.ep_size=1", "--resume", step_dir(ref, 4)])
-    assert got.returncode == 0, got.stderr[-4000:]
+    want = reference[3]
+    out, got = resume(reference, "w1", 1, ["parallel.ep_size=1"])
     assert "resume: changed since" in got.stdout and "processes 2 -> 1" in got.stdout, got.stdout[-2000:]
     assert "parallel.ep_size 2 -> 1" in got.stdout
     records = train_records(str(out))
@@ -76,23 +84,16 @@ def test_resume_on_one_process_continues_the_two_process_run(reference):
 
 
 def test_resume_on_zero2_without_expert_parallelism(reference):
-    base, common, ref, want = reference
-    out = base / "w2z2"
-    got = launch(2, common + [f"train.output_dir={out}", "parallel.ep_size=1", "parallel.zero_stage=2",
-                              "--resume", step_dir(ref, 4)])
-    assert got.returncode == 0, got.stderr[-4000:]
-    assert_steps_equal(train_records(str(out)), want, range(5, 9))
+    out, _ = resume(reference, "w2z2", 2, ["parallel.ep_size=1", "parallel.zero_stage=2"])
+    assert_steps_equal(train_records(str(out)), reference[3], range(5, 9))
 
 
 def test_back_to_two_processes_from_the_one_process_run(reference):
-    base, common, ref, want = reference
+    base, want = reference[0], reference[3]
     one = base / "w1"
     if not os.path.isdir(step_dir(one, 6)):
         pytest.skip("needs test_resume_on_one_process_continues_the_two_process_run's checkpoint")
-    out = base / "back"
-    got = launch(2, common + [f"train.output_dir={out}", "parallel.ep_size=2", "parallel.zero_stage=3",
-                              "--resume", step_dir(one, 6)])
-    assert got.returncode == 0, got.stderr[-4000:]
+    out, got = resume(reference, "back", 2, ["parallel.ep_size=2", "parallel.zero_stage=3"], step_dir(one, 6))
     assert "processes 1 -> 2" in got.stdout
     records = train_records(str(out))
     assert sorted(records) == [7, 8]
@@ -100,10 +101,8 @@ def test_back_to_two_processes_from_the_one_process_run(reference):
 
 
 def test_changed_lr_takes_effect(reference):
-    base, common, ref, want = reference
-    out = base / "half_lr"
-    got = launch(1, common + [f"train.output_dir={out}", "train.lr=5e-4", "--resume", step_dir(ref, 4)])
-    assert got.returncode == 0, got.stderr[-4000:]
+    want = reference[3]
+    out, got = resume(reference, "half_lr", 1, ["train.lr=5e-4"])
     assert "train.lr 0.001 -> 0.0005" in got.stdout, got.stdout[-2000:]
     records = train_records(str(out))
     for step in range(5, 9):  # the schedule re-evaluated at the resumed step, with the new peak
@@ -112,11 +111,8 @@ def test_changed_lr_takes_effect(reference):
 
 
 def test_changed_global_batch_continues_from_the_same_sample(reference):
-    base, common, ref, _ = reference
-    out = base / "gbs8"
-    got = launch(1, common + [f"train.output_dir={out}", "train.global_batch_size=8", "parallel.ep_size=1",
-                              "train.max_steps=6", "--resume", step_dir(ref, 4)])
-    assert got.returncode == 0, got.stderr[-4000:]
+    ref = reference[2]
+    out, got = resume(reference, "gbs8", 1, ["train.global_batch_size=8", "parallel.ep_size=1", "train.max_steps=6"])
     assert "train.global_batch_size 4 -> 8" in got.stdout
     with open(os.path.join(step_dir(ref, 4), "data_state.json")) as f:
         saved = json.load(f)
@@ -143,9 +139,24 @@ def test_resume_refusals_are_one_line_before_deepspeed(reference, change, messag
 
 
 def test_allowed_meaning_change_goes_on(reference):
-    base, common, ref, _ = reference
-    out = base / "seq48"
-    got = launch(1, common + [f"train.output_dir={out}", "data.seq_len=48", "train.max_steps=5",
-                              "train.allow_resume_changes=[data.seq_len]", "--resume", step_dir(ref, 4)])
-    assert got.returncode == 0, got.stderr[-4000:]
+    out, got = resume(reference, "seq48", 1, ["data.seq_len=48", "train.max_steps=5",
+                                              "train.allow_resume_changes=[data.seq_len]"])
     assert "data.seq_len 32 -> 48" in got.stdout and sorted(train_records(str(out))) == [5]
+
+
+def test_bar_two_processes_killed_after_step_4_then_one_process_resume_auto(reference):
+    """Issue #15's bar as written: `deepspeed --num_gpus 2 ... parallel.ep_size=2` saves at step 4 (and dies there),
+    `deepspeed --num_gpus 1 ... parallel.ep_size=1 --resume auto` in the same output directory continues, steps 5-8
+    match the uninterrupted 2-process run, and metrics.jsonl reads 1..8 once."""
+    base, common, _, want = reference
+    out = base / "bar"
+    killed = launch(2, common + [f"train.output_dir={out}", "parallel.ep_size=2"],
+                    env={"FRAMEWORK_FAULT": "after_save:4"})
+    assert killed.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    got = run(common + [f"train.output_dir={out}", "parallel.ep_size=1", "--resume", "auto"],
+              {"OMP_NUM_THREADS": "1"}, launcher=deepspeed(1), timeout=400)
+    assert got.returncode == 0, got.stderr[-4000:]
+    assert f"resumed from {step_dir(out, 4)} at step 4" in got.stdout
+    records = train_records(str(out))
+    assert sorted(records) == list(range(1, 9))
+    assert_steps_equal(records, want, range(1, 9))
