@@ -34,18 +34,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def launch_world(argv: list[str]) -> int:
-    """The number of processes a validated launch (`--hostfile H [--num_nodes N] [--num_gpus G]`) starts; hostfile
-    errors are left to prelaunch, which names their lines."""
+def launch_world(argv: list[str]) -> tuple[int, str | None]:
+    """(processes, where they come from) for a validated launch (`--hostfile H [--num_nodes N] [--num_gpus G]`), the
+    description (e.g. `2 hosts x 8 GPUs, H lines 1, 2`) for the plan's messages; hostfile errors are left to
+    prelaunch, which names their lines."""
     from framework.cluster import parse_hostfile, split_launcher_args  # noqa: PLC0415
-    from framework.cluster.world import select_gpus  # noqa: PLC0415
+    from framework.cluster.world import describe_world, select_gpus  # noqa: PLC0415
 
     opts, _ = split_launcher_args(argv)
     try:
-        hosts = parse_hostfile(str(opts["--hostfile"]))
+        path = str(opts["--hostfile"])
+        hosts = parse_hostfile(path)
     except (OSError, ValueError, KeyError):
-        return 1
-    return sum(select_gpus(hosts, opts.get("--num_gpus"), opts.get("--num_nodes"), "", []).values()) or 1
+        return 1, None
+    gpus = select_gpus(hosts, opts.get("--num_gpus"), opts.get("--num_nodes"), path, [])
+    world = sum(gpus.values())
+    return (world, describe_world(hosts, gpus, path)) if world else (1, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
         config_path = args.config or DEMO_CONFIG
         cfg = load_run_config(config_path, overrides)
-        world = launch_world(argv) if launch_by_hand else int(os.environ.get("WORLD_SIZE", "1"))
+        world, world_desc = launch_world(argv) if launch_by_hand else (int(os.environ.get("WORLD_SIZE", "1")), None)
         if rank0 and not launch_by_hand:
             # One run per output directory, decided before its checkpoints are looked at and before any process
             # group exists: the other ranks of a refused run are stopped by the launcher when rank 0 exits. Held
@@ -76,15 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             run_lock = acquire_run_lock(cfg.train.output_dir)
         # every check that needs the config, the world, the model and the checkpoint, before any process starts;
         # the corpus is scanned once per machine (local rank 0; the launcher stops the others when it fails)
-        plan = resolve_plan(cfg, world, check_corpus=os.environ.get("LOCAL_RANK", "0") == "0")
+        plan = resolve_plan(cfg, world, check_corpus=os.environ.get("LOCAL_RANK", "0") == "0", world_desc=world_desc)
         from framework.config.deepspeed import build_ds_config, read_ds_json  # noqa: PLC0415
 
         ds_user = read_ds_json(args.deepspeed) if args.deepspeed else None
         # the whole DeepSpeed JSON checked against the YAML now, before any process group or model exists
         build_ds_config(plan.cfg, world, True, ds_user, args.deepspeed or "DeepSpeed config")
         if launch_by_hand:
-            command = prelaunch([script, *argv], plan.cfg.parallel.ep_size, plan.hf_config.num_experts,
-                                plan.cfg.train.micro_batch_size, plan.cfg.train.global_batch_size)
+            command = prelaunch([script, *argv], plan.cfg.parallel.ep_size)
             print("launching: " + " ".join(command), flush=True)
             os.execvp(command[0], command)
         from framework.train.trainer import Trainer  # noqa: PLC0415

@@ -1,8 +1,9 @@
 """Multi-node launch: hostfile checks and the validated re-launch under DeepSpeed's runner.
 
-Owns everything that runs before any training process exists: reading a DeepSpeed hostfile (hostfile.py), the world
-size it gives and its fit with the run config (world.py), `.deepspeed_env` files (ds_env.py), and the
-`python launch/pretrain.py --hostfile H ...` form that checks all of that and then re-runs itself under
+Owns the launch checks that need the hostfile, before any training process exists: reading a DeepSpeed hostfile
+(hostfile.py), the hosts and GPUs it gives and their expert-parallel layout over the nodes (world.py),
+`.deepspeed_env` files (ds_env.py), and the `python launch/pretrain.py --hostfile H ...` form that checks all of that
+(after the run plan, framework/config/plan.py) and then re-runs itself under
 `deepspeed.launcher.runner` (prelaunch.py). These modules import neither torch nor deepspeed. See launch/MULTINODE.md.
 """
 

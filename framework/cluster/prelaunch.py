@@ -1,9 +1,9 @@
 """The validated multi-node launch: `python launch/pretrain.py --hostfile H ...` checks, then re-runs under DeepSpeed.
 
 Owns: which command-line options belong to DeepSpeed's runner (an explicit table, `OPTIONS`), splitting them from the
-script's own arguments, the checks that need the launcher options together with the hostfile and the run config, and
-the runner command line. Does not own the hostfile grammar (hostfile.py), the world arithmetic (world.py) or the
-config (framework/config/).
+script's own arguments, the checks that need the launcher options together with the hostfile, and the runner command
+line. Does not own the hostfile grammar (hostfile.py), the host selection and node layout (world.py) or the config's
+checks against the world size (framework/config/plan.py, resolved by launch/pretrain.py before prelaunch runs).
 
 `deepspeed --hostfile H launch/pretrain.py ...` starts processes straight away, and DeepSpeed 0.19.8 given a missing
 hostfile warns and trains on local GPUs only. Here every check runs first, in one process, and the errors name the
@@ -214,13 +214,14 @@ def _is_this_machine(host: str) -> bool:
     return short in names
 
 
-def prelaunch(argv: list[str], ep_size: int, num_experts: int | None, micro_batch_size: int,
-              global_batch_size: int) -> list[str]:
-    """Check a `python SCRIPT --hostfile H ...` launch against the run config; return the DeepSpeed runner command.
+def prelaunch(argv: list[str], ep_size: int) -> list[str]:
+    """Check a `python SCRIPT --hostfile H ...` launch (options, hostfile, node layout); return the DeepSpeed runner
+    command. The run config's own checks against the world size (batch arithmetic, ep_size against the processes and
+    the experts) are the run plan's: resolve it first (framework/config/plan.py resolve_plan).
 
     Args:
         argv: the script's `sys.argv` (argv[0] is the script path).
-        ep_size, num_experts, micro_batch_size, global_batch_size: from the resolved run config.
+        ep_size: `parallel.ep_size` of the resolved run plan, for the node-level expert-parallel layout.
 
     Returns:
         `[sys.executable, "-m", "deepspeed.launcher.runner", --hostfile=H, ..., argv[0], *script_args]`, for
@@ -228,8 +229,8 @@ def prelaunch(argv: list[str], ep_size: int, num_experts: int | None, micro_batc
 
     Raises:
         FileNotFoundError / ValueError: the hostfile is missing or bad (one line naming `path:LINE`), or every problem
-            with the launcher options, the world size, `parallel.ep_size`, the batch sizes and `.deepspeed_env`,
-            one per line.
+            with the launcher options, the host selection, the expert-parallel layout over the nodes and
+            `.deepspeed_env`, one per line.
         RuntimeError: called inside a launched process.
 
     With `--no_ssh --node_rank K` the command starts this node's processes only (rank K of the hostfile's nodes);
@@ -249,8 +250,7 @@ def prelaunch(argv: list[str], ep_size: int, num_experts: int | None, micro_batc
     no_ssh = bool(opts.get("--no_ssh"))
     errors = _launcher_errors(opts, hosts, selected, path) + _no_ssh_errors(opts, hosts, selected, path)
     try:
-        check_world(hosts, num_gpus, num_nodes, ep_size, num_experts, micro_batch_size, global_batch_size, path,
-                    ep_across_nodes=bool(opts.get(ALLOW_CROSS_NODE_EP)))
+        check_world(hosts, num_gpus, num_nodes, ep_size, path, ep_across_nodes=bool(opts.get(ALLOW_CROSS_NODE_EP)))
     except ValueError as e:
         errors.append(str(e))
     multi_node = (len(selected) > 1 or bool(opts.get("--force_multi"))) and not no_ssh

@@ -1,9 +1,11 @@
-"""World-size arithmetic for a hostfile launch, checked against the run config before any process starts.
+"""The hostfile's side of a validated launch: the GPUs DeepSpeed's runner will use, and the checks that need nodes.
 
-Owns: which hosts and how many GPUs per host DeepSpeed's runner will use for `--num_nodes` / `--num_gpus`, and the
-checks that need that world size (expert-parallel layout, batch sizes). Does not own the hostfile grammar
-(hostfile.py) or the command line (prelaunch.py). The same batch arithmetic runs again inside the job
-(framework/config/load.py) from WORLD_SIZE; here it runs early, so the error can name the hostfile lines.
+Owns: which hosts and how many GPUs per host DeepSpeed's runner will use for `--num_nodes` / `--num_gpus`, the
+description of that world for messages, and the node-level expert-parallel layout (an EP group stays inside one
+node). Does not own the hostfile grammar (hostfile.py), the command line (prelaunch.py), or the checks that need only
+the number of processes (batch arithmetic, ep_size against the world and the experts): those live once in
+framework/config/plan.py, which launch/pretrain.py runs first, given `describe_world` so its messages name the
+hostfile lines.
 """
 
 from __future__ import annotations
@@ -78,78 +80,53 @@ def describe_world(hosts: Mapping[str, int], gpus: Mapping[str, int], source: st
     return f"{shown}{more} GPUs, {where}"
 
 
-def _ep_errors(hosts: Mapping[str, int], gpus: Mapping[str, int], ep_size: int, num_experts: int | None,
-               source: str, ep_across_nodes: bool) -> list[str]:
-    if ep_size < 1:
-        return [f"parallel.ep_size ({ep_size}) must be >= 1"]
-    errors = []
-    if num_experts is not None and num_experts % ep_size:
-        errors.append(f"num_experts ({num_experts}) must be divisible by parallel.ep_size ({ep_size})")
-    if ep_size == 1 or not gpus:
-        return errors
-    if ep_across_nodes:
-        world = sum(gpus.values())
-        if world % ep_size:
-            errors.append(f"parallel.ep_size ({ep_size}) must divide the {world} processes "
-                          f"({describe_world(hosts, gpus, source)}); choose one of {_divisors(world)}")
-        return errors
+def _ep_errors(hosts: Mapping[str, int], gpus: Mapping[str, int], ep_size: int, source: str,
+               ep_across_nodes: bool) -> list[str]:
+    # ep_size against the world size and the experts is the plan's check (framework/config/plan.py check_parallel)
+    if ep_size <= 1 or not gpus or ep_across_nodes:
+        return []
     # EP groups are blocks of consecutive ranks and DeepSpeed numbers ranks node by node, so a group stays inside one
     # node (its all-to-all on NVLink) exactly when every node has the same GPU count G and ep_size divides G.
     first = next(iter(gpus))
     odd = [h for h in gpus if gpus[h] != gpus[first]]
     if odd:
-        errors.append(f"parallel.ep_size ({ep_size}) > 1 needs the same GPU count on every node, but "
-                      f"{_where(hosts, first, source)} has {gpus[first]} and {_where(hosts, odd[0], source)} has "
-                      f"{gpus[odd[0]]}; an expert-parallel group of consecutive ranks would span two nodes; give "
-                      f"every host the same slots, or pass --num_gpus{_OPT_IN}")
-        return errors
+        return [f"parallel.ep_size ({ep_size}) > 1 needs the same GPU count on every node, but "
+                f"{_where(hosts, first, source)} has {gpus[first]} and {_where(hosts, odd[0], source)} has "
+                f"{gpus[odd[0]]}; an expert-parallel group of consecutive ranks would span two nodes; give every "
+                f"host the same slots, or pass --num_gpus{_OPT_IN}"]
     per_node = gpus[first]
     if ep_size > per_node:
-        errors.append(f"parallel.ep_size ({ep_size}) exceeds the {per_node} GPUs of one node "
-                      f"({_where(hosts, first, source)}); expert-parallel groups are consecutive ranks, so the "
-                      f"expert all-to-all would leave NVLink for the inter-node network; set parallel.ep_size to "
-                      f"one of {_divisors(per_node)}{_OPT_IN}")
-    elif per_node % ep_size:
-        errors.append(f"parallel.ep_size ({ep_size}) must divide the {per_node} GPUs per node "
-                      f"({_where(hosts, first, source)}), else an expert-parallel group of consecutive ranks spans "
-                      f"two nodes; choose one of {_divisors(per_node)}{_OPT_IN}")
-    return errors
+        return [f"parallel.ep_size ({ep_size}) exceeds the {per_node} GPUs of one node "
+                f"({_where(hosts, first, source)}); expert-parallel groups are consecutive ranks, so the expert "
+                f"all-to-all would leave NVLink for the inter-node network; set parallel.ep_size to one of "
+                f"{_divisors(per_node)}{_OPT_IN}"]
+    if per_node % ep_size:
+        return [f"parallel.ep_size ({ep_size}) must divide the {per_node} GPUs per node "
+                f"({_where(hosts, first, source)}), else an expert-parallel group of consecutive ranks spans two "
+                f"nodes; choose one of {_divisors(per_node)}{_OPT_IN}"]
+    return []
 
 
-def _batch_errors(micro_batch_size: int, global_batch_size: int, world: int, described: str) -> list[str]:
-    if micro_batch_size < 1 or global_batch_size < 1:
-        return [f"train.micro_batch_size ({micro_batch_size}) and train.global_batch_size ({global_batch_size}) "
-                f"must be >= 1"]
-    per_step = micro_batch_size * world
-    if global_batch_size % per_step == 0:
-        return []
-    nearest = max(per_step, round(global_batch_size / per_step) * per_step)
-    return [f"train.global_batch_size ({global_batch_size}) must be a multiple of train.micro_batch_size "
-            f"({micro_batch_size}) x {world} processes = {per_step} ({described}); "
-            f"e.g. train.global_batch_size={nearest}"]
-
-
-def check_world(hosts: Mapping[str, int], num_gpus: int | None, num_nodes: int | None, ep_size: int,
-                num_experts: int | None, micro_batch_size: int, global_batch_size: int, source: str,
+def check_world(hosts: Mapping[str, int], num_gpus: int | None, num_nodes: int | None, ep_size: int, source: str,
                 ep_across_nodes: bool = False) -> int:
-    """Check that a hostfile launch fits the run config; return the world size (number of processes).
+    """Check the hosts a launch selects and their expert-parallel layout; return the world size (processes).
+
+    Only what needs the hostfile is checked here; ep_size against the world size and the experts, and the batch
+    arithmetic, are the run plan's (framework/config/plan.py resolve_plan), which the launch runs first.
 
     Args:
         hosts: ordered host -> slots, from `parse_hostfile` (then errors name the lines) or any mapping.
         num_gpus, num_nodes: the launcher's `--num_gpus` / `--num_nodes`, None when not given.
-        ep_size, num_experts: `parallel.ep_size` and the model's expert count (None: not checked).
-        micro_batch_size, global_batch_size: `train.micro_batch_size`, `train.global_batch_size`.
+        ep_size: `parallel.ep_size`.
         source: the hostfile path, for messages.
-        ep_across_nodes: allow expert-parallel groups that span nodes (then ep_size need only divide the world size).
+        ep_across_nodes: allow expert-parallel groups that span nodes (no node-level layout rule then).
 
     Raises:
-        ValueError: every problem found, one per line, each naming the config key and the hostfile line(s).
+        ValueError: every problem found, one per line, each naming the option or config key and the hostfile line(s).
     """
     errors: list[str] = []
     gpus = select_gpus(hosts, num_gpus, num_nodes, source, errors)
-    world = sum(gpus.values())
-    errors += _ep_errors(hosts, gpus, ep_size, num_experts, source, ep_across_nodes)
-    errors += _batch_errors(micro_batch_size, global_batch_size, world, describe_world(hosts, gpus, source))
+    errors += _ep_errors(hosts, gpus, ep_size, source, ep_across_nodes)
     if errors:
         raise ValueError("\n".join(errors))
-    return world
+    return sum(gpus.values())

@@ -117,9 +117,6 @@ def load_run_config(path: str | None, overrides: list[str] = (), base: dict[str,
 
 def gradient_accumulation_steps(cfg: RunConfig, world_size: int) -> int:
     """Micro batches per optimizer step; the batch sizes must divide evenly over the data-parallel ranks."""
-    per_step = cfg.train.micro_batch_size * world_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-                          f"train.micro_batch_size ({cfg.train.micro_batch_size}) x {world_size} processes "
-                          f"= {per_step}")
-    return cfg.train.global_batch_size // per_step
+    from framework.config.plan import accumulation_steps  # noqa: PLC0415  (plan imports this module)
+
+    return accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size)

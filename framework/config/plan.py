@@ -143,24 +143,29 @@ def global_batch(cfg: RunConfig, world_size: int, saved: int | None = None) -> t
                    f"{world_size} processes x {value // per_step} accumulation steps)")
 
 
-def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int,
+                       world_desc: str | None = None) -> int:
+    """Micro batches per optimizer step on each rank; `world_desc` (e.g. `describe_world`'s) goes into the message."""
     per_step = micro_batch_size * world_size
     if global_batch_size % per_step:
         nearest = max(per_step, round(global_batch_size / per_step) * per_step)
+        processes = f"{world_size} processes" + (f" ({world_desc})" if world_desc else "")
         raise ConfigError(f"train.global_batch_size ({global_batch_size}) must be a multiple of "
-                          f"train.micro_batch_size ({micro_batch_size}) x {world_size} processes = {per_step}; "
+                          f"train.micro_batch_size ({micro_batch_size}) x {processes} = {per_step}; "
                           f"e.g. train.global_batch_size={nearest}, or leave it unset to derive it")
     return global_batch_size // per_step
 
 
-def check_parallel(ep_size: int, world_size: int, num_experts: int, top_k: int | None = None) -> None:
+def check_parallel(ep_size: int, world_size: int, num_experts: int, top_k: int | None = None,
+                   world_desc: str | None = None) -> None:
     """ep_size against the processes and the experts, top-k against the experts (the one place for both)."""
     if ep_size < 1:
         raise ConfigError(f"parallel.ep_size ({ep_size}) must be >= 1")
     if world_size % ep_size:
         divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ConfigError(f"parallel.ep_size ({ep_size}) must divide the number of processes ({world_size}); choose "
-                          f"one of {divisors}")
+        where = f"{world_size} = {world_desc}" if world_desc else world_size
+        raise ConfigError(f"parallel.ep_size ({ep_size}) must divide the number of processes ({where}); choose one "
+                          f"of {divisors}")
     if num_experts % ep_size:
         raise ConfigError(f"parallel.ep_size ({ep_size}) must divide the model's num_experts ({num_experts})")
     if top_k is not None and not 1 <= top_k <= num_experts:
@@ -276,9 +281,10 @@ def resume_changes(cfg: RunConfig, hf_config, dtype: torch.dtype, point: ResumeP
 # the plan
 
 
-def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) -> RunPlan:
+def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, world_desc: str | None = None) -> RunPlan:
     """Check `cfg` for a run of `world_size` processes and resolve everything derived from it. Pure: reads files
-    (configs, checkpoint metadata, with `check_corpus` the corpus), starts nothing. Raises ConfigError (one line)."""
+    (configs, checkpoint metadata, with `check_corpus` the corpus), starts nothing. Raises ConfigError (one line).
+    `world_desc` says where the processes come from (a hostfile launch: `describe_world`), for the messages."""
     from framework.train.checkpoint_integrity import resolve_resume  # noqa: PLC0415
     from framework.train.errors import CheckpointError  # noqa: PLC0415
 
@@ -295,7 +301,8 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) ->
     from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
 
     hf_config = load_hf_config(source)
-    check_parallel(cfg.parallel.ep_size, world_size, hf_config.num_experts, hf_config.num_experts_per_tok)
+    check_parallel(cfg.parallel.ep_size, world_size, hf_config.num_experts, hf_config.num_experts_per_tok,
+                   world_desc)
     dtype = resolve_dtype(cfg)
     notes: list[str] = []
     warnings: list[str] = []
@@ -314,7 +321,7 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False) ->
         notes.append(note)
     if gbs != cfg.train.global_batch_size:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"global_batch_size": gbs})})
-    gas = accumulation_steps(gbs, cfg.train.micro_batch_size, world_size)
+    gas = accumulation_steps(gbs, cfg.train.micro_batch_size, world_size, world_desc)
     restart_data = False
     if point is not None:
         changes, restart_data = resume_changes(cfg, hf_config, dtype, point)

@@ -67,7 +67,8 @@ def run_search_command(args: argparse.Namespace) -> int:
     from framework.config import load_run_config  # noqa: PLC0415
     from framework.config.deepspeed import auto_sizes  # noqa: PLC0415
     from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-    from framework.config.plan import model_source  # noqa: PLC0415
+    from framework.config.load import ConfigError  # noqa: PLC0415
+    from framework.config.plan import accumulation_steps, check_parallel, global_batch, model_source  # noqa: PLC0415
     from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
 
     from framework.models.qwen3_moe.attention import resolve_attention  # noqa: PLC0415
@@ -86,11 +87,14 @@ def run_search_command(args: argparse.Namespace) -> int:
                   args.bucket_scales, args.activation_checkpointing, args.offload)
 
     def fits(trial: Trial) -> tuple[bool, float | None, str]:
-        if trial.ep_size > world or world % trial.ep_size or hf_config.num_experts % trial.ep_size:
-            return False, None, f"ep_size {trial.ep_size} does not divide {world} GPUs / {hf_config.num_experts} experts"
-        if cfg.train.global_batch_size % (trial.micro_batch_size * world):
-            return False, None, (f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
-                                 f"{trial.micro_batch_size} x {world}")
+        # the run plan's own checks, so a trial is skipped exactly when its real run would stop on the config
+        train = cfg.train.model_copy(update={"micro_batch_size": trial.micro_batch_size})
+        try:
+            check_parallel(trial.ep_size, world, hf_config.num_experts, hf_config.num_experts_per_tok)
+            accumulation_steps(global_batch(cfg.model_copy(update={"train": train}), world)[0],
+                               trial.micro_batch_size, world)
+        except ConfigError as e:
+            return False, None, str(e)
         ds = trial_ds_config(trial, *auto(trial.ep_size))
         est = estimate_memory(hf_config, world, trial.ep_size, trial.zero_stage, trial.micro_batch_size,
                               cfg.data.seq_len, trial.activation_checkpointing, trial.offload,

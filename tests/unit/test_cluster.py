@@ -1,5 +1,6 @@
-"""framework/cluster: hostfile errors with line numbers, world-size arithmetic against the run config, the runner
-option mapping and the re-launch command, `.deepspeed_env` checks; DeepSpeed 0.19.8's own parser as the reference."""
+"""framework/cluster: hostfile errors with line numbers, host selection and the node-level expert-parallel layout, the
+runner option mapping and the re-launch command, `.deepspeed_env` checks; DeepSpeed 0.19.8's own parser as the
+reference. The config's checks against the world size (batch, ep_size vs processes / experts) are in test_plan.py."""
 
 from __future__ import annotations
 
@@ -107,11 +108,11 @@ def test_missing_hostfile_and_directory(tmp_path):
 
 def test_world_size_arithmetic(write):
     hosts = parse_hostfile(write("a slots=8\nb slots=8\nc slots=4\n"))
-    assert check_world(hosts, None, None, 1, None, 1, 20, "h") == 20
-    assert check_world(hosts, None, 2, 8, 128, 2, 64, "h") == 16
-    assert check_world(hosts, 4, None, 4, 128, 1, 12, "h") == 12
-    assert check_world(hosts, 2, 1, 2, 128, 3, 6, "h") == 2
-    assert check_world({"x": 2}, None, None, 2, 4, 1, 2, "plain") == 2
+    assert check_world(hosts, None, None, 1, "h") == 20
+    assert check_world(hosts, None, 2, 8, "h") == 16
+    assert check_world(hosts, 4, None, 4, "h") == 12
+    assert check_world(hosts, 2, 1, 2, "h") == 2
+    assert check_world({"x": 2}, None, None, 2, "plain") == 2
 
 
 @pytest.mark.parametrize("num_nodes,num_gpus", [(None, None), (1, None), (2, 4), (None, 2), (3, 4)])
@@ -128,9 +129,9 @@ def test_num_gpus_and_num_nodes_beyond_the_hostfile(write):
     path = write("a slots=8\n# gap\nb slots=4\n")
     hosts = parse_hostfile(path)
     with pytest.raises(ValueError, match=rf"--num_gpus \(8\) exceeds slots=4 of {re.escape(path)}:3 'b slots=4'"):
-        check_world(hosts, 8, None, 1, None, 1, 16, path)
+        check_world(hosts, 8, None, 1, path)
     with pytest.raises(ValueError, match=rf"--num_nodes \(3\) exceeds the 2 host\(s\) in {re.escape(path)} lines 1, 3"):
-        check_world(hosts, None, 3, 1, None, 1, 12, path)
+        check_world(hosts, None, 3, 1, path)
 
 
 def test_ep_size_larger_than_a_node(write):
@@ -139,28 +140,24 @@ def test_ep_size_larger_than_a_node(write):
                                          rf"\({re.escape(path)}:1 'a slots=8'\); .* set parallel.ep_size to one of "
                                          rf"\[1, 2, 4, 8\] \(or pass --allow_cross_node_ep to let "
                                          rf"expert-parallel groups span nodes\)$"):
-        check_world(parse_hostfile(path), None, None, 16, 128, 1, 16, path)
+        check_world(parse_hostfile(path), None, None, 16, path)
 
 
 def test_ep_size_must_divide_a_node(write):
     path = write("a slots=6\nb slots=6\n")
     with pytest.raises(ValueError, match=r"^parallel.ep_size \(4\) must divide the 6 GPUs per node .* "
                                          r"choose one of \[1, 2, 3, 6\] \(or pass --allow_cross_node_ep .*\)$"):
-        check_world(parse_hostfile(path), None, None, 4, 128, 1, 12, path)
+        check_world(parse_hostfile(path), None, None, 4, path)
 
 
 def test_ep_across_nodes_on_request(write):
-    """The opt-in lifts the one-node limit; EP groups must still tile the world."""
+    """The opt-in lifts the one-node limit (that EP groups tile the world is the plan's check, test_plan.py)."""
     path = write("a slots=6\nb slots=6\nc slots=4\n")
     hosts = parse_hostfile(path)
-    assert check_world(hosts, None, None, 16, 128, 1, 16, path, ep_across_nodes=True) == 16
-    assert check_world(hosts, 1, 2, 2, 8, 1, 2, path, ep_across_nodes=True) == 2  # 2 nodes x 1 process, EP=2
+    assert check_world(hosts, None, None, 16, path, ep_across_nodes=True) == 16
+    assert check_world(hosts, 1, 2, 2, path, ep_across_nodes=True) == 2  # 2 nodes x 1 process, EP=2
     with pytest.raises(ValueError, match=r"^parallel.ep_size \(2\) exceeds the 1 GPUs of one node"):
-        check_world(hosts, 1, 2, 2, 8, 1, 2, path)
-    with pytest.raises(ValueError, match=rf"^parallel.ep_size \(32\) must divide the 16 processes \(a:6, b:6, c:4 "
-                                         rf"GPUs, {re.escape(path)} lines 1, 2, 3\); choose one of "
-                                         rf"\[1, 2, 4, 8, 16\]$"):
-        check_world(hosts, None, None, 32, 128, 1, 16, path, ep_across_nodes=True)
+        check_world(hosts, 1, 2, 2, path)
 
 
 def test_ep_needs_equal_nodes(write):
@@ -169,26 +166,19 @@ def test_ep_needs_equal_nodes(write):
     with pytest.raises(ValueError, match=rf"^parallel.ep_size \(2\) > 1 needs the same GPU count on every node, but "
                                          rf"{re.escape(path)}:1 'a slots=8' has 8 and {re.escape(path)}:3 "
                                          rf"'c slots=4' has 4;"):
-        check_world(hosts, None, None, 2, 128, 1, 20, path)
-    assert check_world(hosts, None, None, 1, 128, 1, 20, path) == 20  # fine without EP
-    assert check_world(hosts, 4, None, 2, 128, 1, 12, path) == 12  # --num_gpus evens the nodes
-
-
-def test_batch_sizes_name_keys_and_lines(write):
-    path = write("a slots=8\nb slots=8\n")
-    with pytest.raises(ValueError) as info:
-        check_world(parse_hostfile(path), None, None, 8, 128, 2, 48, path)
-    assert str(info.value) == (f"train.global_batch_size (48) must be a multiple of train.micro_batch_size (2) x 16 "
-                               f"processes = 32 (2 hosts x 8 GPUs, {path} lines 1, 2); "
-                               f"e.g. train.global_batch_size=64")
+        check_world(hosts, None, None, 2, path)
+    assert check_world(hosts, None, None, 1, path) == 20  # fine without EP
+    assert check_world(hosts, 4, None, 2, path) == 12  # --num_gpus evens the nodes
 
 
 def test_all_errors_together():
+    """Every host-selection and node-layout problem in one error, one line each."""
     with pytest.raises(ValueError) as info:
-        check_world({"a": 8, "b": 4}, None, None, 3, 8, 1, 7, "h")
+        check_world({"a": 8, "b": 4}, 6, 3, 4, "h")
     lines = str(info.value).splitlines()
-    assert [line.split(" ")[0] for line in lines] == ["num_experts", "parallel.ep_size", "train.global_batch_size"]
-    assert "h ('a slots=8')" in lines[1]  # a plain mapping: the source without line numbers
+    assert [line.split(" ")[0] for line in lines] == ["--num_nodes", "--num_gpus", "parallel.ep_size"]
+    assert "h ('b slots=4')" in lines[1]  # a plain mapping: the source without line numbers
+    assert lines[2].startswith("parallel.ep_size (4) must divide the 6 GPUs per node (h ('a slots=8'))")
 
 
 # ---------------------------------------------------------------- command line
@@ -268,7 +258,7 @@ def test_prelaunch_command(write, clean_env):
     argv = ["launch/pretrain.py", "--config", "c.yaml", "--hostfile", path, "--master_addr", "node-a",
             "--num_gpus", "4", "train.lr=1e-4"]
     assert wants_prelaunch(argv)
-    cmd = prelaunch(argv, ep_size=4, num_experts=128, micro_batch_size=1, global_batch_size=16)
+    cmd = prelaunch(argv, ep_size=4)
     assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={path}", "--num_gpus=4",
                    "--master_addr=node-a", "launch/pretrain.py", "--config", "c.yaml", "train.lr=1e-4"]
 
@@ -277,30 +267,30 @@ def test_prelaunch_collects_every_error(write, clean_env):
     path = write("a slots=8\nb slots=4\n")
     argv = ["p.py", f"--hostfile={path}", "--launcher", "openmpi", "--num_nodes", "2", "--master_port", "0"]
     with pytest.raises(ValueError) as info:
-        prelaunch(argv, ep_size=2, num_experts=8, micro_batch_size=1, global_batch_size=8)
+        prelaunch(argv, ep_size=2)
     lines = str(info.value).splitlines()
     assert lines[0].startswith("--launcher openmpi always uses every slot of the hostfile")
     assert lines[1] == "--master_port (0) must be in 1..65535"
     assert lines[2].startswith("parallel.ep_size (2) > 1 needs the same GPU count on every node")
-    assert lines[3].startswith("train.global_batch_size (8) must be a multiple")
+    assert len(lines) == 3
 
 
 def test_prelaunch_slurm_needs_even_hosts(write, clean_env):
     path = write("a slots=8\nb slots=4\n")
     with pytest.raises(ValueError, match=rf"^--launcher slurm needs the same GPU count on every host, found "
                                          rf"a:8, b:4 GPUs, {re.escape(path)} lines 1, 2$"):
-        prelaunch(["p.py", "-H", path, "--launcher=slurm"], 1, 8, 1, 12)
-    assert prelaunch(["p.py", "-H", path, "--launcher=slurm", "--num_gpus=4"], 1, 8, 1, 8)[-1] == "p.py"
+        prelaunch(["p.py", "-H", path, "--launcher=slurm"], 1)
+    assert prelaunch(["p.py", "-H", path, "--launcher=slurm", "--num_gpus=4"], 1)[-1] == "p.py"
 
 
 def test_prelaunch_file_errors(tmp_path, write, clean_env):
     with pytest.raises(ValueError, match=r"needs --hostfile H"):
-        prelaunch(["p.py", "--config", "c.yaml"], 1, 8, 1, 8)
+        prelaunch(["p.py", "--config", "c.yaml"], 1)
     with pytest.raises(FileNotFoundError, match="hostfile not found"):
-        prelaunch(["p.py", "--hostfile", str(tmp_path / "missing")], 1, 8, 1, 8)
+        prelaunch(["p.py", "--hostfile", str(tmp_path / "missing")], 1)
     path = write("a slots=8\nb\n")
     with pytest.raises(ValueError, match=rf"^{re.escape(path)}:2: bad hostfile line 'b'"):
-        prelaunch(["p.py", "--hostfile", path], 1, 8, 1, 8)
+        prelaunch(["p.py", "--hostfile", path], 1)
 
 
 def test_prelaunch_checks_deepspeed_env_on_multi_node(write, clean_env, monkeypatch):
@@ -309,18 +299,18 @@ def test_prelaunch_checks_deepspeed_env_on_multi_node(write, clean_env, monkeypa
     env_file = str(clean_env / ".deepspeed_env")
     with pytest.raises(ValueError, match=rf"^{re.escape(env_file)}:2: DeepSpeed's runner reads every line as "
                                          rf"KEY=VALUE .*found ''; keep only KEY=VALUE lines"):
-        prelaunch(["p.py", "--hostfile", hostfile], 1, 8, 1, 16)
+        prelaunch(["p.py", "--hostfile", hostfile], 1)
     one_host = write("localhost slots=2\n", "one")
-    assert prelaunch(["p.py", "--hostfile", one_host], 1, 8, 1, 2)[-1] == "p.py"  # the runner ignores it here
+    assert prelaunch(["p.py", "--hostfile", one_host], 1)[-1] == "p.py"  # the runner ignores it here
     with pytest.raises(ValueError, match=r"\.deepspeed_env:2"):
-        prelaunch(["p.py", "--hostfile", one_host, "--force_multi"], 1, 8, 1, 2)
+        prelaunch(["p.py", "--hostfile", one_host, "--force_multi"], 1)
 
 
 def test_prelaunch_warns_on_one_remote_host(write, clean_env, capsys):
     path = write("gpu-node-7 slots=2\n")
-    prelaunch(["p.py", "--hostfile", path], 1, 8, 1, 2)
+    prelaunch(["p.py", "--hostfile", path], 1)
     assert "DeepSpeed then starts every rank on this machine" in capsys.readouterr().err
-    prelaunch(["p.py", "--hostfile", path, "--force_multi"], 1, 8, 1, 2)
+    prelaunch(["p.py", "--hostfile", path, "--force_multi"], 1)
     assert capsys.readouterr().err == ""
 
 
@@ -329,7 +319,7 @@ def test_prelaunch_no_ssh_command_parses_back_in_deepspeed(write, clean_env, cap
     path = write(GOOD)
     argv = ["p.py", "--hostfile", path, "--no_ssh", "--node_rank=1", "--master_addr", "10.0.0.5", "--master_port",
             "29600", "--allow_cross_node_ep", "--config", "c.yaml"]
-    cmd = prelaunch(argv, ep_size=16, num_experts=128, micro_batch_size=1, global_batch_size=16)
+    cmd = prelaunch(argv, ep_size=16)
     assert cmd[3:] == [f"--hostfile={path}", "--master_addr=10.0.0.5", "--master_port=29600", "--no_ssh",
                        "--node_rank=1", "p.py", "--config", "c.yaml"]
     args = ds_runner.parse_args(cmd[3:])
@@ -337,7 +327,7 @@ def test_prelaunch_no_ssh_command_parses_back_in_deepspeed(write, clean_env, cap
                                                                                                      "c.yaml"])
     assert capsys.readouterr().err == ""
     (clean_env / ".deepspeed_env").write_text("NCCL_DEBUG=WARN\n\n")  # not read under --no_ssh: a warning, no check
-    prelaunch(argv, ep_size=16, num_experts=128, micro_batch_size=1, global_batch_size=16)
+    prelaunch(argv, ep_size=16)
     assert "with --no_ssh DeepSpeed's runner does not export " + str(clean_env / ".deepspeed_env") in \
         capsys.readouterr().err
 
@@ -357,7 +347,7 @@ def test_prelaunch_no_ssh_command_parses_back_in_deepspeed(write, clean_env, cap
 ])
 def test_prelaunch_no_ssh_errors(write, clean_env, extra, pattern):
     with pytest.raises(ValueError, match=pattern) as info:
-        prelaunch(["p.py", "--hostfile", write(GOOD), *extra], 1, 8, 1, 16)
+        prelaunch(["p.py", "--hostfile", write(GOOD), *extra], 1)
     assert len(str(info.value).splitlines()) == 1
 
 
@@ -366,8 +356,8 @@ def test_prelaunch_ep_across_nodes_opt_in(write, clean_env):
     path = write("localhost slots=1\n127.0.0.1 slots=1\n")
     with pytest.raises(ValueError, match=r"^parallel.ep_size \(2\) exceeds the 1 GPUs of one node .*\(or pass "
                                          r"--allow_cross_node_ep to let expert-parallel groups span nodes\)$"):
-        prelaunch(["p.py", "--hostfile", path, "--master_addr=127.0.0.1"], 2, 8, 2, 4)
-    cmd = prelaunch(["p.py", "--hostfile", path, "--allow_cross_node_ep", "--master_addr=127.0.0.1"], 2, 8, 2, 4)
+        prelaunch(["p.py", "--hostfile", path, "--master_addr=127.0.0.1"], 2)
+    cmd = prelaunch(["p.py", "--hostfile", path, "--allow_cross_node_ep", "--master_addr=127.0.0.1"], 2)
     assert "--allow_cross_node_ep" not in cmd and cmd[-1] == "p.py"
 
 
@@ -381,7 +371,7 @@ def test_under_launcher(clean_env, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert is_under_launcher() and not wants_prelaunch(argv)
     with pytest.raises(RuntimeError, match="not inside a launched process"):
-        prelaunch(argv, 1, 8, 1, 8)
+        prelaunch(argv, 1)
 
 
 # ---------------------------------------------------------------- .deepspeed_env

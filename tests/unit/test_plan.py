@@ -1,0 +1,111 @@
+"""framework/config/plan.py: the config's checks against the world size live there once; a hostfile launch passes
+`describe_world` so the messages name the hostfile lines; the ZeRO search filters its trials with the same checks."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+
+import pytest
+
+from framework.cluster import describe_world, parse_hostfile, select_gpus
+from framework.config import ConfigError, load_run_config
+from framework.config.plan import accumulation_steps, check_parallel, resolve_plan
+from framework.tuning import search_cli
+from framework.tuning.search import FIELDS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "model_configs", "tiny.yaml")
+
+
+def _world(path: str, text: str, num_gpus: int | None = None) -> tuple[int, str]:
+    with open(path, "w") as f:
+        f.write(text)
+    hosts = parse_hostfile(path)
+    gpus = select_gpus(hosts, num_gpus, None, path, [])
+    return sum(gpus.values()), describe_world(hosts, gpus, path)
+
+
+def test_batch_message_names_the_hostfile_world(tmp_path):
+    path = str(tmp_path / "hostfile")
+    world, desc = _world(path, "a slots=8\nb slots=8\n")
+    assert accumulation_steps(64, 2, world, desc) == 2
+    with pytest.raises(ConfigError) as info:
+        accumulation_steps(48, 2, world, desc)
+    assert str(info.value) == (f"train.global_batch_size (48) must be a multiple of train.micro_batch_size (2) x 16 "
+                               f"processes (2 hosts x 8 GPUs, {path} lines 1, 2) = 32; "
+                               f"e.g. train.global_batch_size=64, or leave it unset to derive it")
+    with pytest.raises(ConfigError, match=r"x 16 processes = 32; "):  # under a launcher: no description
+        accumulation_steps(48, 2, world)
+
+
+def test_ep_size_message_names_the_hostfile_world(tmp_path):
+    path = str(tmp_path / "hostfile")
+    world, desc = _world(path, "a slots=6\nb slots=6\nc slots=4\n")
+    check_parallel(16, world, 128, 8, desc)
+    with pytest.raises(ConfigError) as info:
+        check_parallel(32, world, 128, 8, desc)
+    assert str(info.value) == (f"parallel.ep_size (32) must divide the number of processes (16 = a:6, b:6, c:4 GPUs, "
+                               f"{path} lines 1, 2, 3); choose one of [1, 2, 4, 8, 16]")
+    with pytest.raises(ConfigError, match=r"^parallel.ep_size \(8\) must divide the model's num_experts \(12\)$"):
+        check_parallel(8, world, 12, 2, desc)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.global_batch_size=6"], "x 4 processes (2 hosts x 2 GPUs, {path} lines 1, 2) = 8;"),
+    (["parallel.ep_size=3"], "must divide the number of processes (4 = 2 hosts x 2 GPUs, {path} lines 1, 2);"),
+    (["parallel.ep_size=4", "model.hf_config.num_experts=6"], "must divide the model's num_experts (6)"),
+])
+def test_resolve_plan_reports_with_the_world_description(tmp_path, overrides, message):
+    path = str(tmp_path / "hostfile")
+    world, desc = _world(path, "a slots=2\nb slots=2\n")
+    cfg = load_run_config(TINY, ["data.synthetic=true", f"train.output_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(ConfigError) as info:
+        resolve_plan(cfg, world, world_desc=desc)
+    assert message.format(path=path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_launch_world_describes_the_hostfile(tmp_path):
+    spec = importlib.util.spec_from_file_location("pretrain_script", os.path.join(REPO, "launch", "pretrain.py"))
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    path = str(tmp_path / "hostfile")
+    _world(path, "a slots=8\nb slots=8\nc slots=8\n")
+    assert pretrain.launch_world(["--hostfile", path, "--num_nodes", "2", "--num_gpus=4"]) == \
+        (8, f"2 hosts x 4 GPUs, {path} lines 1, 2")
+    assert pretrain.launch_world(["--hostfile", str(tmp_path / "missing")]) == (1, None)  # prelaunch names it
+
+
+def test_search_skips_trials_the_plan_refuses(tmp_path, monkeypatch):
+    """tiny.yaml: 8 experts, train.global_batch_size 4; on 4 GPUs only micro batch 1 with ep_size 1, 2 or 4 runs."""
+    verdicts = {}
+
+    def fake_run_search(config, out, trials, launcher, overrides, steps, warmup, auto, fits):
+        for trial in trials:
+            verdicts[(trial.micro_batch_size, trial.ep_size)] = fits(trial)
+        with open(os.path.join(out, "trials.csv"), "w", newline="") as f:
+            csv.DictWriter(f, FIELDS).writeheader()
+
+    monkeypatch.setattr(search_cli, "run_search", fake_run_search)
+    parser = argparse.ArgumentParser()
+    search_cli.add_search_args(parser)
+    out = tmp_path / "search"
+    out.mkdir()
+    args = parser.parse_args(["--config", TINY, "--num_gpus", "4", "--out", str(out), "--micro_batch_sizes", "1,2",
+                              "--ep_sizes", "3,4", "data.synthetic=true"])
+    assert search_cli.run_search_command(args) == 1  # no trial ran
+    assert verdicts[(1, 4)][0] and verdicts[(1, 4)][1] is not None
+    assert verdicts[(1, 3)] == (False, None, "parallel.ep_size (3) must divide the number of processes (4); choose "
+                                             "one of [1, 2, 4]")
+    ok, estimate, why = verdicts[(2, 4)]
+    assert not ok and estimate is None and why.startswith("train.global_batch_size (4) must be a multiple of "
+                                                          "train.micro_batch_size (2) x 4 processes = 8;")
+    # with no train.global_batch_size the run derives one per trial, so no trial is refused for the batch
+    verdicts.clear()
+    args.config = os.path.join(tmp_path, "no_batch.yaml")
+    with open(TINY) as src, open(args.config, "w") as dst:
+        dst.write(src.read().replace("  global_batch_size: 4\n", ""))
+    search_cli.run_search_command(args)
+    assert verdicts[(2, 4)][0]
