@@ -36,20 +36,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def launch_world(argv: list[str]) -> tuple[int, str | None]:
     """(processes, where they come from) for a validated launch (`--hostfile H [--num_nodes N] [--num_gpus G]`), the
-    description (e.g. `2 hosts x 8 GPUs, H lines 1, 2`) for the plan's messages; hostfile errors are left to
-    prelaunch, which names their lines."""
+    description (e.g. `2 hosts x 8 GPUs, H lines 1, 2`) for the plan's messages. A missing or bad hostfile and a
+    host selection it cannot satisfy stop here, with the line prelaunch would print, before any config check."""
     from framework.cluster import parse_hostfile, split_launcher_args  # noqa: PLC0415
     from framework.cluster.world import describe_world, select_gpus  # noqa: PLC0415
 
     opts, _ = split_launcher_args(argv)
-    try:
-        path = str(opts["--hostfile"])
-        hosts = parse_hostfile(path)
-    except (OSError, ValueError, KeyError):
-        return 1, None
-    gpus = select_gpus(hosts, opts.get("--num_gpus"), opts.get("--num_nodes"), path, [])
-    world = sum(gpus.values())
-    return (world, describe_world(hosts, gpus, path)) if world else (1, None)
+    path = str(opts["--hostfile"])
+    hosts = parse_hostfile(path)
+    errors: list[str] = []
+    gpus = select_gpus(hosts, opts.get("--num_gpus"), opts.get("--num_nodes"), path, errors)
+    if errors:
+        raise ValueError("\n".join(errors))
+    return sum(gpus.values()), describe_world(hosts, gpus, path)
 
 
 def main(argv: list[str] | None = None) -> int:

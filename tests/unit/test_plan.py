@@ -75,7 +75,10 @@ def test_launch_world_describes_the_hostfile(tmp_path):
     _world(path, "a slots=8\nb slots=8\nc slots=8\n")
     assert pretrain.launch_world(["--hostfile", path, "--num_nodes", "2", "--num_gpus=4"]) == \
         (8, f"2 hosts x 4 GPUs, {path} lines 1, 2")
-    assert pretrain.launch_world(["--hostfile", str(tmp_path / "missing")]) == (1, None)  # prelaunch names it
+    with pytest.raises(FileNotFoundError, match="missing"):  # before any config check: the hostfile comes first
+        pretrain.launch_world(["--hostfile", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match=r"--num_nodes \(4\) exceeds the 3 host"):
+        pretrain.launch_world(["--hostfile", path, "--num_nodes", "4"])
 
 
 def test_search_skips_trials_the_plan_refuses(tmp_path, monkeypatch):
