@@ -1,6 +1,6 @@
 """One rank of the checkpoint save/resume runs (started by test_train_checkpoint.py with RANK/WORLD_SIZE/MASTER_* set).
 
-    python tests/distributed/ckpt_worker.py OUT_DIR PHASE CASE [CASE ...]     CASE = z{stage}ep{ep}[bf16|bf16acc32][tied]
+    python tests/distributed/ckpt_worker.py OUT_DIR PHASE CASE [CASE ...]   CASE = z{stage}ep{ep}[bf16|bf16acc32][tied]
 
 PHASE "train", per case: (a) a fresh engine runs STEPS steps uninterrupted; (b) another fresh engine runs SAVE_AT
 steps, saves to OUT_DIR/CASE/step{SAVE_AT}.partial, which rank 0 renames to step{SAVE_AT} after adding config.json and

@@ -2,9 +2,9 @@
 
     python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...] [tied]
 
-For each ZeRO stage: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size, 3 AdamW steps with clipping on a fixed global batch;
-rank 0 writes losses, the step-0 full gradients, the global grad norms and the final full parameters to
-OUT_DIR/stage{S}.pt.
+For each ZeRO stage: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size, 3 AdamW steps with
+clipping on a fixed global batch; rank 0 writes losses, the step-0 full gradients, the global grad norms and the final
+full parameters to OUT_DIR/stage{S}.pt.
 """
 
 from __future__ import annotations
