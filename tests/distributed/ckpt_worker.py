@@ -1,6 +1,6 @@
 """One rank of the checkpoint save/resume runs (started by test_train_checkpoint.py with RANK/WORLD_SIZE/MASTER_* set).
 
-    python tests/distributed/ckpt_worker.py OUT_DIR PHASE CASE [CASE ...]     CASE = z{stage}ep{ep}[bf16|bf16acc32]
+    python tests/distributed/ckpt_worker.py OUT_DIR PHASE CASE [CASE ...]   CASE = z{stage}ep{ep}[bf16|bf16acc32][tied]
 
 PHASE "train", per case: (a) a fresh engine runs STEPS steps uninterrupted; (b) another fresh engine runs SAVE_AT
 steps, saves to OUT_DIR/CASE/step{SAVE_AT}.partial, which rank 0 renames to step{SAVE_AT} after adding config.json and
@@ -42,11 +42,11 @@ STEPS, SAVE_AT = 4, 2
 TAG = f"step{SAVE_AT}"
 
 
-def parse_case(case: str) -> tuple[int, int, str]:
-    """z{stage}ep{ep}[bf16 | bf16acc32] -> ZeRO stage, EP size, dtype (bf16acc32: bf16 weights with fp32 gradient
-    accumulation, which DeepSpeed runs on its BF16_Optimizer under ZeRO-1)."""
-    m = re.fullmatch(r"z(\d)ep(\d+)(bf16|bf16acc32)?", case)
-    return int(m[1]), int(m[2]), m[3] or "fp32"
+def parse_case(case: str) -> tuple[int, int, str, bool]:
+    """z{stage}ep{ep}[bf16 | bf16acc32][tied] -> ZeRO stage, EP size, dtype (bf16acc32: bf16 weights with fp32
+    gradient accumulation, which DeepSpeed runs on its BF16_Optimizer under ZeRO-1), tied word embeddings."""
+    m = re.fullmatch(r"z(\d)ep(\d+)(bf16|bf16acc32)?(tied)?", case)
+    return int(m[1]), int(m[2]), m[3] or "fp32", bool(m[4])
 
 
 def ds_config(stage: int, world: int, dtype: str = "fp32") -> dict:
@@ -73,9 +73,9 @@ def batch(step: int, world: int, seq: int = 12):
 
 
 def build(case: str):
-    stage, ep, dtype = parse_case(case)
+    stage, ep, dtype, tied = parse_case(case)
     groups = init_parallel_groups(ep, model_config()["num_experts"])
-    model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager", seed=0,
+    model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager", seed=0,
                                  dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
                                  prepare=lambda m: apply_expert_parallel(m, groups))
     engine, *_ = initialize(model, ds_config(stage, dist.get_world_size(), dtype), groups)

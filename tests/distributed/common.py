@@ -9,8 +9,9 @@ from tests.helpers import TINY
 MICRO, STEPS, LR, WD, CLIP = 2, 3, 1e-3, 0.01, 0.5
 
 
-def model_config() -> dict:
-    return dict(TINY)
+def model_config(tied: bool = False) -> dict:
+    """tied: lm_head.weight is embed_tokens.weight (one parameter that two modules use, for ZeRO-3 and export)."""
+    return dict(TINY, tie_word_embeddings=tied)
 
 
 def global_batch(world: int, seq: int = 12):

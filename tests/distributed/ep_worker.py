@@ -1,10 +1,10 @@
 """One rank of the expert-parallel parity runs (started by test_ep_zero.py with RANK/WORLD_SIZE/MASTER_* set).
 
-    python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...]
+    python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...] [tied]
 
-For each ZeRO stage: a tiny Qwen3-MoE, EP over the given size, 3 AdamW steps with clipping on a fixed global batch;
-rank 0 writes losses, the step-0 full gradients, the global grad norms and the final full parameters to
-OUT_DIR/stage{S}.pt.
+For each ZeRO stage: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size, 3 AdamW steps with
+clipping on a fixed global batch; rank 0 writes losses, the step-0 full gradients, the global grad norms and the final
+full parameters to OUT_DIR/stage{S}.pt.
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ def train_and_record(engine, groups, forward: Callable[[], Any], steps: int) -> 
     return result
 
 
-def run(stage: int, ep: int, out_dir: str) -> None:
+def run(stage: int, ep: int, out_dir: str, tied: bool = False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = init_parallel_groups(ep, model_config()["num_experts"])
     # Experts are sliced on the meta device: each rank allocates and initialises only its own block.
-    model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager", seed=0,
+    model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager", seed=0,
                                  prepare=lambda m: apply_expert_parallel(m, groups))
     engine, *_ = initialize(model, ds_config(stage, world), groups)
     ids, mask, labels = global_batch(world)
@@ -74,10 +74,11 @@ def run(stage: int, ep: int, out_dir: str) -> None:
 
 
 def main() -> None:
-    out_dir, ep, stages = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3:]]
+    out_dir, ep, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    tied = "tied" in rest
     deepspeed.init_distributed(dist_backend="gloo")
-    for stage in stages:
-        run(stage, ep, out_dir)
+    for stage in (int(s) for s in rest if s != "tied"):
+        run(stage, ep, out_dir, tied)
     dist.barrier()
 
 

@@ -8,8 +8,8 @@ import framework
 from tests.distributed.common import CLIP, LR, MICRO, STEPS, WD, global_batch, model_config
 
 
-def single_process_run(world: int) -> dict:
-    model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager", seed=0)
+def single_process_run(world: int, tied: bool = False) -> dict:
+    model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     ids, mask, labels = global_batch(world)
     result = {"losses": [], "norms": [], "initial": {n: p.detach().clone() for n, p in model.named_parameters()}}

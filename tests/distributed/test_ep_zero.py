@@ -2,7 +2,8 @@
 global grad norm, parameters after 3 clipped AdamW steps (fp32, 1e-5 relative).
 
 Topologies: world 2 / EP 2 (experts split, no EDP sharding), world 4 / EP 2 (experts also sharded over EDP groups of 2),
-world 4 / EP 4.
+world 4 / EP 4; and world 2 / EP 2 / ZeRO-3 with tied word embeddings (one partitioned parameter used by the embedding
+and the LM head: its gradient is the sum of both uses).
 """
 
 from __future__ import annotations
@@ -19,21 +20,24 @@ from tests.helpers import rel_err
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
 TOL = 1e-5
-RUNS = {(2, 2): (3, 2), (4, 2): (3, 2), (4, 4): (3,)}  # (world, ep) -> ZeRO stages
+RUNS = {(2, 2, False): (3, 2), (4, 2, False): (3, 2), (4, 4, False): (3,), (2, 2, True): (3,)}  # (world, ep, tied)
+# -> ZeRO stages
 
 
-@pytest.fixture(scope="module", params=sorted(RUNS), ids=lambda we: f"world{we[0]}-ep{we[1]}")
+@pytest.fixture(scope="module", params=sorted(RUNS), ids=lambda w: f"world{w[0]}-ep{w[1]}{'-tied' * w[2]}")
 def run(request, tmp_path_factory):
-    world, ep = request.param
-    out = tmp_path_factory.mktemp(f"w{world}ep{ep}")
-    stages = RUNS[(world, ep)]
-    run_workers(WORKER, [str(out), str(ep), *map(str, stages)], world=world)
+    world, ep, tied = request.param
+    out = tmp_path_factory.mktemp(f"w{world}ep{ep}{'tied' * tied}")
+    stages = RUNS[request.param]
+    run_workers(WORKER, [str(out), str(ep), *map(str, stages), *(["tied"] if tied else [])], world=world)
     results = {stage: torch.load(out / f"stage{stage}.pt") for stage in stages}
-    return world, results, single_process_run(world=world)
+    return world, results, single_process_run(world=world, tied=tied), tied
 
 
 def test_ep_matches_single_process(run):
-    world, results, reference = run
+    world, results, reference, tied = run
+    # tied: one parameter, named once (as the embedding) by the engine and the reference alike
+    assert ("lm_head.weight" in reference["grads"]) != tied
     assert reference["norms"][0] > 0.5  # clipping (max norm 0.5) is active, so the global norm matters
     for stage, got in results.items():
         for step, (a, b) in enumerate(zip(got["losses"], reference["losses"])):

@@ -13,6 +13,9 @@ also sharded over EDP groups of 2): ZeRO-3 / EP 2 and ZeRO-1 / EP 2, resumed by 
 - export: every tensor of the HF output equals the live model's gathered fp32 master weights at the save (cast to the
   output dtype) bit for bit, in both layouts; stock transformers loads it with no missing / unexpected key and gives
   our model's logits; bad input gives one line.
+- tied word embeddings (world 2, ZeRO-3 / EP 2, its own run): the shared weight is one parameter in meta.json and the
+  engine state, resume is exact, and the export has no lm_head.weight, reloads tied in stock transformers and gives
+  our logits.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ RUNS = {2: ("z3ep2", "z2ep2", "z1ep1", "z3ep2bf16", "z1ep2bf16acc32"), 4: ("z3ep
 KEYS = [f"w{world}-{case}" for world, cases in RUNS.items() for case in cases]
 TAG, SAVE_AT, STEPS = "step2", 2, 4
 CROSS_WORLD = {"z3ep2": "z2ep2", "z1ep2": "z3ep2"}  # world-4 case -> the world-2 checkpoint it also loads
+TIED_CASE = "z3ep2tied"
 
 
 def load_tool(name: str):
@@ -84,9 +88,32 @@ def assert_all_equal(got: dict, expected: dict, what: str) -> None:
         assert torch.equal(got[name], expected[name]), (what, name, rel_err(got[name], expected[name]))
 
 
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory):
+    """(checkpoint root, train results, resume results) of TIED_CASE at world 2; "both": its resume first loads its
+    own checkpoint as the "other layout" too."""
+    out = str(tmp_path_factory.mktemp("train_ckpt_tied"))
+    run_workers(WORKER, [out, "both", TIED_CASE], world=2)
+    root = os.path.join(out, TIED_CASE)
+    return root, torch.load(os.path.join(root, "train.pt")), torch.load(os.path.join(root, "resume.pt"))
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_resume_is_exact(runs, key):
     _, train, resumed = runs[key]
+    assert_resume_exact(key, train, resumed)
+
+
+def test_tied_resume_is_exact(tied_run):
+    root, train, resumed = tied_run
+    assert "lm_head.weight" not in train["at_save"] and "model.embed_tokens.weight" in train["at_save"]
+    with open(os.path.join(root, TAG, "meta.json")) as f:
+        params = json.load(f)["params"]
+    assert "model.embed_tokens.weight" in params and "lm_head.weight" not in params
+    assert_resume_exact(f"w2-{TIED_CASE}", train, resumed)
+
+
+def assert_resume_exact(key: str, train: dict, resumed: dict) -> None:
     full, saved = train["full"], train["saved"]
     # the run is not trivial: the learning rate moves every step and the weights moved well beyond fp32 noise
     assert len(set(full["lrs"][1:])) == STEPS - 1, full["lrs"]
@@ -193,8 +220,10 @@ def test_export_equals_live_weights(runs, exports, key, fmt):
         assert json.load(f) == {"model_max_length": 64}
 
 
-def our_logits(params: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    model = framework.load_model(model_config(), backend="grouped_mm", attn_implementation="eager")
+def our_logits(params: dict[str, torch.Tensor], ids: torch.Tensor, tied: bool = False) -> torch.Tensor:
+    model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager")
+    if tied:  # state_dict() names the shared weight under both keys; the checkpoint holds it once
+        params = {**params, "lm_head.weight": params["model.embed_tokens.weight"]}
     model.load_state_dict(params, strict=True)
     with torch.no_grad():
         return model(ids).logits
@@ -213,6 +242,27 @@ def test_export_loads_in_stock_transformers(runs, exports, key, fmt):
         theirs = model.eval()(input_ids=ids).logits
     ours = our_logits(train["at_save"], ids)
     assert rel_err(theirs, ours) <= 1e-5, rel_err(theirs, ours)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "merged"])
+def test_tied_export_reloads_tied_in_stock_transformers(tied_run, tmp_path, fmt):
+    """meta.json names the shared weight once (model.embed_tokens.weight): the export writes it once, as
+    save_pretrained does for a tied model, and config.json's tie_word_embeddings makes the LM head of it."""
+    root, train, _ = tied_run
+    path = str(tmp_path / fmt)
+    assert export("--checkpoint", root, "--output", path, "--format", fmt) == 0
+    assert_all_equal(read_safetensors_dir(path), as_layout(train["at_save"], fmt), f"tied {fmt} export")
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, attn_implementation="eager")
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, model_config()["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs = model.eval()(input_ids=ids).logits
+    ours = our_logits(train["at_save"], ids, tied=True)
+    assert rel_err(theirs, ours) <= 1e-5, rel_err(theirs, ours)
+    reloaded = framework.load_model(path, backend="grouped_mm")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.lm_head.weight, train["at_save"]["model.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("key, dtype", [("w2-z3ep2", "bf16"), ("w2-z1ep2bf16acc32", "fp32")])

@@ -1,16 +1,23 @@
-"""load_model: the three checkpoint layouts, config-only construction, and one-line errors for bad input."""
+"""load_model: the three checkpoint layouts, config-only construction, one-line errors for bad input, and tied word
+embeddings (load, random init, export)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 import framework
-from tests.helpers import TINY, batch, stock_model
+from framework.checkpoint.cli import run_cli
+from framework.checkpoint.hf_export import write_hf_directory
+from framework.parallel.groups import ParallelGroups
+from framework.train.export import hf_config_dict, iter_full_parameters
+from tests.helpers import TINY, batch, read_safetensors_dir, rel_err, stock_model
 
 
 def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
@@ -143,3 +150,130 @@ def test_random_init_is_the_same_whatever_expert_block_is_kept():
     for name, tensor in part.state_dict().items():
         expected = full.state_dict()[name]
         assert torch.equal(tensor, expected[4:8] if ".mlp.experts." in name else expected), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tie_word_embeddings: lm_head.weight is embed_tokens.weight (issue #16 item 9: the tie made on the meta device did not
+# survive to_empty, leaving the LM head uninitialised memory)
+
+TIED = {**TINY, "tie_word_embeddings": True}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_tool(name: str, *argv: str) -> int:
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return run_cli(module.main, name, list(argv))
+
+
+def assert_tied(model: framework.Qwen3MoeCausalLM) -> None:
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" not in dict(model.named_parameters())  # one parameter: ZeRO, meta.json, export see it once
+
+
+@pytest.fixture(scope="module")
+def tied_dirs(tmp_path_factory):
+    """A tied model saved by stock transformers (hub per-expert layout) and merged by tools/moe_merge.py."""
+    root = tmp_path_factory.mktemp("tied")
+    stock = stock_model(tie_word_embeddings=True)
+    assert stock.lm_head.weight is stock.model.embed_tokens.weight
+    per_expert, merged = str(root / "per_expert"), str(root / "merged")
+    stock.save_pretrained(per_expert)
+    keys = set(load_file(os.path.join(per_expert, "model.safetensors")))
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in keys and "lm_head.weight" not in keys
+    assert run_tool("moe_merge", "--raw_hf_path", per_expert, "--merge_hf_path", merged, "--quiet") == 0
+    assert "model.layers.0.mlp.experts.gate_up_proj" in read_safetensors_dir(merged)
+    return stock, {"per_expert": per_expert, "merged": merged}
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "merged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_checkpoint_loads_tied_with_stock_logits(tied_dirs, layout, dtype):
+    stock, dirs = tied_dirs
+    model = framework.load_model(dirs[layout], backend="grouped_mm", attn_implementation="eager", dtype=dtype)
+    assert_tied(model)
+    assert model.lm_head.weight.dtype == dtype
+    # the LM head holds the embedding's values (before the fix: NaN / 1e37 / zeros from torch.empty)
+    assert torch.equal(model.lm_head.weight, stock.model.embed_tokens.weight.to(dtype))
+    ids, mask, _ = batch()
+    real = mask.bool()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+        ref = stock(input_ids=ids, attention_mask=mask).logits
+    if dtype == torch.float32:
+        torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-6)
+    else:  # bf16 weights and activations against the fp32 reference (as test_bf16_forward_close_to_fp32)
+        assert rel_err(out[real].float(), ref[real]) < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_init_of_a_tied_config_is_tied(dtype):
+    tied = framework.load_model(dict(TIED), backend="eager", seed=1, dtype=dtype)
+    untied = framework.load_model(dict(TINY), backend="eager", seed=1, dtype=dtype)
+    assert_tied(tied)
+    weight = tied.lm_head.weight
+    assert weight.dtype == dtype and torch.isfinite(weight).all()
+    assert 0.015 < weight.float().std().item() < 0.025  # initializer_range 0.02, drawn once for the shared weight
+    # the same draw as an untied model's embedding (seeded by name); the untied LM head is a different draw
+    assert torch.equal(weight, untied.model.embed_tokens.weight)
+    assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
+
+
+def test_tie_survives_prepare_and_dtype_moves():
+    model = framework.load_model(dict(TIED), backend="eager", seed=2, prepare=keep_experts(4, 8))
+    assert_tied(model)
+    model.to(torch.bfloat16)
+    assert_tied(model)
+    model.to_empty(device="cpu")  # every re-materialisation re-ties (nn.Module._apply)
+    assert_tied(model)
+
+
+def test_tied_checkpoint_with_lm_head_only_or_equal_or_different(tied_dirs, tmp_path):
+    """transformers' rules: either key alone feeds the shared weight; both must be equal (transformers would warn and
+    untie, which is not the model config.json describes: one-line error)."""
+    stock, dirs = tied_dirs
+    sd = load_file(os.path.join(dirs["per_expert"], "model.safetensors"))
+    embed = sd["model.embed_tokens.weight"]
+    head_only = {("lm_head.weight" if k == "model.embed_tokens.weight" else k): v for k, v in sd.items()}
+    model = framework.load_model(write_checkpoint(str(tmp_path / "head_only"), head_only, TIED), backend="eager")
+    assert_tied(model)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    model = framework.load_model(write_checkpoint(str(tmp_path / "both"), {**sd, "lm_head.weight": embed.clone()},
+                                                  TIED), backend="eager")
+    assert_tied(model)
+    assert torch.equal(model.lm_head.weight, embed)
+    different = write_checkpoint(str(tmp_path / "different"), {**sd, "lm_head.weight": embed + 1}, TIED)
+    with pytest.raises(ValueError, match=r"^\S*different: config.json has tie_word_embeddings true but the "
+                                         r"checkpoint's lm_head.weight differs from model.embed_tokens.weight; set "
+                                         r"tie_word_embeddings false to load them untied$"):
+        framework.load_model(different)
+    neither = write_checkpoint(str(tmp_path / "neither"),
+                               {k: v for k, v in sd.items() if k != "model.embed_tokens.weight"}, TIED)
+    with pytest.raises(ValueError, match=r"checkpoint has no tensor model.embed_tokens.weight \(shape \[96, 32\]\)"):
+        framework.load_model(neither)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "merged"])
+def test_export_of_a_tied_model_reloads_tied_in_stock_transformers(tied_dirs, tmp_path, fmt):
+    """framework.train.export's gather + checkpoint.hf_export's writer, single process (ZeRO off, EP 1)."""
+    stock, dirs = tied_dirs
+    model = framework.load_model(dirs["per_expert"], backend="grouped_mm", attn_implementation="eager")
+    out = str(tmp_path / fmt)
+    groups = ParallelGroups(ep_size=1, ep_rank=0, ep_group=None, edp_group=None, group_name="ep_size_1")
+    write_hf_directory(out, iter_full_parameters(model, groups, torch.float32), hf_config_dict(model.config), fmt)
+    written = read_safetensors_dir(out)
+    assert "lm_head.weight" not in written  # what save_pretrained writes for a tied model
+    assert torch.equal(written["model.embed_tokens.weight"], stock.model.embed_tokens.weight)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True,
+                                                          attn_implementation="eager")
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        theirs = reloaded.eval()(input_ids=ids, attention_mask=mask).logits
+        ours = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], ours[real], rtol=1e-5, atol=1e-6)
+    assert_tied(framework.load_model(out, backend="eager"))

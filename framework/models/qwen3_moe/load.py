@@ -20,6 +20,7 @@ from framework.models.qwen3_moe.config import load_hf_config
 from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
 
 _EXPERT_PARAM_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_EMBED, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _has_weights(path: str) -> bool:
@@ -38,6 +39,8 @@ def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto
     `prepare`: applied to the model while its parameters are still on the meta device (e.g. expert parallelism keeping
     only this rank's experts), so that only the parameters it leaves are allocated, read or initialised. Random
     initialisation is seeded per parameter and per expert: the same weights whatever `prepare` keeps.
+    tie_word_embeddings: lm_head.weight is embed_tokens.weight (one Parameter, initialised or read once; a checkpoint
+    may hold either key, or both if equal, as transformers reads them).
     """
     config = load_hf_config(path_or_config)
     config = Qwen3MoeConfig.from_dict(config.to_dict())  # our own copy: we set the attention implementation on it
@@ -57,6 +60,18 @@ def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto
     return model
 
 
+def _tied_key(ckpt: HFCheckpoint, path: str, available: set[str]) -> str:
+    """The checkpoint key to read a tied embedding / LM head from, as transformers ties them: the embedding (a tied
+    model's save_pretrained writes only that), else lm_head.weight; both present must be equal, where transformers
+    would warn and untie, i.e. not load the model config.json describes."""
+    if _EMBED not in available and _LM_HEAD in available:
+        return _LM_HEAD
+    if _EMBED in available and _LM_HEAD in available and not torch.equal(ckpt.get(_EMBED), ckpt.get(_LM_HEAD)):
+        raise ValueError(f"{path}: config.json has tie_word_embeddings true but the checkpoint's {_LM_HEAD} differs "
+                         f"from {_EMBED}; set tie_word_embeddings false to load them untied")
+    return _EMBED
+
+
 @torch.no_grad()
 def load_hf_weights(model: Qwen3MoeCausalLM, path: str) -> None:
     """Copy every tensor of an HF checkpoint into `model`, converting expert layouts; strict about names and shapes."""
@@ -64,21 +79,23 @@ def load_hf_weights(model: Qwen3MoeCausalLM, path: str) -> None:
     with HFCheckpoint(path) as ckpt:
         available = set(ckpt.non_expert_keys())
         used: set[str] = set()
-        tied = config.tie_word_embeddings
-        for name, param in model.named_parameters(remove_duplicate=False):
+        # named_parameters() names a tied LM head once, as model.embed_tokens.weight
+        for name, param in model.named_parameters():
             if _EXPERT_PARAM_RE.match(name):
                 continue  # experts are read layer by layer below
-            if name not in available:
-                if tied and name == "lm_head.weight":
-                    continue
+            key = name
+            if param is model.lm_head.weight and name != _LM_HEAD:  # tied
+                key = _tied_key(ckpt, path, available)
+                used.update(k for k in (_EMBED, _LM_HEAD) if k in available)
+            if key not in available:
                 raise ValueError(f"{path}: checkpoint has no tensor {name} (shape {list(param.shape)}); "
                                  "does config.json match the weights?")
-            tensor = ckpt.get(name)
+            tensor = ckpt.get(key)
             if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(f"{path}: {name}: model expects shape {list(param.shape)}, checkpoint has "
+                raise ValueError(f"{path}: {key}: model expects shape {list(param.shape)}, checkpoint has "
                                  f"{list(tensor.shape)} (does config.json match the weights?)")
             param.copy_(tensor)
-            used.add(name)
+            used.add(key)
         unexpected = sorted(available - used)
         if unexpected:
             raise ValueError(f"{path}: checkpoint tensor(s) the model does not have: {', '.join(unexpected[:3])}"

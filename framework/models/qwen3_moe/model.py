@@ -129,8 +129,7 @@ class Qwen3MoeCausalLM(nn.Module):
         self.config = config
         self.model = DecoderStack(config, backend)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self._tie_lm_head()
         self.aux_loss_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
         self.z_loss_coef = z_loss_coef
         self.aux_loss_scope = "pooled"  # transformers' statistics; "per_layer": see framework/moe/aux_loss.py
@@ -141,6 +140,20 @@ class Qwen3MoeCausalLM(nn.Module):
         # > 0: with labels, compute the LM head and cross-entropy this many tokens at a time (gradients in the forward
         # pass), so the [B, S, V] fp32 logits (2.5 GB per 4096 tokens at V=151,936) never exist; .logits is then None.
         self.loss_chunk_tokens = 0
+
+    def _tie_lm_head(self) -> None:
+        """tie_word_embeddings: lm_head.weight is embed_tokens.weight, one Parameter (named once by
+        `named_parameters()`, so initialised, loaded, partitioned by ZeRO-3 and exported once, as the embedding)."""
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module._apply (under to_empty, to, cuda, ...) makes a new Parameter per module whenever the new tensor
+        # cannot replace the old one in place (meta -> real device: always), so a tie made in __init__ comes out as
+        # two separate uninitialised tensors. Every re-materialisation goes through here: tie again.
+        super()._apply(fn, recurse)
+        self._tie_lm_head()
+        return self
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [m for m in self.modules() if isinstance(m, MoEBlock)]
