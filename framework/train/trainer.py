@@ -332,11 +332,7 @@ class Trainer:
         if cfg.export.at_end:
             self.export(os.path.join(self.output_dir, "hf"))
         self.metrics.close()
-        # every rank leaves together and the process group is torn down before interpreter exit: a rank exiting
-        # while its peer's gloo threads still talk to it aborts the peer ("terminate called without an active
-        # exception", seen under load on CPU)
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # every rank leaves together: none exits while a peer still talks to it
 
     def _stop_if_nonfinite(self, nonfinite: torch.Tensor) -> None:
         """Raise NonFiniteLoss if any rank saw a nan/inf training loss since the run started (one small collective)."""
