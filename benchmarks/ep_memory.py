@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import framework
-from framework.parallel.expert_parallel import apply_expert_parallel
+from framework.parallel.expert_parallel import expert_placement
 from framework.parallel.groups import init_parallel_groups
 from framework.zero.engine import initialize
 
@@ -47,7 +47,7 @@ def main() -> None:
     torch.cuda.set_device(args.local_rank)
     groups = init_parallel_groups(args.ep, 128)
     model = framework.load_model(qwen3_30b_width(args.layers, args.seq), backend=args.backend, dtype=torch.bfloat16,
-                                 device="cuda", seed=0, prepare=lambda m: apply_expert_parallel(m, groups))
+                                 device="cuda", seed=0, placement=expert_placement(groups))
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
           "gradient_clipping": 1.0, "steps_per_print": 10**9,
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},

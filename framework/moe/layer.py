@@ -2,8 +2,9 @@
 
 Legend: B batch, S sequence, T = B*S tokens, H hidden, I expert FFN, E experts, K top-k, R = T*K rows.
 Parameter names equal transformers 5's Qwen3MoeSparseMoeBlock (`gate.weight`, `experts.gate_up_proj`,
-`experts.down_proj`), so state dicts move between the two unchanged. Single-process: expert parallelism replaces
-`dispatcher` (and shrinks `experts` to the local block) from framework/parallel, after construction.
+`experts.down_proj`), so state dicts move between the two unchanged. Expert parallelism is a construction input
+(`placement`, framework/moe/placement.py): the block holds its experts only and dispatches through the placement's
+dispatcher.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from torch import nn
 from framework.moe.aux_loss import RouterStats, router_stats
 from framework.moe.dispatch import Dispatcher, MegablocksDispatcher, TorchDispatcher
 from framework.moe.experts import compute_fn, resolve_backend
+from framework.moe.placement import LOCAL, ExpertPlacement
 from framework.moe.router import TopKRouter
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored stacked; `forward` runs them on rows grouped by expert."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: nn.Module, backend: str):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: nn.Module, backend: str,
+                 first_expert: int = 0):
         super().__init__()
         self.num_experts = num_experts  # held here: all of them, or this rank's block under expert parallelism
-        self.first_expert = 0  # global id of expert 0 here
+        self.first_expert = first_expert  # global id of expert 0 here
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act_fn = act
@@ -40,14 +43,17 @@ class GroupedExperts(nn.Module):
 
 class MoEBlock(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, norm_topk_prob: bool,
-                 act: nn.Module, backend: str = "auto"):
+                 act: nn.Module, backend: str = "auto", placement: ExpertPlacement = LOCAL):
         super().__init__()
         backend = resolve_backend(backend)
+        lo, hi = placement.expert_range(num_experts)
         self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob)
-        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, act, backend)
-        self.num_experts = num_experts
-        self.dispatcher: Dispatcher = (MegablocksDispatcher(num_experts) if backend == "megablocks"
-                                       else TorchDispatcher())
+        self.experts = GroupedExperts(hi - lo, hidden_size, intermediate_size, act, backend, first_expert=lo)
+        self.num_experts = num_experts  # global
+        if placement.make_dispatcher is not None:
+            self.dispatcher: Dispatcher = placement.make_dispatcher(num_experts)
+        else:
+            self.dispatcher = MegablocksDispatcher(num_experts) if backend == "megablocks" else TorchDispatcher()
 
     def forward(self, x_BSH: torch.Tensor, token_mask_T: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, RouterStats]:

@@ -88,7 +88,7 @@ class Trainer:
     def __init__(self, plan: RunPlan, ds_user: dict[str, Any] | None = None, ds_source: str = "DeepSpeed config"):
         import framework  # noqa: PLC0415
         from framework.data import PackedDataLoader, build_demo_corpus, load_tokenizer  # noqa: PLC0415
-        from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: PLC0415
+        from framework.parallel.expert_parallel import expert_placement  # noqa: PLC0415
         from framework.parallel.groups import init_parallel_groups  # noqa: PLC0415
         from framework.zero.engine import initialize  # noqa: PLC0415
 
@@ -146,10 +146,10 @@ class Trainer:
         model = framework.load_model(plan.model_source, backend=cfg.moe.backend, dtype=self.dtype, device=rt.device,
                                      attn_implementation=cfg.model.attn_implementation,
                                      aux_loss_coef=cfg.moe.aux_loss_coef, z_loss_coef=cfg.moe.z_loss_coef,
-                                     seed=cfg.train.seed, prepare=lambda m: apply_expert_parallel(m, self.groups))
-        model.activation_checkpointing = cfg.train.activation_checkpointing
-        model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
-        model.aux_loss_scope = cfg.moe.aux_loss_scope
+                                     aux_loss_scope=cfg.moe.aux_loss_scope,
+                                     activation_checkpointing=cfg.train.activation_checkpointing,
+                                     loss_chunk_tokens=cfg.train.loss_chunk_tokens, seed=cfg.train.seed,
+                                     placement=expert_placement(self.groups))
         self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len)
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops(rt.device)
         self.schedule = LRSchedule(cfg.train.lr_schedule, cfg.train.max_steps, cfg.train.warmup_steps,

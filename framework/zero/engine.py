@@ -50,8 +50,8 @@ def check_expert_tags(model: nn.Module, groups: ParallelGroups) -> None:
         return
     for block in (m for m in model.modules() if isinstance(m, MoEBlock)):
         if not isinstance(block.dispatcher, AllToAllDispatcher):
-            raise RuntimeError("ep_size > 1 but an MoE block still dispatches locally: call apply_expert_parallel "
-                               "before building the engine")
+            raise RuntimeError("ep_size > 1 but an MoE block still dispatches locally: build the model with "
+                               "load_model(..., placement=expert_placement(groups))")
         for name, p in block.experts.named_parameters():
             if getattr(p, "ds_zero_placement_family", None) != EXPERT_FAMILY or \
                     getattr(p, "ds_zero_partition_process_group", None) is not groups.edp_group or \

@@ -5,19 +5,29 @@ from __future__ import annotations
 import torch
 
 from framework.moe.layer import MoEBlock
+from framework.moe.placement import LOCAL, ExpertPlacement
 
 H, I, E, K, TOKENS = 32, 24, 8, 2, 6
 
 
-def make_block() -> MoEBlock:
+def make_block(placement: ExpertPlacement = LOCAL) -> MoEBlock:
+    """The same weights for every placement: drawn for all experts, then `placement`'s block of them kept."""
     torch.manual_seed(0)
-    block = MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend="grouped_mm")
+    full = MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend="grouped_mm")
     with torch.no_grad():
-        block.experts.gate_up_proj.normal_(0, 0.2)
-        block.experts.down_proj.normal_(0, 0.2)
+        full.experts.gate_up_proj.normal_(0, 0.2)
+        full.experts.down_proj.normal_(0, 0.2)
         # logits = s_e * sum(x): positive inputs pick the highest-numbered experts, negative inputs the lowest
         scale = torch.tensor([-2.5, -2.0, -1.5, -1.0, 1.0, 1.5, 2.0, 2.5])
-        block.gate.weight.copy_(scale[:, None] * (1 + 0.1 * torch.rand(E, H)))
+        full.gate.weight.copy_(scale[:, None] * (1 + 0.1 * torch.rand(E, H)))
+    if placement is LOCAL:
+        return full
+    block = MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend="grouped_mm", placement=placement)
+    lo, hi = placement.expert_range(E)
+    with torch.no_grad():
+        block.gate.weight.copy_(full.gate.weight)
+        block.experts.gate_up_proj.copy_(full.experts.gate_up_proj[lo:hi])
+        block.experts.down_proj.copy_(full.experts.down_proj[lo:hi])
     return block
 
 

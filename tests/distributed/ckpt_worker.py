@@ -29,7 +29,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
 import framework  # noqa: E402
-from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
+from framework.parallel.expert_parallel import expert_placement  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.checkpoint_io import load_engine_checkpoint, save_engine_checkpoint  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
@@ -77,7 +77,7 @@ def build(case: str):
     groups = init_parallel_groups(ep, model_config()["num_experts"])
     model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager", seed=0,
                                  dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
-                                 prepare=lambda m: apply_expert_parallel(m, groups))
+                                 placement=expert_placement(groups))
     engine, *_ = initialize(model, ds_config(stage, dist.get_world_size(), dtype), groups)
     return engine, groups, model.config
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from framework.parallel.expert_parallel import apply_expert_parallel, gather_full_experts  # noqa: E402
+from framework.parallel.expert_parallel import expert_placement, gather_full_experts  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from tests.distributed.block_case import E, case_inputs, make_block  # noqa: E402
 
@@ -36,9 +36,7 @@ def main() -> None:
     groups = init_parallel_groups(world, E)
     results = {}
     for case in ("remote", "starved"):
-        holder = torch.nn.ModuleDict({"moe": make_block()})
-        apply_expert_parallel(holder, groups)
-        block = holder["moe"]
+        block = make_block(expert_placement(groups))
         xs, dys = case_inputs(case, world)
         x = xs[rank].clone().requires_grad_()
         y, stats = block(x)

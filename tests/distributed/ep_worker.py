@@ -22,7 +22,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 import framework  # noqa: E402
-from framework.parallel.expert_parallel import apply_expert_parallel, gather_full_experts  # noqa: E402
+from framework.parallel.expert_parallel import expert_placement, gather_full_experts  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
 from tests.distributed.common import MICRO, STEPS, ds_config, global_batch, model_config  # noqa: E402
@@ -62,7 +62,7 @@ def run(stage: int, ep: int, out_dir: str, tied: bool = False) -> None:
     groups = init_parallel_groups(ep, model_config()["num_experts"])
     # Experts are sliced on the meta device: each rank allocates and initialises only its own block.
     model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager", seed=0,
-                                 prepare=lambda m: apply_expert_parallel(m, groups))
+                                 placement=expert_placement(groups))
     engine, *_ = initialize(model, ds_config(stage, world), groups)
     ids, mask, labels = global_batch(world)
     sl = slice(rank * MICRO, (rank + 1) * MICRO)

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import framework  # noqa: E402
-from framework.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
+from framework.parallel.expert_parallel import expert_placement  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
 from tests.distributed.ep_worker import train_and_record  # noqa: E402
@@ -48,7 +48,7 @@ def run(stage: int, ep: int, backend: str, dtype: torch.dtype, out_dir: str, nam
     groups = init_parallel_groups(ep, CONFIG["num_experts"])
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to try the script without a GPU
     model = framework.load_model(dict(CONFIG), backend=backend, dtype=dtype, device=device, seed=0,
-                                 prepare=lambda m: apply_expert_parallel(m, groups))
+                                 placement=expert_placement(groups))
     engine, *_ = initialize(model, ds_config(stage, world, dtype == torch.bfloat16), groups)
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, CONFIG["vocab_size"], (world * MICRO, SEQ), generator=g).to(device)

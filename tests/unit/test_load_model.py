@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import framework
+from framework.moe.placement import ExpertPlacement
 from framework.checkpoint.cli import run_cli
 from framework.checkpoint.hf_export import write_hf_directory
 from framework.parallel.groups import ParallelGroups
@@ -122,31 +123,25 @@ def test_config_disagreeing_with_tensors(stock_and_dirs, tmp_path):
         framework.load_model(path)
 
 
-def keep_experts(lo: int, hi: int):
-    """A stand-in for expert parallelism's meta-device step: keep experts [lo, hi) of every MoE block."""
-    def prepare(model):
-        for block in model.moe_blocks():
-            for name in ("gate_up_proj", "down_proj"):
-                full = getattr(block.experts, name)
-                setattr(block.experts, name, torch.nn.Parameter(full[lo:hi].clone()))
-            block.experts.first_expert, block.experts.num_experts = lo, hi - lo
-    return prepare
+def keep_experts(ep_size: int, ep_rank: int) -> ExpertPlacement:
+    """Expert parallelism's experts without its process group: rank ep_rank's block of every MoE layer."""
+    return ExpertPlacement(ep_size, ep_rank)
 
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused", "stacked"])
 def test_expert_block_reads_only_its_slice(stock_and_dirs, layout):
     stock, dirs, _ = stock_and_dirs
-    part = framework.load_model(dirs[layout], backend="eager", prepare=keep_experts(2, 6))
+    part = framework.load_model(dirs[layout], backend="eager", placement=keep_experts(4, 1))  # experts 2..3
     full = stock.state_dict()
     for name, tensor in part.state_dict().items():
-        expected = full[name][2:6] if ".mlp.experts." in name else full[name]
+        expected = full[name][2:4] if ".mlp.experts." in name else full[name]
         assert torch.equal(tensor, expected), name
     assert part.model.layers[0].mlp.experts.gate_up_proj.is_meta is False
 
 
 def test_random_init_is_the_same_whatever_expert_block_is_kept():
     full = framework.load_model(dict(TINY), backend="eager", seed=5)
-    part = framework.load_model(dict(TINY), backend="eager", seed=5, prepare=keep_experts(4, 8))
+    part = framework.load_model(dict(TINY), backend="eager", seed=5, placement=keep_experts(2, 1))  # experts 4..7
     for name, tensor in part.state_dict().items():
         expected = full.state_dict()[name]
         assert torch.equal(tensor, expected[4:8] if ".mlp.experts." in name else expected), name
@@ -221,8 +216,8 @@ def test_random_init_of_a_tied_config_is_tied(dtype):
     assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
 
 
-def test_tie_survives_prepare_and_dtype_moves():
-    model = framework.load_model(dict(TIED), backend="eager", seed=2, prepare=keep_experts(4, 8))
+def test_tie_survives_placement_and_dtype_moves():
+    model = framework.load_model(dict(TIED), backend="eager", seed=2, placement=keep_experts(2, 1))
     assert_tied(model)
     model.to(torch.bfloat16)
     assert_tied(model)

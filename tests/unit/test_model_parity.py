@@ -12,8 +12,8 @@ from tests.helpers import batch, rel_err, stock_model
 TOL = 1e-5
 
 
-def ours_from(stock: Qwen3MoeForCausalLM, backend: str, attn: str) -> framework.Qwen3MoeCausalLM:
-    model = framework.load_model(stock.config, backend=backend, attn_implementation=attn)
+def ours_from(stock: Qwen3MoeForCausalLM, backend: str, attn: str, **options) -> framework.Qwen3MoeCausalLM:
+    model = framework.load_model(stock.config, backend=backend, attn_implementation=attn, **options)
     result = model.load_state_dict(stock.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     return model.eval()
@@ -103,9 +103,8 @@ def test_per_layer_aux_loss_equals_transformers_formula_per_layer():
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
     stock = stock_model()
-    ours = ours_from(stock, "grouped_mm", "eager")
+    ours = ours_from(stock, "grouped_mm", "eager", aux_loss_scope="per_layer")
     ids, mask, labels = batch()
-    ours.aux_loss_scope = "per_layer"
     out = ours(ids, attention_mask=mask, labels=labels)
     ref = stock(ids, attention_mask=mask, labels=labels, output_router_logits=True)
     cfg = stock.config

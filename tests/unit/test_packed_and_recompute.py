@@ -9,9 +9,9 @@ import framework
 from tests.helpers import TINY, rel_err
 
 
-def _model(attn: str):
+def _model(attn: str, **options):
     torch.manual_seed(0)
-    return framework.load_model(dict(TINY), backend="grouped_mm", attn_implementation=attn, seed=3)
+    return framework.load_model(dict(TINY), backend="grouped_mm", attn_implementation=attn, seed=3, **options)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -41,8 +41,7 @@ def test_activation_checkpointing_same_loss_and_gradients(mode):
     pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
     results = []
     for recompute in (False, mode):
-        model = _model("eager")
-        model.activation_checkpointing = recompute
+        model = _model("eager", activation_checkpointing=recompute)
         out = model(ids, labels=ids, position_ids=pos)
         out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -60,8 +59,7 @@ def test_chunked_loss_same_loss_and_gradients():
     pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
     results = []
     for chunk in (0, 5):  # 5 does not divide the 24 tokens: a short last chunk
-        model = _model("eager")
-        model.loss_chunk_tokens = chunk
+        model = _model("eager", loss_chunk_tokens=chunk)
         out = model(ids, labels=labels, position_ids=pos)
         out.loss.backward()
         assert (out.logits is None) == (chunk > 0)
@@ -77,8 +75,7 @@ def test_recompute_modes_keep_less():
     ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(5))
     kept = {}
     for mode in (False, "moe", "attention", True):
-        model = _model("eager")
-        model.activation_checkpointing = mode
+        model = _model("eager", activation_checkpointing=mode)
         storages: dict[int, int] = {}
 
         def pack(t):

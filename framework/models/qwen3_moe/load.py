@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable
 
 import torch
 from transformers import Qwen3MoeConfig
@@ -17,7 +16,9 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbed
 from framework.checkpoint.hf_reader import HFCheckpoint
 from framework.models.qwen3_moe.attention import resolve_attention
 from framework.models.qwen3_moe.config import load_hf_config
+from framework.models.options import ModelOptions
 from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
+from framework.moe.placement import LOCAL, ExpertPlacement
 
 _EXPERT_PARAM_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _EMBED, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -30,25 +31,28 @@ def _has_weights(path: str) -> bool:
 def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", attn_implementation: str | None = None,
                aux_loss_coef: float | None = None, z_loss_coef: float = 0.0, seed: int = 0,
-               prepare: Callable[[Qwen3MoeCausalLM], None] | None = None) -> Qwen3MoeCausalLM:
+               aux_loss_scope: str = "pooled", activation_checkpointing: bool | str = False,
+               loss_chunk_tokens: int = 0, placement: ExpertPlacement = LOCAL) -> Qwen3MoeCausalLM:
     """A Qwen3-MoE causal LM on our MoE layer.
 
     `path_or_config`: an HF checkpoint directory (per-expert, fused or stacked expert layout), a directory or path of a
     config.json, a config dict or a `Qwen3MoeConfig` (the last three: random initialisation with `seed`).
-    `backend`: auto / megablocks / grouped_mm / eager. `aux_loss_coef`: defaults to config.router_aux_loss_coef.
-    `prepare`: applied to the model while its parameters are still on the meta device (e.g. expert parallelism keeping
-    only this rank's experts), so that only the parameters it leaves are allocated, read or initialised. Random
-    initialisation is seeded per parameter and per expert: the same weights whatever `prepare` keeps.
+    `backend` ... `loss_chunk_tokens`: how the model computes (framework/models/options.py ModelOptions).
+    `placement`: the experts this process holds and how tokens reach the others (expert parallelism:
+    framework/parallel/expert_parallel.py `expert_placement`); only those experts are allocated, read or
+    initialised. Random initialisation is seeded per parameter and per expert: the same weights whatever the
+    placement keeps.
     tie_word_embeddings: lm_head.weight is embed_tokens.weight (one Parameter, initialised or read once; a checkpoint
     may hold either key, or both if equal, as transformers reads them).
     """
     config = load_hf_config(path_or_config)
     config = Qwen3MoeConfig.from_dict(config.to_dict())  # our own copy: we set the attention implementation on it
     config._attn_implementation = resolve_attention(attn_implementation or "sdpa")
+    options = ModelOptions(backend=backend, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+                           aux_loss_scope=aux_loss_scope, activation_checkpointing=activation_checkpointing,
+                           loss_chunk_tokens=loss_chunk_tokens, placement=placement)
     with torch.device("meta"):
-        model = Qwen3MoeCausalLM(config, backend=backend, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
-    if prepare is not None:
-        prepare(model)
+        model = Qwen3MoeCausalLM(config, options)
     model.to_empty(device=device)
     model.to(dtype)
     # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.

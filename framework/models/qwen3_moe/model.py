@@ -26,6 +26,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 
 from framework.models.qwen3_moe.attention import document_boundaries, register_varlen_attention
 from framework.models.qwen3_moe.config import SUPPORTED_ATTENTION, is_moe_layer
+from framework.models.options import ModelOptions
 from framework.models.qwen3_moe.norm import RMSNorm
 from framework.moe.aux_loss import RouterStats, load_balancing_loss, router_z_loss
 from framework.moe.layer import MoEBlock
@@ -47,7 +48,7 @@ class CausalLMOutput(ModelOutput):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3MoeConfig, layer_idx: int, backend: str):
+    def __init__(self, config: Qwen3MoeConfig, layer_idx: int, options: ModelOptions):
         super().__init__()
         self.self_attn = Qwen3MoeAttention(config, layer_idx)
         head_dim = self.self_attn.head_dim
@@ -56,7 +57,8 @@ class DecoderLayer(nn.Module):
         if is_moe_layer(config, layer_idx):
             # nn.SiLU, which the fused SwiGLU recognises: config.py accepts hidden_act "silu" only
             self.mlp = MoEBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
-                                config.num_experts_per_tok, config.norm_topk_prob, nn.SiLU(), backend)
+                                config.num_experts_per_tok, config.norm_topk_prob, nn.SiLU(), options.backend,
+                                options.placement)
         else:
             self.mlp = Qwen3MoeMLP(config, intermediate_size=config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -93,10 +95,10 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """Named `model` inside the causal LM, like transformers, so parameter names match."""
 
-    def __init__(self, config: Qwen3MoeConfig, backend: str):
+    def __init__(self, config: Qwen3MoeConfig, options: ModelOptions):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config, i, options) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3MoeRotaryEmbedding(config=config)
 
@@ -116,8 +118,7 @@ def causal_mask(attention_mask_BS: torch.Tensor | None, batch: int, seq: int, dt
 
 
 class Qwen3MoeCausalLM(nn.Module):
-    def __init__(self, config: Qwen3MoeConfig, backend: str = "auto", aux_loss_coef: float | None = None,
-                 z_loss_coef: float = 0.0):
+    def __init__(self, config: Qwen3MoeConfig, options: ModelOptions = ModelOptions()):
         super().__init__()
         if config._attn_implementation is None:
             config._attn_implementation = "sdpa"
@@ -127,19 +128,11 @@ class Qwen3MoeCausalLM(nn.Module):
             raise ValueError(f"attention implementation {config._attn_implementation!r} is not supported; "
                              f"expected one of {', '.join(SUPPORTED_ATTENTION)}")
         self.config = config
-        self.model = DecoderStack(config, backend)
+        self.options = options
+        self.model = DecoderStack(config, options)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self._tie_lm_head()
-        self.aux_loss_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
-        self.z_loss_coef = z_loss_coef
-        self.aux_loss_scope = "pooled"  # transformers' statistics; "per_layer": see framework/moe/aux_loss.py
-        # True: recompute each decoder layer in backward instead of keeping its activations; "moe" / "attention":
-        # recompute only that half of each layer (non-reentrant checkpointing: works with ZeRO-3's parameter hooks
-        # and with the EP all-to-all, which every rank recomputes alike). False: keep everything.
-        self.activation_checkpointing: bool | str = False
-        # > 0: with labels, compute the LM head and cross-entropy this many tokens at a time (gradients in the forward
-        # pass), so the [B, S, V] fp32 logits (2.5 GB per 4096 tokens at V=151,936) never exist; .logits is then None.
-        self.loss_chunk_tokens = 0
+        self.aux_loss_coef = config.router_aux_loss_coef if options.aux_loss_coef is None else options.aux_loss_coef
 
     def _tie_lm_head(self) -> None:
         """tie_word_embeddings: lm_head.weight is embed_tokens.weight, one Parameter (named once by
@@ -203,7 +196,7 @@ class Qwen3MoeCausalLM(nn.Module):
         token_mask_T = None if attention_mask is None else attention_mask.reshape(-1)
 
         stats: list[RouterStats] = []
-        recompute = self.activation_checkpointing if torch.is_grad_enabled() else False
+        recompute = self.options.activation_checkpointing if torch.is_grad_enabled() else False
         for layer in self.model.layers:
             if recompute is True:
                 h, layer_stats = checkpoint(layer, h, position_embeddings, mask, token_mask_T, cu_seqlens,
@@ -213,21 +206,21 @@ class Qwen3MoeCausalLM(nn.Module):
             if layer_stats is not None:
                 stats.append(layer_stats)
         h = self.model.norm(h)
-        chunked = labels is not None and self.loss_chunk_tokens > 0
+        chunked = labels is not None and self.options.loss_chunk_tokens > 0
         logits = None if chunked else self.lm_head(h)
 
         out = CausalLMOutput(logits=logits, router_stats=stats)
         if stats:
-            out.aux_loss = load_balancing_loss(stats, self.aux_loss_scope)
+            out.aux_loss = load_balancing_loss(stats, self.options.aux_loss_scope)
             out.z_loss = router_z_loss(stats)
         if labels is not None:
-            out.lm_loss = (chunked_causal_lm_loss(h, self.lm_head, labels, self.loss_chunk_tokens) if chunked
+            out.lm_loss = (chunked_causal_lm_loss(h, self.lm_head, labels, self.options.loss_chunk_tokens) if chunked
                            else causal_lm_loss(logits, labels))
             out.loss = out.lm_loss
             if stats and self.aux_loss_coef:
                 out.loss = out.loss + self.aux_loss_coef * out.aux_loss
-            if stats and self.z_loss_coef:
-                out.loss = out.loss + self.z_loss_coef * out.z_loss
+            if stats and self.options.z_loss_coef:
+                out.loss = out.loss + self.options.z_loss_coef * out.z_loss
         return out
 
 
