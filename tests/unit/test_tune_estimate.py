@@ -153,11 +153,12 @@ def _tiny_config(attn: str):
 @pytest.mark.parametrize("config", [dict(HF_30B, num_hidden_layers=2), "tiny"])
 def test_inventory_matches_the_model(config):
     from framework.models.qwen3_moe.config import load_hf_config
+    from framework.models.options import ModelOptions
     from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
 
     hf = _tiny_config("sdpa") if config == "tiny" else load_hf_config(config)
     with torch.device("meta"):
-        model = Qwen3MoeCausalLM(hf, backend="grouped_mm")
+        model = Qwen3MoeCausalLM(hf, ModelOptions(backend="grouped_mm"))
     want = [(name, p.numel()) for name, p in model.named_parameters()]
     assert [(p.name, p.numel) for p in param_inventory(model_shape(hf))] == want
 
@@ -168,11 +169,12 @@ def test_layer_activations_equal_what_autograd_saves(attn, recompute):
     """Every tensor a real bf16 layer saves for backward (unique storages; weights, the layer input, mask and rotary
     tables excluded) against layer_saved: an MoE layer and a dense-MLP layer. With one half recomputed, what the
     other half saves plus the checkpoint's input (for "attention": the layer input, excluded here)."""
+    from framework.models.options import ModelOptions
     from framework.models.qwen3_moe.model import Qwen3MoeCausalLM, causal_mask
 
     torch.manual_seed(0)
     cfg = _tiny_config(attn)
-    model = Qwen3MoeCausalLM(cfg, backend="grouped_mm").to(torch.bfloat16)
+    model = Qwen3MoeCausalLM(cfg, ModelOptions(backend="grouped_mm")).to(torch.bfloat16)
     model.init_weights()
     batch, seq = 2, 64
     shape = model_shape(cfg)
