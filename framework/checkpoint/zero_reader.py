@@ -16,6 +16,7 @@ DeepSpeed's `zero_to_fp32.py` cannot do this: it assumes one partition count for
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -326,48 +327,61 @@ class ZeroCheckpointReader:
     def read(self, name: str, key: str = "fp32") -> torch.Tensor:
         """The full fp32 parameter (key "fp32") or its Adam moment ("exp_avg", "exp_avg_sq"): a new tensor, not a
         view into a mapped file."""
-        info = self.params.get(name)
-        if info is None:
-            raise KeyError(f"{self.path}: no parameter {name}")
-        out = torch.empty(info.shape, dtype=torch.float32)
+        info = self._info(name)
+        return self.read_range(name, key, 0, math.prod(info.shape)).view(info.shape)
+
+    def read_range(self, name: str, key: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened full parameter (experts: all EP blocks in expert order), reading
+        only the saved partitions that hold them: a rank of another layout reads its own share, not everything."""
+        info = self._info(name)
+        out = torch.empty(end - start, dtype=torch.float32)
         if self.groups[info.group]["partition"] == "edp":
-            per = info.shape[0] // self.ep_size
-            blocks = [out.narrow(0, e * per, per) for e in range(self.ep_size)]
-            if any(tuple(b.shape) != info.local_shape for b in blocks):
+            block = math.prod(info.local_shape)
+            if block * self.ep_size != math.prod(info.shape):
                 raise ValueError(f"{self.path}: {name}: {self.ep_size} EP blocks of {list(info.local_shape)} do not "
                                  f"make {list(info.shape)}")
-            for block, ranks in zip(blocks, self.meta["edp_groups"]):
-                self._read_replica(info, ranks, block, key)
+            for e, ranks in enumerate(self.meta["edp_groups"]):
+                lo, hi = max(start, e * block), min(end, (e + 1) * block)
+                if lo < hi:
+                    out[lo - start:hi - start] = self._replica_range(info, ranks, lo - e * block, hi - e * block,
+                                                                     block, key)
         else:
             if info.local_shape != info.shape:
                 raise ValueError(f"{self.path}: {name} is partitioned over the world but holds one EP rank's block "
                                  f"{list(info.local_shape)} of {list(info.shape)}")
-            self._read_replica(info, list(range(self.world_size)), out, key)
+            out[:] = self._replica_range(info, list(range(self.world_size)), start, end, math.prod(info.shape), key)
         return out
 
-    def _read_replica(self, info: ParamInfo, ranks: list[int], out: torch.Tensor, key: str) -> None:
-        """Fill `out` (contiguous, local_shape) with the parameter as the partition group `ranks` holds it (for
-        experts: one EP rank's block)."""
-        flat_out = out.view(-1)
-        numel = flat_out.numel()
+    def _info(self, name: str) -> ParamInfo:
+        info = self.params.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: no parameter {name}")
+        return info
+
+    def _replica_range(self, info: ParamInfo, ranks: list[int], start: int, end: int, numel: int,
+                       key: str) -> torch.Tensor:
+        """Elements [start, end) of the flattened parameter (experts: one EP block of `numel` elements) as the
+        partition group `ranks` holds it."""
+        out = torch.empty(end - start, dtype=torch.float32)
         if self.zero_stage == 3:
             step = info.numel  # every rank holds `step` elements of the parameter; the last one padded
             if step * len(ranks) < numel:
                 raise ValueError(f"{self.path}: {info.name}: {len(ranks)} partitions of {step} cannot hold {numel}")
-            for k, rank in enumerate(ranks):
-                lo, hi = k * step, min((k + 1) * step, numel)
-                if hi <= lo:
-                    break
-                flat_out[lo:hi] = self._slice(rank, info, info.offset, info.offset + hi - lo, key)
-            return
+            for k in range(start // step, (end - 1) // step + 1 if end > start else 0):
+                lo, hi = max(start, k * step), min(end, (k + 1) * step)
+                out[lo - start:hi - start] = self._slice(ranks[k], info, info.offset + lo - k * step,
+                                                         info.offset + hi - k * step, key)
+            return out
         size = self.groups[info.group]["partition_size"]
-        start, end = info.offset, info.offset + info.numel
-        if info.numel != numel or end > size * len(ranks):
-            raise ValueError(f"{self.path}: {info.name}: {info.numel} elements at {start} do not fit its group "
+        first = info.offset  # where the parameter starts in its group's flat buffer
+        if info.numel != numel or first + numel > size * len(ranks):
+            raise ValueError(f"{self.path}: {info.name}: {info.numel} elements at {first} do not fit its group "
                              f"({len(ranks)} partitions of {size})")
-        for k in range(start // size, (end - 1) // size + 1):
-            lo, hi = max(start, k * size), min(end, (k + 1) * size)
-            flat_out[lo - start:hi - start] = self._slice(ranks[k], info, lo - k * size, hi - k * size, key)
+        lo_flat, hi_flat = first + start, first + end
+        for k in range(lo_flat // size, (hi_flat - 1) // size + 1 if end > start else 0):
+            lo, hi = max(lo_flat, k * size), min(hi_flat, (k + 1) * size)
+            out[lo - lo_flat:hi - lo_flat] = self._slice(ranks[k], info, lo - k * size, hi - k * size, key)
+        return out
 
     def _slice(self, rank: int, info: ParamInfo, lo: int, hi: int, key: str) -> torch.Tensor:
         flat = self._flat_groups(rank, key)[info.group]

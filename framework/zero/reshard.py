@@ -1,11 +1,12 @@
 """Loading a checkpoint saved at another world size, ep_size or ZeRO stage into a freshly built engine.
 
-Owns: the resharding load. Every parameter's full fp32 master weight and Adam moments are rebuilt from the saved
-partitions (framework/checkpoint/zero_reader.py, memory-mapped, one parameter at a time), cut to what this rank holds
-under the new layout (its EP rank's block of experts, then its ZeRO partition), and written into the engine: fp32
-master and moments through DeepSpeed's own per-parameter setters (ZeRO-1/2: the `_hp_mapping` fragments that
-universal checkpoints load through; ZeRO-3: the local partition setter), the model-dtype weights copied from the fp32
-master as an optimizer step would. Adam's step count and the engine's step counters come from the saved files.
+Owns: the resharding load. For every parameter, each rank reads from the saved partitions only the range it holds
+under the new layout (framework/checkpoint/zero_reader.py `read_range`, memory-mapped, one parameter at a time): its
+EP rank's experts, then its ZeRO-3 partition or its ZeRO-1/2 fp32 fragment, for the fp32 master and both Adam
+moments. These go in through DeepSpeed's own setters (ZeRO-3: the local partition setter; ZeRO-1/2: the `_hp_mapping`
+fragments universal checkpoints load through); the model-dtype weights are cast from the fp32 master as an optimizer
+step would (ZeRO-1/2 ranks hold the whole weight, so they read its fp32 master whole). Adam's step count and the
+engine's step counters come from the saved files.
 
 Why not DeepSpeed's universal checkpoint: `ds_to_universal` assumes one data-parallel partition count for every
 parameter (its ZeRO-3 path reads `partition_count` once) and knows DeepSpeed's own MoE layers only; our experts are
@@ -14,6 +15,8 @@ conversion step is not needed: each rank reads only the pages of the saved files
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -24,47 +27,35 @@ from framework.parallel.groups import ParallelGroups
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _ep_block(full: torch.Tensor, expert: bool, groups: ParallelGroups) -> torch.Tensor:
-    """This EP rank's experts of a stacked [E, ...] tensor (the whole tensor for non-expert parameters)."""
-    if not expert:
-        return full
-    per = full.shape[0] // groups.ep_size
-    return full.narrow(0, groups.ep_rank * per, per)
-
-
-def _zero3_partition(opt, param, local: torch.Tensor) -> torch.Tensor:
-    """The piece of `local` (the parameter as this rank's module sees it) that this rank holds under ZeRO-3: equal
-    partitions of the flattened tensor over the parameter's partition group, the last one zero-padded."""
+def _zero3_write(engine, param, read) -> None:
+    """This rank's ZeRO-3 partition of the parameter (equal parts of the flattened tensor over its partition group,
+    the last zero-padded): fp32 master, Adam moments, and the model-dtype partition from the master."""
+    opt = engine.optimizer
     size = param.ds_tensor.numel()
     start = opt._get_param_partition_rank(param) * size
-    flat = local.reshape(-1)
-    piece = torch.zeros(size, dtype=flat.dtype)
-    take = max(0, min(size, flat.numel() - start))
-    piece[:take] = flat[start:start + take]
-    return piece
+    take = max(0, min(size, param.ds_numel - start))
+    device = param.ds_tensor.device
+    pieces = {}
+    for key in ("fp32", *ADAM_KEYS):
+        piece = torch.zeros(size, dtype=torch.float32)
+        if take:
+            piece[:take] = read(key, start, start + take)
+        pieces[key] = piece.to(device)
+        opt.set_local_hp_param(pieces[key], param, None if key == "fp32" else key)
+    param.ds_tensor.data.copy_(pieces["fp32"].to(param.ds_tensor.dtype))
 
 
-def _write_param(engine, param, local: dict[str, torch.Tensor]) -> None:
-    """Set one parameter's fp32 master, Adam moments and model-dtype weight on this rank."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # noqa: PLC0415
-
-    opt = engine.optimizer
-    if engine.zero_optimization_stage() == 3:
-        pieces = {k: _zero3_partition(opt, param, v) for k, v in local.items()}
-        device = param.ds_tensor.device
-        opt.set_local_hp_param(pieces["fp32"].to(device), param)
-        for key in ADAM_KEYS:
-            opt.set_local_hp_param(pieces[key].to(device), param, key)
-        param.ds_tensor.data.copy_(pieces["fp32"].to(device=device, dtype=param.ds_tensor.dtype))
-        return
-    if not hasattr(param, "_hp_mapping"):
-        raise RuntimeError("resharding load: a ZeRO-1/2 parameter has no fp32 fragment mapping (DeepSpeed did not "
-                           "link it); cannot place its optimizer state")
-    device = param.device
-    safe_set_full_fp32_param(param, local["fp32"].to(device))
-    for key in ADAM_KEYS:
-        safe_set_full_optimizer_state(param, local[key].to(device), key)
-    param.data.copy_(local["fp32"].to(device=device, dtype=param.dtype))
+def _zero12_write(param, read) -> None:
+    """ZeRO-1/2: this rank's fragment of the fp32 master and moments (DeepSpeed's `_hp_mapping`, as universal
+    checkpoints load), and the whole model-dtype parameter, which every rank of the group holds."""
+    mapping = param._hp_mapping
+    if mapping is not None:  # None: the parameter lies wholly in other ranks' partitions
+        start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+        for key in ("fp32", *ADAM_KEYS):
+            target = mapping.get_hp_fragment(None if key == "fp32" else key)
+            target.data.copy_(read(key, start, start + numel).to(target.device).view_as(target))
+    full = read("fp32", 0, param.numel()).view(param.shape)
+    param.data.copy_(full.to(device=param.device, dtype=param.dtype))
 
 
 def ensure_adam_states(engine) -> None:
@@ -114,19 +105,30 @@ def load_resharded(engine, groups: ParallelGroups, tag_dir: str, lr_scheduler: b
             which = f"the model's {missing[0]} is not in it" if missing else f"its {extra[0]} is not in the model"
             raise ValueError(f"{tag_dir}: checkpoint parameters differ from the model: {which}")
         prefix = None
+        stage = engine.zero_optimization_stage()
         for name, param in names.items():
             info = reader.params[name]
             layer = name.rsplit(".", 2)[0]
             if layer != prefix:  # keep the mapped pages near one layer
                 reader.release()
                 prefix = layer
-            local = {key: _ep_block(reader.read(name, key), info.expert, groups) for key in ("fp32", *ADAM_KEYS)}
             expected = list(getattr(param, "ds_shape", param.shape))
-            if list(local["fp32"].shape) != expected:
-                raise ValueError(f"{tag_dir}: {name}: checkpoint gives this rank shape {list(local['fp32'].shape)}, "
-                                 f"the model {expected}")
+            here = [expected[0] * groups.ep_size, *expected[1:]] if info.expert else expected
+            if here != list(info.shape):
+                raise ValueError(f"{tag_dir}: {name}: checkpoint has shape {list(info.shape)}, the model {here}")
+            # where this rank's block starts in the flattened full tensor: its EP rank's experts, or everything
+            offset = groups.ep_rank * math.prod(expected) if info.expert else 0
+
+            def read(key: str, lo: int, hi: int, name=name, offset=offset) -> torch.Tensor:
+                return reader.read_range(name, key, offset + lo, offset + hi)
+
+            if stage == 3 and not hasattr(param, "ds_tensor"):
+                raise RuntimeError(f"resharding load: ZeRO-3 parameter {name} has no partition")
+            if stage != 3 and not hasattr(param, "_hp_mapping"):
+                raise RuntimeError("resharding load: a ZeRO-1/2 parameter has no fp32 fragment mapping (DeepSpeed "
+                                   "did not link it); cannot place its optimizer state")
             with torch.no_grad():
-                _write_param(engine, param, local)
+                (_zero3_write(engine, param, read) if stage == 3 else _zero12_write(param, read))
         step = reader.optimizer_step()
         saved_groups = reader.param_groups()
         model_file = reader.meta["files"]["model"][0]
