@@ -292,10 +292,14 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
     if check_corpus:
         from framework.data.sources import check_corpus as scan  # noqa: PLC0415
 
+        # files that passed before (same size, time and text field) are not read again on a restart
+        memo = os.path.join(cfg.data.cache_dir or os.path.join(cfg.train.output_dir, "data_cache"),
+                            "corpus_checked.json")
         if cfg.data.paths:
-            scan(list(cfg.data.paths), cfg.data.text_field, cfg.data.cache_dir)
+            scan(list(cfg.data.paths), cfg.data.text_field, cfg.data.cache_dir, memo=memo)
         if cfg.data.eval_paths:
-            scan(list(cfg.data.eval_paths), cfg.data.text_field, cfg.data.cache_dir, key="data.eval_paths")
+            scan(list(cfg.data.eval_paths), cfg.data.text_field, cfg.data.cache_dir, key="data.eval_paths",
+                 memo=memo)
     check_output_dir(cfg.train.output_dir)
     source = model_source(cfg)
     from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415

@@ -248,22 +248,52 @@ def _check_file(file: DataFile, text_field: str) -> None:
         open_source(file, text_field, None)
 
 
+def _file_stamp(path: str, text_field: str) -> list:
+    """What must be unchanged for an earlier check of a file to still hold (a folder: a saved dataset's path)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, text_field]
+
+
+def _read_checked(memo: str | None) -> dict:
+    if memo is None:
+        return {}
+    try:
+        with open(memo) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def check_corpus(paths: Sequence[str], text_field: str = "text", cache_dir: str | None = None,
-                 key: str = "data.paths") -> None:
+                 key: str = "data.paths", memo: str | None = None) -> None:
     """Check every data file of `paths` before training: what `open_corpus` checks, plus binary content (NUL bytes,
     invalid UTF-8) and every JSON document's text field, named by file and line. Reads text files once and JSON files
     twice (bytes, then documents), sequentially; parquet files and saved datasets only by their schema.
+    `memo`: a JSON file recording the files that passed (size, modification time, text field): a restart of a long
+    run re-reads only new or changed files, not a whole corpus each time.
 
     Raises:
         ConfigError: `<key>: FILE[:LINE]: what is wrong; how to fix it`, for the first problem found.
     """
+    checked = _read_checked(memo)
+    passed: dict[str, list] = {}
     try:
         for file in find_data_files(paths, cache_dir):
-            _check_file(file, text_field)
+            path = os.path.abspath(file.path)
+            stamp = _file_stamp(file.path, text_field)
+            if checked.get(path) != stamp:
+                _check_file(file, text_field)
+            passed[path] = stamp
     except ConfigError:
         raise
     except (ValueError, OSError) as e:
         raise ConfigError(f"{key}: {e}") from None
+    if memo is not None and passed:
+        os.makedirs(os.path.dirname(memo) or ".", exist_ok=True)
+        tmp = f"{memo}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({**checked, **passed}, f)
+        os.replace(tmp, memo)
 
 
 # ----------------------------------------------------------------------------------------------------------- opening

@@ -452,6 +452,28 @@ def test_check_corpus_passes_every_valid_format(tmp_path):
     assert check_corpus(paths + [str(tmp_path / "arr.json"), str(tmp_path / "one.txt")], "text") is None
 
 
+def test_check_corpus_memo_rereads_only_changed_files(tmp_path, monkeypatch):
+    """A restart does not scan a passed corpus again; a file changed since (size or time) is checked again."""
+    good, other = tmp_path / "good.jsonl", tmp_path / "other.jsonl"
+    good.write_text('{"text": "one"}\n')
+    other.write_text('{"text": "two"}\n')
+    memo = str(tmp_path / "cache" / "corpus_checked.json")
+    check_corpus([str(good), str(other)], "text", memo=memo)
+    read = []
+    real = sources._check_file
+    monkeypatch.setattr(sources, "_check_file", lambda f, field: (read.append(os.path.basename(f.path)),
+                                                                  real(f, field)))
+    check_corpus([str(good), str(other)], "text", memo=memo)
+    assert read == []
+    other.write_bytes(b'{"text": "t\x00o"}\n')  # changed: checked again, and the damage found
+    with pytest.raises(ConfigError, match="other.jsonl:1: NUL byte"):
+        check_corpus([str(good), str(other)], "text", memo=memo)
+    assert read == ["other.jsonl"]
+    with pytest.raises(ConfigError, match="good.jsonl:1: no field 'body'"):  # another text field: read again
+        check_corpus([str(good)], "body", memo=memo)
+    assert read == ["other.jsonl", "good.jsonl"]
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 1 << 20])
 def test_binary_content_named_by_line_whatever_the_chunk(tmp_path, monkeypatch, chunk):
     monkeypatch.setattr(sources, "_READ_CHUNK", chunk)
