@@ -68,10 +68,13 @@ def ensure_adam_states(engine) -> None:
     # ZeRO-3 empties the torch optimizer's param groups between steps; its flat partitions are the state keys
     flats = getattr(opt, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
     on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+    # torch's Adam keeps the step as a tensor; DeepSpeed's CPU Adam (optimizer offload) passes it to C++ as an int
+    torch_adam = type(base).__module__.startswith("torch.optim")
     for flat in flats:
         state = base.state[flat]
         if "exp_avg" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
+                             if torch_adam else 0)
             state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
     if hasattr(opt, "_hp_optimizer_states_linked"):
