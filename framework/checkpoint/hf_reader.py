@@ -61,12 +61,17 @@ class LayerExperts:
 class HFCheckpoint:
     """A read-only view of a safetensors checkpoint directory. Use as a context manager."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, key_map: Callable[[str], str] | None = None):
+        """`key_map`: a family's stored name -> transformers 5 name (e.g. Mixtral's hub `block_sparse_moe.experts.0.w1
+        .weight` -> `mlp.experts.0.gate_proj.weight`); every method here takes and returns the mapped names."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         self.path = path
         self._headers: dict[str, sio.Header] = {}
         self.key_to_file = self._key_map(path)
+        self._stored: dict[str, str] = {}  # mapped name -> name in the file, where they differ
+        if key_map is not None:
+            self._rename(key_map)
         self.layout = hl.detect_layout(self.key_to_file)
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}  # safe_open fallback, for dtypes safetensors_io does not read
@@ -108,7 +113,8 @@ class HFCheckpoint:
                 if key in seen:
                     raise ValueError(f"{self.path}: tensor {key} is in both {seen[key]} and {shard}")
                 seen[key] = shard
-        for key, shard in self.key_to_file.items():
+        for name, shard in self.key_to_file.items():
+            key = self._stored.get(name, name)  # the shards hold the stored names
             if seen.get(key) != shard:
                 where = f"it is in {seen[key]}" if key in seen else "no shard holds it"
                 raise ValueError(f"{self.path}: missing tensor {key} in shard {shard} named by the index ({where})")
@@ -116,8 +122,9 @@ class HFCheckpoint:
 
     def _check_unlisted(self, seen: dict[str, str]) -> None:
         """The other direction of `check_shards`: every tensor of every shard is in the index."""
+        listed = {self._stored.get(name, name) for name in self.key_to_file}
         for key in sorted(seen):
-            if key not in self.key_to_file:
+            if key not in listed:
                 raise ValueError(f"{os.path.join(self.path, seen[key])}: tensor {key} is in the shard but not in "
                                  f"{INDEX_NAME}; add it to weight_map or re-create the index")
         named = set(seen.values())
@@ -152,6 +159,17 @@ class HFCheckpoint:
                     raise ValueError(f"{path}: tensor {key} is in both {key_to_file[key]} and {shard}")
                 key_to_file[key] = shard
         return key_to_file
+
+    def _rename(self, key_map: Callable[[str], str]) -> None:
+        renamed: dict[str, str] = {}
+        for key, shard in self.key_to_file.items():
+            name = key_map(key)
+            if name in renamed:
+                raise ValueError(f"{self.path}: tensors {self._stored.get(name, name)} and {key} are both {name}")
+            renamed[name] = shard
+            if name != key:
+                self._stored[name] = key
+        self.key_to_file = renamed
 
     def _group_expert_keys(self) -> dict[int, LayerExperts]:
         layers: dict[int, LayerExperts] = {}
@@ -195,7 +213,7 @@ class HFCheckpoint:
         shard = self.key_to_file.get(key)
         if shard is None:
             raise KeyError(f"{self.path}: tensor {key} not found")
-        info = self._header(shard).tensors.get(key)
+        info = self._header(shard).tensors.get(self._stored.get(key, key))
         if info is None:
             raise ValueError(f"{self.path}: missing tensor {key} in shard {shard} named by the index")
         return info
@@ -224,7 +242,7 @@ class HFCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         info = self.info(key)
         if info.torch_dtype is None:
-            return self._handle(self.key_to_file[key]).get_tensor(key)
+            return self._handle(self.key_to_file[key]).get_tensor(self._stored.get(key, key))
         out = torch.empty(info.shape, dtype=info.torch_dtype)
         self._read_into([(key, 0, out)])
         return out
@@ -233,7 +251,7 @@ class HFCheckpoint:
         """Rows [start, stop) of the first dimension (clamped like a slice), reading only those bytes."""
         info = self.info(key)
         if info.torch_dtype is None or not info.shape:
-            return self._handle(self.key_to_file[key]).get_slice(key)[start:stop]
+            return self._handle(self.key_to_file[key]).get_slice(self._stored.get(key, key))[start:stop]
         start, stop, _ = slice(start, stop).indices(info.shape[0])
         stop = max(start, stop)
         out = torch.empty((stop - start, *info.shape[1:]), dtype=info.torch_dtype)

@@ -8,11 +8,11 @@ defaults (128 experts, hidden 2048, ...) would otherwise build a model unlike th
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from transformers import Qwen3MoeConfig
+
+from framework.models.family import read_raw_config
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "moe_intermediate_size", "num_experts_per_tok")
@@ -38,14 +38,7 @@ def load_hf_config(source: str | dict | Qwen3MoeConfig) -> Qwen3MoeConfig:
     if isinstance(source, Qwen3MoeConfig):
         config = source
     else:
-        if isinstance(source, dict):
-            raw, where = dict(source), "config dict"
-        else:
-            where = os.path.join(source, "config.json") if os.path.isdir(source) else source
-            if not os.path.exists(where):
-                raise FileNotFoundError(f"no config.json at {where}")
-            with open(where) as f:
-                raw = json.load(f)
+        raw, where = read_raw_config(source)
         check_config_dict(raw, where)
         raw.pop("model_type", None)
         raw.pop("architectures", None)

@@ -1,4 +1,5 @@
-"""Qwen3-MoE causal LM with our MoE block, parameter-for-parameter compatible with transformers 5.
+"""Qwen3-MoE causal LM with our MoE block, parameter-for-parameter compatible with transformers 5, and the decoder
+every family shares (`Architecture`: what a family's layer differs in, e.g. framework/models/mixtral/model.py).
 
 Legend: B batch, S sequence, T = B*S tokens, H hidden, V vocabulary.
 Owns: the decoder stack, the LM head, the losses (token cross-entropy + router aux/z losses). Attention, rotary
@@ -10,13 +11,14 @@ Single-process: no distributed imports.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import Qwen3MoeConfig
+from transformers import PretrainedConfig
 from transformers.utils import ModelOutput
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
@@ -47,20 +49,42 @@ class CausalLMOutput(ModelOutput):
     router_stats: list[RouterStats] | None = None
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What one model family's decoder layer differs in; everything else (the MoE block, norms, losses, expert
+    parallelism) is shared. Module classes are transformers' own, so parameter names and numerics follow upstream."""
+
+    attention: type[nn.Module]  # (config, layer_idx); exposes head_dim
+    rotary: type[nn.Module]  # (config=config)
+    qk_norm: bool  # per-head RMSNorm on queries and keys (self_attn.q_norm / k_norm)
+    is_moe_layer: Callable[[PretrainedConfig, int], bool]
+    # (expert FFN width, experts, top-k, renormalise the top-k weights)
+    moe_shape: Callable[[PretrainedConfig], tuple[int, int, int, bool]]
+    dense_mlp: Callable[[PretrainedConfig], nn.Module] | None = None  # for layers that are not MoE
+
+
+QWEN3_MOE = Architecture(
+    attention=Qwen3MoeAttention, rotary=Qwen3MoeRotaryEmbedding, qk_norm=True, is_moe_layer=is_moe_layer,
+    moe_shape=lambda c: (c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob),
+    dense_mlp=lambda c: Qwen3MoeMLP(c, intermediate_size=c.intermediate_size))
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3MoeConfig, layer_idx: int, options: ModelOptions):
+    def __init__(self, config: PretrainedConfig, layer_idx: int, options: ModelOptions,
+                 arch: Architecture = QWEN3_MOE):
         super().__init__()
-        self.self_attn = Qwen3MoeAttention(config, layer_idx)
-        head_dim = self.self_attn.head_dim
-        self.self_attn.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)  # fused, same parameter names
-        self.self_attn.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
-        if is_moe_layer(config, layer_idx):
+        self.self_attn = arch.attention(config, layer_idx)
+        if arch.qk_norm:
+            head_dim = self.self_attn.head_dim
+            self.self_attn.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)  # fused, same parameter names
+            self.self_attn.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+        if arch.is_moe_layer(config, layer_idx):
+            inter, num_experts, top_k, renormalise = arch.moe_shape(config)
             # nn.SiLU, which the fused SwiGLU recognises: config.py accepts hidden_act "silu" only
-            self.mlp = MoEBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
-                                config.num_experts_per_tok, config.norm_topk_prob, nn.SiLU(), options.backend,
-                                options.placement)
+            self.mlp = MoEBlock(config.hidden_size, inter, num_experts, top_k, renormalise, nn.SiLU(),
+                                options.backend, options.placement)
         else:
-            self.mlp = Qwen3MoeMLP(config, intermediate_size=config.intermediate_size)
+            self.mlp = arch.dense_mlp(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -95,12 +119,13 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """Named `model` inside the causal LM, like transformers, so parameter names match."""
 
-    def __init__(self, config: Qwen3MoeConfig, options: ModelOptions):
+    def __init__(self, config: PretrainedConfig, options: ModelOptions, arch: Architecture):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([DecoderLayer(config, i, options) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config, i, options, arch)
+                                     for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen3MoeRotaryEmbedding(config=config)
+        self.rotary_emb = arch.rotary(config=config)
 
 
 def causal_mask(attention_mask_BS: torch.Tensor | None, batch: int, seq: int, dtype: torch.dtype,
@@ -117,8 +142,12 @@ def causal_mask(attention_mask_BS: torch.Tensor | None, batch: int, seq: int, dt
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class Qwen3MoeCausalLM(nn.Module):
-    def __init__(self, config: Qwen3MoeConfig, options: ModelOptions = ModelOptions()):
+class MoECausalLM(nn.Module):
+    """The causal LM of every family; a family's subclass sets `architecture`."""
+
+    architecture: Architecture = QWEN3_MOE
+
+    def __init__(self, config: PretrainedConfig, options: ModelOptions = ModelOptions()):
         super().__init__()
         if config._attn_implementation is None:
             config._attn_implementation = "sdpa"
@@ -129,7 +158,7 @@ class Qwen3MoeCausalLM(nn.Module):
                              f"expected one of {', '.join(SUPPORTED_ATTENTION)}")
         self.config = config
         self.options = options
-        self.model = DecoderStack(config, options)
+        self.model = DecoderStack(config, options, self.architecture)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self._tie_lm_head()
         self.aux_loss_coef = config.router_aux_loss_coef if options.aux_loss_coef is None else options.aux_loss_coef
@@ -222,6 +251,10 @@ class Qwen3MoeCausalLM(nn.Module):
             if stats and self.options.z_loss_coef:
                 out.loss = out.loss + self.options.z_loss_coef * out.z_loss
         return out
+
+
+class Qwen3MoeCausalLM(MoECausalLM):
+    architecture = QWEN3_MOE
 
 
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
