@@ -1,4 +1,5 @@
-"""Building a Qwen3-MoE model from a config or a Hugging Face checkpoint directory.
+"""Building a model of any registered family (framework/models/registry.py) from a config or a Hugging Face
+checkpoint directory.
 
 Owns: `load_model`, the public entry point: config checks, construction, random init or a streaming load of every
 tensor (any of the three expert layouts), with one-line errors naming the key and both shapes.
@@ -8,16 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 
 import torch
-from transformers import Qwen3MoeConfig
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
+from transformers import PretrainedConfig
 
 from framework.checkpoint.hf_reader import HFCheckpoint
 from framework.models.qwen3_moe.attention import resolve_attention
-from framework.models.qwen3_moe.config import load_hf_config
 from framework.models.options import ModelOptions
-from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
+from framework.models.qwen3_moe.model import MoECausalLM
+from framework.models.registry import family_for
 from framework.moe.placement import LOCAL, ExpertPlacement
 
 _EXPERT_PARAM_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -28,15 +29,15 @@ def _has_weights(path: str) -> bool:
     return os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
 
 
-def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto", dtype: torch.dtype = torch.float32,
+def load_model(path_or_config: str | dict | PretrainedConfig, backend: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", attn_implementation: str | None = None,
                aux_loss_coef: float | None = None, z_loss_coef: float = 0.0, seed: int = 0,
                aux_loss_scope: str = "pooled", activation_checkpointing: bool | str = False,
-               loss_chunk_tokens: int = 0, placement: ExpertPlacement = LOCAL) -> Qwen3MoeCausalLM:
-    """A Qwen3-MoE causal LM on our MoE layer.
+               loss_chunk_tokens: int = 0, placement: ExpertPlacement = LOCAL) -> MoECausalLM:
+    """A causal LM on our MoE layer, of the family config.json's model_type names (qwen3_moe, mixtral).
 
     `path_or_config`: an HF checkpoint directory (per-expert, fused or stacked expert layout), a directory or path of a
-    config.json, a config dict or a `Qwen3MoeConfig` (the last three: random initialisation with `seed`).
+    config.json, a config dict or a transformers config (the last three: random initialisation with `seed`).
     `backend` ... `loss_chunk_tokens`: how the model computes (framework/models/options.py ModelOptions).
     `placement`: the experts this process holds and how tokens reach the others (expert parallelism:
     framework/parallel/expert_parallel.py `expert_placement`); only those experts are allocated, read or
@@ -45,20 +46,21 @@ def load_model(path_or_config: str | dict | Qwen3MoeConfig, backend: str = "auto
     tie_word_embeddings: lm_head.weight is embed_tokens.weight (one Parameter, initialised or read once; a checkpoint
     may hold either key, or both if equal, as transformers reads them).
     """
-    config = load_hf_config(path_or_config)
-    config = Qwen3MoeConfig.from_dict(config.to_dict())  # our own copy: we set the attention implementation on it
+    family = family_for(path_or_config)
+    config = family.load_config(path_or_config)
+    config = type(config).from_dict(config.to_dict())  # our own copy: we set the attention implementation on it
     config._attn_implementation = resolve_attention(attn_implementation or "sdpa")
     options = ModelOptions(backend=backend, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
                            aux_loss_scope=aux_loss_scope, activation_checkpointing=activation_checkpointing,
                            loss_chunk_tokens=loss_chunk_tokens, placement=placement)
     with torch.device("meta"):
-        model = Qwen3MoeCausalLM(config, options)
+        model = family.causal_lm(config, options)
     model.to_empty(device=device)
     model.to(dtype)
     # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
-    model.model.rotary_emb = Qwen3MoeRotaryEmbedding(config=config).to(device)
+    model.model.rotary_emb = model.architecture.rotary(config=config).to(device)
     if isinstance(path_or_config, str) and _has_weights(path_or_config):
-        load_hf_weights(model, path_or_config)
+        load_hf_weights(model, path_or_config, family.checkpoint_key)
     else:
         model.init_weights(seed)
     return model
@@ -77,10 +79,11 @@ def _tied_key(ckpt: HFCheckpoint, path: str, available: set[str]) -> str:
 
 
 @torch.no_grad()
-def load_hf_weights(model: Qwen3MoeCausalLM, path: str) -> None:
-    """Copy every tensor of an HF checkpoint into `model`, converting expert layouts; strict about names and shapes."""
+def load_hf_weights(model: MoECausalLM, path: str, key_map: Callable[[str], str] | None = None) -> None:
+    """Copy every tensor of an HF checkpoint into `model`, converting expert layouts; strict about names and shapes.
+    `key_map`: the family's stored key -> transformers 5 name (registry.py Family.checkpoint_key)."""
     config = model.config
-    with HFCheckpoint(path) as ckpt:
+    with HFCheckpoint(path, key_map) as ckpt:
         available = set(ckpt.non_expert_keys())
         used: set[str] = set()
         # named_parameters() names a tied LM head once, as model.embed_tokens.weight
@@ -113,7 +116,8 @@ def load_hf_weights(model: Qwen3MoeCausalLM, path: str) -> None:
         for layer in moe_layers:
             experts = model.model.layers[layer].mlp.experts
             expert_range = (experts.first_expert, experts.first_expert + experts.num_experts)
-            gate_up, down = ckpt.read_layer_experts(layer, config.num_experts, config.hidden_size,
-                                                    config.moe_intermediate_size, expert_range=expert_range)
+            inter = experts.down_proj.shape[-1]  # the family's expert FFN width (moe_intermediate_size, ...)
+            gate_up, down = ckpt.read_layer_experts(layer, config.num_experts, config.hidden_size, inter,
+                                                    expert_range=expert_range)
             experts.gate_up_proj.copy_(gate_up)
             experts.down_proj.copy_(down)

@@ -1,0 +1,3 @@
+from framework.models.mixtral.model import MixtralCausalLM
+
+__all__ = ["MixtralCausalLM"]
