@@ -1,0 +1,162 @@
+"""The family registry and Mixtral on our MoE layer against stock transformers 5 (eager experts), fp32 on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import MixtralConfig, MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+import framework
+from framework.models.registry import FAMILIES, family_for
+from tests.helpers import batch, rel_err
+
+TOL = 1e-5
+# H != I and H != 2I so a gate/up or transpose mix-up cannot pass by shape; multiples of 8 for _grouped_mm strides.
+TINY_MIXTRAL = dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
+                    router_aux_loss_coef=0.02, output_router_logits=True, max_position_embeddings=64,
+                    tie_word_embeddings=False)
+
+
+def stock_mixtral(attn: str = "eager") -> MixtralForCausalLM:
+    torch.manual_seed(0)
+    config = MixtralConfig(**TINY_MIXTRAL)
+    config._attn_implementation = attn
+    config._experts_implementation = "eager"
+    model = MixtralForCausalLM(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # ones would hide a missing norm weight
+            elif "gate.weight" in name:
+                p.normal_(0.0, 0.5)  # spread router logits so top-k choices are not near ties
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def write_hub_layout(stock: MixtralForCausalLM, path: str) -> None:
+    """The Mixtral hub's per-expert names (`block_sparse_moe.experts.{e}.w1/w3/w2.weight`), written by hand: the
+    inverse of transformers' conversion_mapping.py "mixtral" entry."""
+    inter = stock.config.intermediate_size
+    tensors = {}
+    for key, value in stock.state_dict().items():
+        hub = key.replace(".mlp.", ".block_sparse_moe.")
+        if key.endswith("experts.gate_up_proj"):
+            for e in range(value.shape[0]):
+                tensors[hub.replace("gate_up_proj", f"{e}.w1.weight")] = value[e, :inter].clone()
+                tensors[hub.replace("gate_up_proj", f"{e}.w3.weight")] = value[e, inter:].clone()
+        elif key.endswith("experts.down_proj"):
+            for e in range(value.shape[0]):
+                tensors[hub.replace("down_proj", f"{e}.w2.weight")] = value[e].clone()
+        else:
+            tensors[hub] = value.clone()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    stock.config.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    stock = stock_mixtral()
+    root = tmp_path_factory.mktemp("mixtral")
+    hub, native = str(root / "hub"), str(root / "native")
+    write_hub_layout(stock, hub)
+    stock.save_pretrained(native)
+    return stock, hub, native
+
+
+def test_hub_layout_is_what_transformers_reads(checkpoints):
+    stock, hub, _ = checkpoints
+    reloaded = MixtralForCausalLM.from_pretrained(hub, dtype=torch.float32)
+    for k, v in stock.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[k], v), k
+
+
+def test_state_dicts_interchange():
+    stock = stock_mixtral()
+    ours = framework.load_model(stock.config, backend="eager", seed=3)
+    assert type(ours).__name__ == "MixtralCausalLM"
+    ours_sd, stock_sd = ours.state_dict(), stock.state_dict()
+    assert {k: tuple(v.shape) for k, v in ours_sd.items()} == {k: tuple(v.shape) for k, v in stock_sd.items()}
+    assert {k: tuple(v.shape) for k, v in ours.named_buffers()} == {k: tuple(v.shape)
+                                                                     for k, v in stock.named_buffers()}
+    fresh = MixtralForCausalLM(stock.config)
+    res = fresh.load_state_dict(ours_sd, strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ours_sd[k]), k
+    res = ours.load_state_dict(stock_sd, strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, stock_sd[k]), k
+
+
+@pytest.mark.parametrize("layout", ["hub", "native"])
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_loaded_mixtral_matches_transformers_padded(checkpoints, layout, backend, attn):
+    stock, hub, native = checkpoints
+    stock.config._attn_implementation = attn
+    ours = framework.load_model(hub if layout == "hub" else native, backend=backend, attn_implementation=attn).eval()
+    for k, v in stock.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    ids, mask, labels = batch(pad_right=True)
+    with torch.no_grad():
+        ref = stock(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        out = ours(ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    assert rel_err(out.logits[real], ref.logits[real]) <= TOL
+    assert rel_err(out.aux_loss, ref.aux_loss) <= TOL
+    assert rel_err(out.loss, ref.loss) <= TOL
+    assert out.aux_loss.item() > 1.0  # balanced routing gives top_k = 2; a zero aux loss would pass trivially
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+def test_loaded_mixtral_matches_transformers_packed(checkpoints, backend):
+    """Packed documents (position ids restarting at 0) against stock transformers run on each document alone: stock
+    does not separate packed documents itself."""
+    stock, hub, _ = checkpoints
+    stock.config._attn_implementation = "sdpa"
+    ours = framework.load_model(hub, backend=backend, attn_implementation="sdpa").eval()
+    ids = batch(bsz=1, seq=12, pad_right=False)[0]
+    lengths = [5, 3, 4]
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.no_grad():
+        out = ours(ids, position_ids=pos, labels=ids)
+        docs = [stock(input_ids=d, output_router_logits=True) for d in ids.split(lengths, dim=1)]
+    ref_logits = torch.cat([d.logits for d in docs], dim=1)
+    ref_loss = F.cross_entropy(ref_logits[0, :-1], ids[0, 1:])  # our labels shift across documents too
+    per_layer = [torch.cat(layer) for layer in zip(*(d.router_logits for d in docs))]
+    ref_aux = load_balancing_loss_func(tuple(per_layer), stock.config.num_local_experts,
+                                       stock.config.num_experts_per_tok)
+    assert rel_err(out.logits, ref_logits) <= TOL
+    assert rel_err(out.lm_loss, ref_loss) <= TOL
+    assert rel_err(out.aux_loss, ref_aux) <= TOL
+    assert rel_err(out.loss, ref_loss + stock.config.router_aux_loss_coef * ref_aux) <= TOL
+
+
+def test_unsupported_model_type_names_the_supported_ones():
+    with pytest.raises(ValueError) as err:
+        framework.load_model({"model_type": "llama", "hidden_size": 32})
+    assert str(err.value) == ("config dict: model_type is 'llama', which is not supported; supported: "
+                              "qwen3_moe, mixtral")
+    assert "\n" not in str(err.value)
+
+
+def test_family_for_reads_paths_dicts_and_configs(checkpoints, tmp_path):
+    _, hub, _ = checkpoints
+    assert family_for(hub) is FAMILIES["mixtral"]
+    assert family_for(os.path.join(hub, "config.json")) is FAMILIES["mixtral"]
+    assert family_for(MixtralConfig(**TINY_MIXTRAL)) is FAMILIES["mixtral"]
+    assert family_for({"model_type": "qwen3_moe"}) is FAMILIES["qwen3_moe"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY_MIXTRAL, "model_type": "mixtral", "router_jitter_noise": 0.1}))
+    with pytest.raises(ValueError, match="router_jitter_noise 0.1 is not implemented"):
+        framework.load_model(str(path))
