@@ -25,15 +25,19 @@ def tiny_config(attn: str = "eager", **overrides) -> Qwen3MoeConfig:
 def stock_model(seed: int = 0, attn: str = "eager", **overrides) -> Qwen3MoeForCausalLM:
     """Stock transformers model with eager experts and non-trivial weights everywhere (norms too)."""
     torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(tiny_config(attn, **overrides)).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)  # ones would hide a missing norm weight
-            elif "gate.weight" in name:
-                p.normal_(0.0, 0.5)  # spread router logits so top-k choices are not near ties
-            else:
-                p.normal_(0.0, 0.1)
+    return spread_weights(Qwen3MoeForCausalLM(tiny_config(attn, **overrides)).float())
+
+
+@torch.no_grad()
+def spread_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial weights everywhere, drawn from the global generator; returns the model in eval mode."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.uniform_(0.5, 1.5)  # ones would hide a missing norm weight
+        elif "gate.weight" in name:
+            p.normal_(0.0, 0.5)  # spread router logits so top-k choices are not near ties
+        else:
+            p.normal_(0.0, 0.1)
     return model.eval()
 
 

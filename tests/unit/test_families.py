@@ -14,7 +14,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 import framework
 from framework.models.registry import FAMILIES, family_for
-from tests.helpers import batch, rel_err
+from tests.helpers import batch, rel_err, spread_weights
 
 TOL = 1e-5
 # H != I and H != 2I so a gate/up or transpose mix-up cannot pass by shape; multiples of 8 for _grouped_mm strides.
@@ -29,16 +29,7 @@ def stock_mixtral(attn: str = "eager") -> MixtralForCausalLM:
     config = MixtralConfig(**TINY_MIXTRAL)
     config._attn_implementation = attn
     config._experts_implementation = "eager"
-    model = MixtralForCausalLM(config).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)  # ones would hide a missing norm weight
-            elif "gate.weight" in name:
-                p.normal_(0.0, 0.5)  # spread router logits so top-k choices are not near ties
-            else:
-                p.normal_(0.0, 0.1)
-    return model.eval()
+    return spread_weights(MixtralForCausalLM(config).float())
 
 
 def write_hub_layout(stock: MixtralForCausalLM, path: str) -> None:
