@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             # until this process ends (the OS releases it on a crash).
             check_output_dir(cfg.train.output_dir)
             run_lock = acquire_run_lock(cfg.train.output_dir)
-        # every check that needs the config, the world, the model and the checkpoint, before any process starts;
-        # the corpus is scanned once per machine (local rank 0; the launcher stops the others when it fails)
-        plan = resolve_plan(cfg, world, check_corpus=os.environ.get("LOCAL_RANK", "0") == "0", world_desc=world_desc)
+        # every check that needs the config, the world, the model and the checkpoint, before any process starts.
+        # The corpus is scanned once per machine, by the launched local rank 0 (the launcher stops the others when
+        # it fails), not by the validated launch: the launching host need not see the data, and writes nothing.
+        scan = not launch_by_hand and os.environ.get("LOCAL_RANK", "0") == "0"
+        plan = resolve_plan(cfg, world, check_corpus=scan, world_desc=world_desc)
         from framework.config.deepspeed import build_ds_config, read_ds_json  # noqa: PLC0415
 
         ds_user = read_ds_json(args.deepspeed) if args.deepspeed else None
