@@ -11,7 +11,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from framework.models.family import Family, read_raw_config
-from framework.models.mixtral.checkpoint import mixtral_checkpoint_key
+from framework.models.mixtral.checkpoint import mixtral_checkpoint_key, mixtral_hub_key
 from framework.models.mixtral.config import load_mixtral_config
 from framework.models.mixtral.model import MixtralCausalLM
 from framework.models.qwen3_moe.config import load_hf_config
@@ -19,7 +19,8 @@ from framework.models.qwen3_moe.model import Architecture, Qwen3MoeCausalLM
 
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", load_hf_config, Qwen3MoeCausalLM, "Qwen3MoeForCausalLM"),
-    "mixtral": Family("mixtral", load_mixtral_config, MixtralCausalLM, "MixtralForCausalLM", mixtral_checkpoint_key),
+    "mixtral": Family("mixtral", load_mixtral_config, MixtralCausalLM, "MixtralForCausalLM", mixtral_checkpoint_key,
+                      mixtral_hub_key),
 }
 
 
