@@ -1,4 +1,4 @@
-"""Shared test fixtures: a tiny Qwen3-MoE config and comparison helpers."""
+"""Shared test fixtures: a tiny Qwen3-MoE config (and a tiny Mixtral run config) and comparison helpers."""
 
 from __future__ import annotations
 
@@ -65,3 +65,23 @@ def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
             with safe_open(os.path.join(path, name), framework="pt") as f:
                 out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+# model_configs/tiny.yaml's widths as Mixtral fields (every layer MoE): for trainer runs of the Mixtral family
+TINY_MIXTRAL_RUN = dict(model_type="mixtral", vocab_size=4096, hidden_size=32, intermediate_size=24,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                        max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def write_mixtral_run_yaml(path: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny Mixtral; returns `path`."""
+    import yaml  # noqa: PLC0415
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "model_configs", "tiny.yaml")) as f:
+        run = yaml.safe_load(f)
+    run["model"]["hf_config"] = {**TINY_MIXTRAL_RUN, **hf_overrides}
+    with open(path, "w") as f:
+        yaml.safe_dump(run, f)
+    return path

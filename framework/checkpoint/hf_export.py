@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -25,15 +25,17 @@ _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down
 
 def write_hf_directory(out: str, named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict, fmt: str = "hf",
                        tokenizer_dir: str | None = None, max_shard_size: int | str = "5GB",
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, hub_key: Callable[[str], str] | None = None) -> dict:
     """Consume `named_tensors` (our names, full tensors, in model order; a layer's gate_up_proj before its down_proj)
-    and write `out`. `config` is the HF config.json content. Returns the safetensors index."""
+    and write `out`. `config` is the HF config.json content. `hub_key` renames `hf`-format keys to the family's hub
+    spelling (Family.hub_key). Returns the safetensors index."""
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     tied = bool(config.get("tie_word_embeddings", False))
     layout = "per_expert" if fmt == "hf" else "fused"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_size, metadata={"format": "pt", "expert_layout": layout})
+        rename = hub_key if hub_key is not None and fmt == "hf" else (lambda key: key)
         try:
             gate_up: dict[str, torch.Tensor] = {}
             for name, tensor in named_tensors:
@@ -42,13 +44,13 @@ def write_hf_directory(out: str, named_tensors: Iterable[tuple[str, torch.Tensor
                 tensor = tensor.detach().cpu().contiguous()
                 match = _FUSED_RE.match(name)
                 if match is None or fmt == "merged":
-                    writer.add(name, tensor)
+                    writer.add(rename(name), tensor)
                 elif match.group(2) == "gate_up_proj":
                     gate_up[match.group(1)] = tensor
                 else:
                     prefix = match.group(1)
                     for key, value in fused_to_per_expert(prefix, gate_up.pop(prefix), tensor).items():
-                        writer.add(key, value)
+                        writer.add(rename(key), value)
             if gate_up:
                 raise ValueError(f"export: {sorted(gate_up)[0]}.gate_up_proj came without its down_proj")
             index = writer.close()

@@ -42,11 +42,14 @@ def auto_sizes(hf_config, ep_size: int) -> dict[str, int]:
     being gathered each forward; the smallest projection (k/v: H x kv_heads x head_dim) stays partitioned."""
     if hf_config is None:
         return dict(FALLBACK_AUTO)
+    from framework.models.registry import head_dim, moe_shape  # noqa: PLC0415
+
     h = hf_config.hidden_size
-    local_experts = max(1, hf_config.num_experts // ep_size)
-    bucket = local_experts * 3 * h * hf_config.moe_intermediate_size
-    router = hf_config.num_experts * h
-    smallest_projection = h * hf_config.num_key_value_heads * hf_config.head_dim
+    expert_width, num_experts, _, _ = moe_shape(hf_config)  # family field names differ (Mixtral: num_local_experts)
+    local_experts = max(1, num_experts // ep_size)
+    bucket = local_experts * 3 * h * expert_width
+    router = num_experts * h
+    smallest_projection = h * hf_config.num_key_value_heads * head_dim(hf_config)
     return {"bucket": max(bucket, int(1e7)), "persistence": min(router + 1, smallest_projection)}
 
 

@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -32,9 +32,13 @@ import yaml
 from framework.config.load import ConfigError
 from framework.config.schema import RunConfig, TrainSection
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 # checkpoint config.json fields whose change makes the saved tensors unusable
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "mlp_only_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_local_experts",
+              "mlp_only_layers",
               "decoder_sparse_step", "tie_word_embeddings")
 # keys that keep shapes but change the run's meaning; data-order keys restart the data when allowed
 DATA_ORDER_KEYS = ("data.paths", "data.text_field", "data.use_demo_corpus", "data.synthetic", "data.shuffle",
@@ -75,8 +79,8 @@ class RunPlan:
 
 
 def _model_source(cfg: RunConfig) -> str | dict:
-    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
     from framework.models.qwen3_moe.load import _has_weights  # noqa: PLC0415
+    from framework.models.registry import family_for  # noqa: PLC0415
 
     if cfg.model.path is not None and not os.path.exists(cfg.model.path):
         raise ConfigError(f"model.path {cfg.model.path} does not exist")
@@ -85,10 +89,12 @@ def _model_source(cfg: RunConfig) -> str | dict:
             raise ConfigError(f"model.num_layers={cfg.model.num_layers} with model.path={cfg.model.path} holding "
                               "weights: reduced depth is for random initialisation; remove one of them")
         return cfg.model.path
-    raw = load_hf_config(cfg.model.path if cfg.model.path is not None else dict(cfg.model.hf_config)).to_dict()
+    source = cfg.model.path if cfg.model.path is not None else dict(cfg.model.hf_config)
+    raw = family_for(source).load_config(source).to_dict()
     if cfg.model.num_layers is not None:
         raw["num_hidden_layers"] = cfg.model.num_layers
-        raw["mlp_only_layers"] = [i for i in raw.get("mlp_only_layers") or [] if i < cfg.model.num_layers]
+        if "mlp_only_layers" in raw:  # Qwen3-MoE only: Mixtral has no dense layers, so no such field
+            raw["mlp_only_layers"] = [i for i in raw["mlp_only_layers"] or [] if i < cfg.model.num_layers]
         if "layer_types" in raw:
             raw["layer_types"] = raw["layer_types"][:cfg.model.num_layers]
     for private in [k for k in raw if k.startswith("_")]:
@@ -96,20 +102,28 @@ def _model_source(cfg: RunConfig) -> str | dict:
     return raw
 
 
+def load_model_config(source: str | dict) -> PretrainedConfig:
+    """The checked config of `source` (a checkpoint path or a config dict) through its family's loader."""
+    from framework.models.registry import family_for  # noqa: PLC0415
+
+    return family_for(source).load_config(source)
+
+
 def model_source(cfg: RunConfig) -> str | dict:
     """What load_model gets: a checkpoint path, or a config dict (model.num_layers applied). One-line ConfigError
-    for a missing path or a config that is not Qwen3-MoE (e.g. a dense model)."""
-    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
+    for a missing path or a config that is not a supported MoE family (e.g. a dense model)."""
+    from framework.models.registry import FAMILIES  # noqa: PLC0415
 
     where = f"model.path {cfg.model.path}" if cfg.model.path is not None else "model.hf_config"
     try:
         source = _model_source(cfg)
-        load_hf_config(source)  # a checkpoint's config.json is read here too: a dense model stops now
+        load_model_config(source)  # a checkpoint's config.json is read here too: a dense model stops now
         return source
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where}: {e}; this trainer trains Qwen3-MoE models (model_type qwen3_moe)") from None
+        raise ConfigError(f"{where}: {e}; this trainer trains MoE models with model_type one of "
+                          f"{', '.join(FAMILIES)}") from None
 
 
 def resolve_dtype(cfg: RunConfig, cuda: bool | None = None) -> torch.dtype:
@@ -157,8 +171,9 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
 
 
 def check_parallel(ep_size: int, world_size: int, num_experts: int, top_k: int | None = None,
-                   world_desc: str | None = None) -> None:
-    """ep_size against the processes and the experts, top-k against the experts (the one place for both)."""
+                   world_desc: str | None = None, experts_field: str = "num_experts") -> None:
+    """ep_size against the processes and the experts, top-k against the experts (the one place for both).
+    `experts_field` is the config field holding the expert count (Mixtral: num_local_experts), for the messages."""
     if ep_size < 1:
         raise ConfigError(f"parallel.ep_size ({ep_size}) must be >= 1")
     if world_size % ep_size:
@@ -167,9 +182,10 @@ def check_parallel(ep_size: int, world_size: int, num_experts: int, top_k: int |
         raise ConfigError(f"parallel.ep_size ({ep_size}) must divide the number of processes ({where}); choose one "
                           f"of {divisors}")
     if num_experts % ep_size:
-        raise ConfigError(f"parallel.ep_size ({ep_size}) must divide the model's num_experts ({num_experts})")
+        raise ConfigError(f"parallel.ep_size ({ep_size}) must divide the model's {experts_field} ({num_experts})")
     if top_k is not None and not 1 <= top_k <= num_experts:
-        raise ConfigError(f"model num_experts_per_tok ({top_k}) must be between 1 and num_experts ({num_experts})")
+        raise ConfigError(f"model num_experts_per_tok ({top_k}) must be between 1 and {experts_field} "
+                          f"({num_experts})")
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -302,11 +318,12 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
                  memo=memo)
     check_output_dir(cfg.train.output_dir)
     source = model_source(cfg)
-    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
+    from framework.models.registry import architecture_for  # noqa: PLC0415
 
-    hf_config = load_hf_config(source)
-    check_parallel(cfg.parallel.ep_size, world_size, hf_config.num_experts, hf_config.num_experts_per_tok,
-                   world_desc)
+    hf_config = load_model_config(source)
+    arch = architecture_for(hf_config)  # each family names the expert fields its own way
+    _, num_experts, top_k, _ = arch.moe_shape(hf_config)
+    check_parallel(cfg.parallel.ep_size, world_size, num_experts, top_k, world_desc, arch.experts_field)
     dtype = resolve_dtype(cfg)
     notes: list[str] = []
     warnings: list[str] = []

@@ -19,7 +19,7 @@ class ModelSection(Section):
     # An HF checkpoint directory (weights + config.json: fine-tuning / continued pretraining) or a directory or file
     # holding only config.json (random initialisation). Exactly one of `path` and `hf_config` must be given.
     path: str | None = None
-    hf_config: dict[str, Any] | None = None  # inline Qwen3-MoE config.json fields (random initialisation)
+    hf_config: dict[str, Any] | None = None  # inline config.json fields (random init); model_type picks the family
     num_layers: int | None = Field(None, ge=1)  # keep only the first N layers (reduced-depth runs at real widths)
     tokenizer: str | None = None  # default: model.path when it holds a tokenizer, else the tokenizer we ship
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU

@@ -23,6 +23,8 @@ class Family:
     stock_class: str  # transformers' class, config.json "architectures" on export
     # a stored checkpoint key -> the transformers 5 name our parameters use (hub spellings differ by family)
     checkpoint_key: Callable[[str], str] | None = None
+    # the inverse, for `--format hf` exports: our per-expert names -> the hub's (None: they are the same)
+    hub_key: Callable[[str], str] | None = None
 
 
 def read_raw_config(source: str | dict) -> tuple[dict[str, Any], str]:

@@ -1,6 +1,7 @@
 """The supported model families, by config.json model_type: adding one is its folder plus one line here.
 
-Owns: `FAMILIES` and `family_for` (which family a checkpoint directory / config.json / dict / config object is).
+Owns: `FAMILIES`, `family_for` (which family a checkpoint directory / config.json / dict / config object is) and
+`architecture_for` / `moe_shape` (what the trainer needs to know of a family's layers without building the model).
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from framework.models.family import Family, read_raw_config
-from framework.models.mixtral.checkpoint import mixtral_checkpoint_key
+from framework.models.mixtral.checkpoint import mixtral_checkpoint_key, mixtral_hub_key
 from framework.models.mixtral.config import load_mixtral_config
 from framework.models.mixtral.model import MixtralCausalLM
 from framework.models.qwen3_moe.config import load_hf_config
-from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
+from framework.models.qwen3_moe.model import Architecture, Qwen3MoeCausalLM
 
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", load_hf_config, Qwen3MoeCausalLM, "Qwen3MoeForCausalLM"),
-    "mixtral": Family("mixtral", load_mixtral_config, MixtralCausalLM, "MixtralForCausalLM", mixtral_checkpoint_key),
+    "mixtral": Family("mixtral", load_mixtral_config, MixtralCausalLM, "MixtralForCausalLM", mixtral_checkpoint_key,
+                      mixtral_hub_key),
 }
 
 
@@ -34,3 +36,19 @@ def family_for(source: str | dict[str, Any] | PretrainedConfig) -> Family:
         raise ValueError(f"{where}: model_type is {model_type!r}, which is not supported; supported: "
                          f"{', '.join(FAMILIES)}")
     return family
+
+
+def architecture_for(config: PretrainedConfig) -> Architecture:
+    """The decoder `Architecture` of a loaded config's family (which layers are MoE, their shape)."""
+    return family_for(config).causal_lm.architecture
+
+
+def moe_shape(config: PretrainedConfig) -> tuple[int, int, int, bool]:
+    """(expert FFN width, experts, top-k, renormalise) under the family's own field names (Mixtral:
+    intermediate_size / num_local_experts; Qwen3-MoE: moe_intermediate_size / num_experts)."""
+    return architecture_for(config).moe_shape(config)
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """Attention head width: Mixtral configs may leave head_dim None (transformers then uses hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

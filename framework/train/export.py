@@ -12,17 +12,20 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers import PretrainedConfig
 
 from framework.checkpoint.hf_export import write_hf_directory
+from framework.models.registry import family_for
 from framework.parallel.expert_parallel import gather_full_experts
 from framework.parallel.groups import ParallelGroups
 
 
-def hf_config_dict(config) -> dict:
-    """config.json content for stock transformers (AutoModelForCausalLM picks Qwen3MoeForCausalLM from it)."""
+def hf_config_dict(config: PretrainedConfig) -> dict:
+    """config.json content for stock transformers (AutoModelForCausalLM picks the family's stock class from it)."""
+    family = family_for(config)
     raw = config.to_dict()
-    raw["architectures"] = ["Qwen3MoeForCausalLM"]
-    raw["model_type"] = "qwen3_moe"
+    raw["architectures"] = [family.stock_class]
+    raw["model_type"] = family.model_type
     for private in [k for k in raw if k.startswith("_")]:
         raw.pop(private)
     return raw
@@ -47,7 +50,7 @@ def export_live(model: nn.Module, groups: ParallelGroups, out: str, fmt: str, dt
     tensors = iter_full_parameters(model, groups, dtype)
     if dist.get_rank() == 0:
         write_hf_directory(out, tensors, hf_config_dict(model.config), fmt, tokenizer_dir, max_shard_size,
-                           overwrite=overwrite)
+                           overwrite=overwrite, hub_key=family_for(model.config).hub_key)
     else:
         for _ in tensors:
             pass

@@ -11,23 +11,26 @@ norms and activations are not counted. MFU = achieved model FLOP/s / the GPU's d
 from __future__ import annotations
 
 import torch
-from transformers import Qwen3MoeConfig
+from transformers import PretrainedConfig
 
-from framework.models.qwen3_moe.config import is_moe_layer
+from framework.models.registry import architecture_for, head_dim
 
 # Dense bf16 tensor-core peak per GPU in TFLOP/s (no sparsity), from the vendor data sheets (SXM parts).
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.5, "H200": 989.5, "H800": 989.5, "GH200": 989.5, "A100": 312.0, "B200": 2250.0}
 
 
-def flops_per_token(config: Qwen3MoeConfig, seq_len: int) -> float:
+def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token for any supported family (expert fields through its Architecture)."""
+    arch = architecture_for(config)
+    expert_width, num_experts, top_k, _ = arch.moe_shape(config)
     h = config.hidden_size
-    qd = config.num_attention_heads * config.head_dim
-    kvd = config.num_key_value_heads * config.head_dim
+    qd = config.num_attention_heads * head_dim(config)
+    kvd = config.num_key_value_heads * head_dim(config)
     matmul_params = h * config.vocab_size  # LM head
     for layer in range(config.num_hidden_layers):
         matmul_params += h * qd + 2 * h * kvd + qd * h
-        if is_moe_layer(config, layer):
-            matmul_params += config.num_experts_per_tok * 3 * h * config.moe_intermediate_size + h * config.num_experts
+        if arch.is_moe_layer(config, layer):
+            matmul_params += top_k * 3 * h * expert_width + h * num_experts
         else:
             matmul_params += 3 * h * config.intermediate_size
     return 6.0 * matmul_params + 6.0 * config.num_hidden_layers * seq_len * qd

@@ -26,6 +26,7 @@ from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
 from framework.config.plan import RunPlan
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
+from framework.models.registry import moe_shape
 from framework.train.checkpointing import (CheckpointManager, estimate_checkpoint_bytes, latest_tag, rng_state,
                                           set_rng_state)
 from framework.train.errors import NonFiniteLoss
@@ -141,7 +142,7 @@ class Trainer:
             print(f"DeepSpeed: ZeRO-{zero['stage']}, " + ", ".join(
                 f"{k}={v:.3g}" for k, v in zero.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and k != "stage") + f" (resolved JSON: {os.path.join(self.output_dir, 'ds_config.json')})", flush=True)
-        self.groups = init_parallel_groups(cfg.parallel.ep_size, hf_config.num_experts)
+        self.groups = init_parallel_groups(cfg.parallel.ep_size, moe_shape(hf_config)[1])  # Mixtral: num_local_experts
         torch.manual_seed(cfg.train.seed)
         model = framework.load_model(plan.model_source, backend=cfg.moe.backend, dtype=self.dtype, device=rt.device,
                                      attn_implementation=cfg.model.attn_implementation,

@@ -1,4 +1,4 @@
-"""deepspeed.initialize for Qwen3-MoE with expert parallelism: config checks, MoE-aware ZeRO setup.
+"""deepspeed.initialize for our MoE models (every family) with expert parallelism: config checks, MoE-aware ZeRO setup.
 
 Owns: everything DeepSpeed-specific about MoE: rejecting ZeRO options that cannot work with expert partition groups,
 tagging expert parameters for per-parameter partition groups, making each decoder layer a ZeRO-3 leaf module (its
@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from framework.models.qwen3_moe.model import DecoderLayer
+from framework.models.qwen3_moe.model import DecoderLayer  # every family's layer class (Architecture varies it)
 from framework.moe.layer import MoEBlock
 from framework.parallel.ep_dispatch import AllToAllDispatcher
 from framework.parallel.groups import ParallelGroups

@@ -151,3 +151,16 @@ def test_family_for_reads_paths_dicts_and_configs(checkpoints, tmp_path):
     path.write_text(json.dumps({**TINY_MIXTRAL, "model_type": "mixtral", "router_jitter_noise": 0.1}))
     with pytest.raises(ValueError, match="router_jitter_noise 0.1 is not implemented"):
         framework.load_model(str(path))
+
+
+@pytest.mark.parametrize("head_dim", [8, None])  # None: transformers' hidden / heads
+def test_flops_per_token_mixtral_by_hand(head_dim):
+    from framework.models.mixtral.config import load_mixtral_config
+    from framework.train.flops import flops_per_token
+
+    config = load_mixtral_config({**TINY_MIXTRAL, "head_dim": head_dim})
+    h, qd, kvd, inter, k, e, vocab, layers, seq = 32, 32, 16, 24, 2, 8, 96, 2, 16
+    per_layer = h * qd + 2 * h * kvd + qd * h + k * 3 * h * inter + h * e  # every Mixtral layer is MoE
+    expected = 6 * (layers * per_layer + h * vocab) + 6 * layers * seq * qd
+    assert expected == 119808
+    assert flops_per_token(config, seq) == expected

@@ -112,3 +112,26 @@ def test_search_skips_trials_the_plan_refuses(tmp_path, monkeypatch):
         dst.write(src.read().replace("  global_batch_size: 4\n", ""))
     search_cli.run_search_command(args)
     assert verdicts[(2, 4)][0]
+
+
+def test_resolve_plan_accepts_mixtral_and_checks_its_expert_fields(tmp_path):
+    from tests.helpers import write_mixtral_run_yaml
+
+    yaml_path = write_mixtral_run_yaml(str(tmp_path / "mixtral.yaml"))
+    common = ["data.synthetic=true", f"train.output_dir={tmp_path / 'run'}"]
+    plan = resolve_plan(load_run_config(yaml_path, common), 2)
+    assert plan.hf_config.model_type == "mixtral" and plan.hf_config.num_local_experts == 8
+    plan = resolve_plan(load_run_config(yaml_path, [*common, "model.num_layers=2"]), 1)
+    assert plan.hf_config.num_hidden_layers == 2 and "mlp_only_layers" not in plan.model_source
+    for overrides, message in [
+        (["parallel.ep_size=4", "model.hf_config.num_local_experts=6"],
+         "parallel.ep_size (4) must divide the model's num_local_experts (6)"),
+        (["model.hf_config.num_experts_per_tok=9"],
+         "model num_experts_per_tok (9) must be between 1 and num_local_experts (8)"),
+        (["model.hf_config.model_type=llama"], "model_type is 'llama', which is not supported"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            resolve_plan(load_run_config(yaml_path, [*common, *overrides]), 4)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+        if "llama" in message:
+            assert "qwen3_moe, mixtral" in str(info.value)

@@ -10,7 +10,8 @@ from framework.models.qwen3_moe.model import Architecture, MoECausalLM
 
 MIXTRAL = Architecture(
     attention=MixtralAttention, rotary=MixtralRotaryEmbedding, qk_norm=False, is_moe_layer=lambda c, i: True,
-    moe_shape=lambda c: (c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, True))
+    moe_shape=lambda c: (c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, True),
+    experts_field="num_local_experts")
 
 
 class MixtralCausalLM(MoECausalLM):

@@ -61,6 +61,7 @@ class Architecture:
     # (expert FFN width, experts, top-k, renormalise the top-k weights)
     moe_shape: Callable[[PretrainedConfig], tuple[int, int, int, bool]]
     dense_mlp: Callable[[PretrainedConfig], nn.Module] | None = None  # for layers that are not MoE
+    experts_field: str = "num_experts"  # config field of the expert count, named in config errors
 
 
 QWEN3_MOE = Architecture(
