@@ -112,8 +112,6 @@ def load_model_config(source: str | dict) -> PretrainedConfig:
 def model_source(cfg: RunConfig) -> str | dict:
     """What load_model gets: a checkpoint path, or a config dict (model.num_layers applied). One-line ConfigError
     for a missing path or a config that is not a supported MoE family (e.g. a dense model)."""
-    from framework.models.registry import FAMILIES  # noqa: PLC0415
-
     where = f"model.path {cfg.model.path}" if cfg.model.path is not None else "model.hf_config"
     try:
         source = _model_source(cfg)
@@ -122,8 +120,7 @@ def model_source(cfg: RunConfig) -> str | dict:
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where}: {e}; this trainer trains MoE models with model_type one of "
-                          f"{', '.join(FAMILIES)}") from None
+        raise ConfigError(f"{where}: {e}") from None  # the registry's message names the supported model types
 
 
 def resolve_dtype(cfg: RunConfig, cuda: bool | None = None) -> torch.dtype:

@@ -74,7 +74,7 @@ def test_bad_settings(tmp_path, corpus, case):
         "top_k": (["model.hf_config.num_experts_per_tok=9"], "num_experts_per_tok (9) must be between 1 and "
                                                               "num_experts (8)"),
         "dense": ([f"model.path={_dense_model(tmp_path) if case == 'dense' else ''}", "model.hf_config=null"],
-                  "model_type is 'llama', expected 'qwen3_moe'"),
+                  "model_type is 'llama', which is not supported; supported: qwen3_moe, mixtral"),
         "batch": (["train.global_batch_size=3"], "train.global_batch_size (3) must be a multiple of"),
     }[case]
     out = [] if any(s.startswith("train.output_dir") for s in settings) else [f"train.output_dir={tmp_path / 'o'}"]
