@@ -18,15 +18,15 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def _train(tmp_path, train: str, name: str, ep_size: int = 1) -> str:
+def _train(tmp_path, train: str, name: str, ep_size: int = 1, steps: int = STEPS, extra: tuple = ()) -> str:
     config = write_mixtral_run_yaml(str(tmp_path / "mixtral.yaml"))
     out = str(tmp_path / name)
     launcher = None
     if ep_size > 1:
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ep_size), "--master_port",
                     str(free_port())]
-    proc = run([f"data.paths=[{train}]", f"train.max_steps={STEPS}", "train.save_steps=0", "export.at_end=true",
-                f"parallel.ep_size={ep_size}", f"train.output_dir={out}"], launcher=launcher, config=config)
+    proc = run([f"data.paths=[{train}]", f"train.max_steps={steps}", "train.save_steps=0", "export.at_end=true",
+                f"parallel.ep_size={ep_size}", f"train.output_dir={out}", *extra], launcher=launcher, config=config)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -56,3 +56,16 @@ def test_mixtral_ep2_matches_one_process(tmp_path, corpus):  # noqa: F811
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
     for step in one:
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
+
+
+def test_mixtral_resumes_at_another_ep_size(tmp_path, corpus):  # noqa: F811
+    """Saved by one process, resumed by two with EP=2 (the resharding load with Mixtral's parameter names): steps
+    3-4 equal the uninterrupted run's."""
+    full = _train(tmp_path, corpus[0], "full", steps=4, extra=("train.save_steps=2",))
+    step2 = os.path.join(full, "checkpoints", "step_00000002")
+    resumed = _train(tmp_path, corpus[0], "resumed", ep_size=2, steps=4, extra=("--resume", step2))
+    want, got = train_records(full), train_records(resumed)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "aux_loss", "grad_norm", "lr"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4), (step, key)
