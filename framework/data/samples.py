@@ -99,7 +99,10 @@ class PackedRows:
 
 
 class RandomRows:
-    """Uniform random token ids, one document per row; row g is a pure function of (seed, g)."""
+    """data.synthetic, for throughput runs (Megatron's --mock-data): uniform random token ids, one document per row,
+    so the router sees tokens with no structure and spreads them evenly, the condition stock benchmarks (and our
+    anchors) measure under; real text routes unevenly at initialisation, which costs EP waiting time: benchmark both.
+    Row g is a pure function of (seed, g)."""
 
     kind = "random"
 

@@ -1,4 +1,4 @@
-"""data.synthetic: random-token batches are a pure function of (seed, rank, index), resume from the index, and train
+"""data.synthetic: random-token batches are a pure function of (seed, sample index), resume from the sample, and train
 through launch/pretrain.py with a save and a resume that continues the same losses."""
 
 from __future__ import annotations
@@ -11,24 +11,34 @@ import sys
 import pytest
 import torch
 
-from framework.data.synthetic import RandomTokenLoader
+from framework.data.samples import RandomRows, StepBatchLoader
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _loader(rank: int = 0, world: int = 1, seed: int = 3) -> StepBatchLoader:
+    return StepBatchLoader(RandomRows(1000, 16, seed), global_batch_size=4, micro_batch_size=2, dp_rank=rank,
+                           dp_world=world)
+
+
 def test_batches_are_deterministic_and_resumable():
-    a = RandomTokenLoader(1000, 16, 2, dp_rank=0, seed=3)
+    a = _loader()
     first = [next(a) for _ in range(3)]
     assert first[0]["input_ids"].shape == (2, 16) and int(first[0]["input_ids"].max()) < 1000
     assert torch.equal(first[0]["labels"], first[0]["input_ids"])
     assert torch.equal(first[0]["position_ids"][1], torch.arange(16))
     assert not torch.equal(first[0]["input_ids"], first[1]["input_ids"])
-    assert not torch.equal(next(RandomTokenLoader(1000, 16, 2, dp_rank=1, seed=3))["input_ids"], first[0]["input_ids"])
-    b = RandomTokenLoader(1000, 16, 2, dp_rank=0, seed=3)
-    b.load_state_dict(json.loads(json.dumps(RandomTokenLoader(1000, 16, 2, 0, 3).state_dict() | {"index": 2})))
-    assert torch.equal(next(b)["input_ids"], first[2]["input_ids"])
-    with pytest.raises(ValueError, match="data.synthetic"):
-        b.load_state_dict({"format": 1, "epoch": 0})
+    assert not torch.equal(next(_loader(seed=4))["input_ids"], first[0]["input_ids"])
+    # two ranks of two hold the same samples as one rank's two micro-batches: the world size changes nothing
+    assert torch.equal(next(_loader(1, 2))["input_ids"], first[1]["input_ids"])
+    b = _loader()
+    for _ in range(2):  # to the end of step 1
+        next(b)
+    resumed = _loader()
+    resumed.load_state(json.loads(json.dumps(b.global_state([b.local_positions()]))))
+    assert torch.equal(next(resumed)["input_ids"], first[2]["input_ids"])
+    with pytest.raises(ValueError, match="kind 'packed'"):
+        resumed.load_state({"format": 2, "kind": "packed"})
 
 
 def _run(out, *extra):
