@@ -102,25 +102,25 @@ def _model_source(cfg: RunConfig) -> str | dict:
     return raw
 
 
-def load_model_config(source: str | dict) -> PretrainedConfig:
-    """The checked config of `source` (a checkpoint path or a config dict) through its family's loader."""
+def resolve_model(cfg: RunConfig) -> tuple[str | dict, PretrainedConfig]:
+    """(what load_model gets: a checkpoint path, or a config dict with model.num_layers applied; its checked config).
+    One-line ConfigError for a missing path or a config that is not a supported MoE family (e.g. a dense model)."""
     from framework.models.registry import family_for  # noqa: PLC0415
 
-    return family_for(source).load_config(source)
-
-
-def model_source(cfg: RunConfig) -> str | dict:
-    """What load_model gets: a checkpoint path, or a config dict (model.num_layers applied). One-line ConfigError
-    for a missing path or a config that is not a supported MoE family (e.g. a dense model)."""
     where = f"model.path {cfg.model.path}" if cfg.model.path is not None else "model.hf_config"
     try:
         source = _model_source(cfg)
-        load_model_config(source)  # a checkpoint's config.json is read here too: a dense model stops now
-        return source
+        # a checkpoint's config.json is read here (a dense model stops now); a config dict carries num_layers
+        return source, family_for(source).load_config(source)
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{where}: {e}") from None  # the registry's message names the supported model types
+
+
+def model_source(cfg: RunConfig) -> str | dict:
+    """resolve_model's source alone (tools that load the config their own way)."""
+    return resolve_model(cfg)[0]
 
 
 def resolve_dtype(cfg: RunConfig, cuda: bool | None = None) -> torch.dtype:
@@ -314,10 +314,9 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
             scan(list(cfg.data.eval_paths), cfg.data.text_field, cfg.data.cache_dir, key="data.eval_paths",
                  memo=memo)
     check_output_dir(cfg.train.output_dir)
-    source = model_source(cfg)
+    source, hf_config = resolve_model(cfg)
     from framework.models.registry import architecture_for  # noqa: PLC0415
 
-    hf_config = load_model_config(source)
     arch = architecture_for(hf_config)  # each family names the expert fields its own way
     _, num_experts, top_k, _ = arch.moe_shape(hf_config)
     check_parallel(cfg.parallel.ep_size, world_size, num_experts, top_k, world_desc, arch.experts_field)
