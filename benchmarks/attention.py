@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.moe_layer import matmul_ceiling_tflops, time_ms
-from framework.models.qwen3_moe.attention import _varlen_attention_forward, varlen_attention_available
+from framework.models.attention import _varlen_attention_forward, varlen_attention_available
 
 HEADS, KV_HEADS, D = 32, 4, 128
 

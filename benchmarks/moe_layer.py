@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from framework.moe.experts import megablocks_import_error
 from framework.moe.layer import MoEBlock
+from framework.moe.router import TopKRouter
 
 H, I, E, K = 2048, 768, 128, 8
 
@@ -63,7 +64,7 @@ def init_(module):
 
 
 def ours(backend: str):
-    return init_(MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend=backend).cuda().bfloat16())
+    return init_(MoEBlock(H, I, E, TopKRouter(H, E, K, True), torch.nn.SiLU(), backend=backend).cuda().bfloat16())
 
 
 def stock_transformers():

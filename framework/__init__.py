@@ -1,6 +1,7 @@
-"""Qwen3-MoE training on DeepSpeed with a dropless grouped-GEMM MoE layer."""
+"""Mixture-of-Experts language model training on DeepSpeed with a dropless grouped-GEMM MoE layer."""
 
-from framework.models.qwen3_moe import CausalLMOutput, Qwen3MoeCausalLM, load_model
+from framework.models import CausalLMOutput, MoECausalLM, load_model
+from framework.models.qwen3_moe import Qwen3MoeCausalLM
 
-__all__ = ["CausalLMOutput", "Qwen3MoeCausalLM", "load_model"]
+__all__ = ["CausalLMOutput", "MoECausalLM", "Qwen3MoeCausalLM", "load_model"]
 __version__ = "0.1.0"

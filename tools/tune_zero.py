@@ -76,7 +76,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _attention(name: str) -> str:
-    """What a GPU run resolves "auto" to (framework/models/qwen3_moe/attention.py): varlen where torch has it."""
+    """What a GPU run resolves "auto" to (framework/models/attention.py): varlen where torch has it."""
     if name != "auto":
         return name
     return "varlen" if importlib.util.find_spec("torch.nn.attention.varlen") is not None else "sdpa"

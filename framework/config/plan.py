@@ -79,12 +79,12 @@ class RunPlan:
 
 
 def _model_source(cfg: RunConfig) -> str | dict:
-    from framework.models.qwen3_moe.load import _has_weights  # noqa: PLC0415
+    from framework.models.load import has_weights  # noqa: PLC0415
     from framework.models.registry import family_for  # noqa: PLC0415
 
     if cfg.model.path is not None and not os.path.exists(cfg.model.path):
         raise ConfigError(f"model.path {cfg.model.path} does not exist")
-    if cfg.model.path is not None and _has_weights(cfg.model.path):
+    if cfg.model.path is not None and has_weights(cfg.model.path):
         if cfg.model.num_layers is not None:
             raise ConfigError(f"model.num_layers={cfg.model.num_layers} with model.path={cfg.model.path} holding "
                               "weights: reduced depth is for random initialisation; remove one of them")

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 class Family:
     model_type: str
     load_config: Callable[[Any], PretrainedConfig]  # a checked config from a path / dict / config object
-    causal_lm: type  # ours (a framework.models.qwen3_moe.model.MoECausalLM); built as causal_lm(config, options)
+    causal_lm: type  # ours (a framework.models.decoder.MoECausalLM); built as causal_lm(config, options)
     stock_class: str  # transformers' class, config.json "architectures" on export
     # a stored checkpoint key -> the transformers 5 name our parameters use (hub spellings differ by family)
     checkpoint_key: Callable[[str], str] | None = None

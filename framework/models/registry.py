@@ -15,7 +15,8 @@ from framework.models.mixtral.checkpoint import mixtral_checkpoint_key, mixtral_
 from framework.models.mixtral.config import load_mixtral_config
 from framework.models.mixtral.model import MixtralCausalLM
 from framework.models.qwen3_moe.config import load_hf_config
-from framework.models.qwen3_moe.model import Architecture, Qwen3MoeCausalLM
+from framework.models.decoder import Architecture
+from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
 
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", load_hf_config, Qwen3MoeCausalLM, "Qwen3MoeForCausalLM"),

@@ -16,7 +16,6 @@ from framework.moe.aux_loss import RouterStats, router_stats
 from framework.moe.dispatch import Dispatcher, MegablocksDispatcher, TorchDispatcher
 from framework.moe.experts import compute_fn, resolve_backend
 from framework.moe.placement import LOCAL, ExpertPlacement
-from framework.moe.router import TopKRouter
 
 
 class GroupedExperts(nn.Module):
@@ -42,12 +41,17 @@ class GroupedExperts(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, norm_topk_prob: bool,
+    """`router` is `gate` (state dict `gate.weight`, ...): any module returning a `Routing` (router.py). A family with
+    shared experts subclasses this block, adds them as its own named modules and returns their output from
+    `shared_output`, which is added to the routed experts' (their parameters are not experts: ZeRO and expert
+    parallelism treat them as dense)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: nn.Module,
                  act: nn.Module, backend: str = "auto", placement: ExpertPlacement = LOCAL):
         super().__init__()
         backend = resolve_backend(backend)
         lo, hi = placement.expert_range(num_experts)
-        self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob)
+        self.gate = router
         self.experts = GroupedExperts(hi - lo, hidden_size, intermediate_size, act, backend, first_expert=lo)
         self.num_experts = num_experts  # global
         if placement.make_dispatcher is not None:
@@ -62,4 +66,11 @@ class MoEBlock(nn.Module):
         rows_RH, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TH, routing, self.num_experts)
         out_RH = self.experts(rows_RH, tokens_per_expert_E)
         y_TH = self.dispatcher.combine(out_RH, meta)
+        shared_TH = self.shared_output(x_TH)
+        if shared_TH is not None:
+            y_TH = y_TH + shared_TH
         return y_TH.view_as(x_BSH), router_stats(routing, token_mask_T)
+
+    def shared_output(self, x_TH: torch.Tensor) -> torch.Tensor | None:
+        """What the family's shared experts add for every token ([T, H]); None: there are none."""
+        return None

@@ -2,7 +2,7 @@
 
 Legend: B micro batch, S sequence, T = B*S tokens, H hidden, Q = heads x head_dim, KV = kv_heads x head_dim,
 I expert FFN, Id dense FFN, E experts, K top-k, V vocabulary, L layers.
-Owns: bytes per token of every tensor saved for backward, layer by layer (framework/models/qwen3_moe/model.py with
+Owns: bytes per token of every tensor saved for backward, layer by layer (framework/models/decoder.py with
 transformers' Qwen3MoeAttention, torch's fused rms_norm, framework/moe/: router, torch dispatch, grouped-GEMM SwiGLU experts,
 bmm combine), the loss (cross-entropy on logits.float()), and the peaks of three moments of a step:
   loss            the LM head's backward: fp32 log-probabilities and their gradients, the largest transient;
@@ -30,9 +30,9 @@ def rmsnorm_saved(width: int) -> int:
 
 
 def varlen_takes_gqa() -> bool:
-    """framework/models/qwen3_moe/attention.py passes enable_gqa where torch's varlen_attn accepts it (torch 2.13)
+    """framework/models/attention.py passes enable_gqa where torch's varlen_attn accepts it (torch 2.13)
     and repeats k, v to all heads otherwise; the estimate follows the torch installed here."""
-    from framework.models.qwen3_moe.attention import varlen_parameters  # noqa: PLC0415
+    from framework.models.attention import varlen_parameters  # noqa: PLC0415
 
     return "enable_gqa" in varlen_parameters()
 

@@ -71,7 +71,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     from framework.config.plan import accumulation_steps, check_parallel, global_batch, model_source  # noqa: PLC0415
     from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
 
-    from framework.models.qwen3_moe.attention import resolve_attention  # noqa: PLC0415
+    from framework.models.attention import resolve_attention  # noqa: PLC0415
 
     cfg = load_run_config(args.config, args.overrides)
     hf_config = load_hf_config(model_source(cfg))

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from framework.models.qwen3_moe.model import DecoderLayer  # every family's layer class (Architecture varies it)
+from framework.models.decoder import DecoderLayer  # every family's layer class (Architecture varies it)
 from framework.moe.layer import MoEBlock
 from framework.parallel.ep_dispatch import AllToAllDispatcher
 from framework.parallel.groups import ParallelGroups

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from framework.moe.layer import MoEBlock
+from framework.moe.router import TopKRouter
 from framework.moe.placement import LOCAL, ExpertPlacement
 
 H, I, E, K, TOKENS = 32, 24, 8, 2, 6
@@ -13,7 +14,7 @@ H, I, E, K, TOKENS = 32, 24, 8, 2, 6
 def make_block(placement: ExpertPlacement = LOCAL) -> MoEBlock:
     """The same weights for every placement: drawn for all experts, then `placement`'s block of them kept."""
     torch.manual_seed(0)
-    full = MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend="grouped_mm")
+    full = MoEBlock(H, I, E, TopKRouter(H, E, K, True), torch.nn.SiLU(), backend="grouped_mm")
     with torch.no_grad():
         full.experts.gate_up_proj.normal_(0, 0.2)
         full.experts.down_proj.normal_(0, 0.2)
@@ -22,7 +23,7 @@ def make_block(placement: ExpertPlacement = LOCAL) -> MoEBlock:
         full.gate.weight.copy_(scale[:, None] * (1 + 0.1 * torch.rand(E, H)))
     if placement is LOCAL:
         return full
-    block = MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend="grouped_mm", placement=placement)
+    block = MoEBlock(H, I, E, TopKRouter(H, E, K, True), torch.nn.SiLU(), backend="grouped_mm", placement=placement)
     lo, hi = placement.expert_range(E)
     with torch.no_grad():
         block.gate.weight.copy_(full.gate.weight)

@@ -126,7 +126,7 @@ def test_rms_norm_on_cuda_matches_transformers_and_saves_input_and_rstd(shape):
     backward: its input and one fp32 per row, as framework/tuning/activations.py counts."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
-    from framework.models.qwen3_moe.norm import RMSNorm
+    from framework.models.norm import RMSNorm
 
     torch.manual_seed(0)
     rows, width = shape

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from framework.moe.experts import megablocks_import_error
 from framework.moe.layer import MoEBlock
+from framework.moe.router import TopKRouter
 from framework.moe.router import Routing
 
 pytestmark = pytest.mark.gpu
@@ -44,7 +45,7 @@ def test_backend_matches_fp32_reference(backend, tokens):
         pytest.fail(f"megablocks backend unavailable on a GPU machine: {megablocks_import_error()}")
     torch.manual_seed(0)
     dev = "cuda"
-    block = MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend=backend).to(dev, torch.bfloat16)
+    block = MoEBlock(H, I, E, TopKRouter(H, E, K, True), torch.nn.SiLU(), backend=backend).to(dev, torch.bfloat16)
     with torch.no_grad():
         block.gate.weight.normal_(0, 0.02)
         block.experts.gate_up_proj.normal_(0, 0.02)
@@ -81,7 +82,7 @@ def test_megablocks_and_grouped_mm_blocks_agree_end_to_end():
     if megablocks_import_error():
         pytest.fail(f"megablocks backend unavailable on a GPU machine: {megablocks_import_error()}")
     torch.manual_seed(1)
-    blocks = {b: MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend=b).cuda().bfloat16()
+    blocks = {b: MoEBlock(H, I, E, TopKRouter(H, E, K, True), torch.nn.SiLU(), backend=b).cuda().bfloat16()
               for b in ("grouped_mm", "megablocks")}
     with torch.no_grad():
         for p in blocks["grouped_mm"].parameters():

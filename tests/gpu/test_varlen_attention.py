@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import framework
-from framework.models.qwen3_moe.attention import _varlen_attention_forward, varlen_attention_available
+from framework.models.attention import _varlen_attention_forward, varlen_attention_available
 
 pytestmark = pytest.mark.gpu
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,

@@ -131,7 +131,7 @@ def test_rms_norm_matches_transformers_module():
     """framework's RMSNorm (torch's rms_norm) against transformers' Qwen3MoeRMSNorm, same parameter, fp32 and bf16."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
-    from framework.models.qwen3_moe.norm import RMSNorm
+    from framework.models.norm import RMSNorm
 
     torch.manual_seed(0)
     ours, ref = RMSNorm(64, eps=1e-6), Qwen3MoeRMSNorm(64, eps=1e-6)

@@ -7,6 +7,7 @@ import torch
 
 from framework.moe.experts import BACKENDS, resolve_backend
 from framework.moe.layer import MoEBlock
+from framework.moe.router import TopKRouter
 from framework.ops.permute import replicate_permute_rows
 from tests.helpers import rel_err
 from tests.reference import moe_reference, route_reference
@@ -16,7 +17,7 @@ H, I, E, K = 32, 24, 8, 2
 
 def make_block(backend: str, seed: int = 0, dtype=torch.float32) -> MoEBlock:
     torch.manual_seed(seed)
-    block = MoEBlock(H, I, E, K, norm_topk_prob=True, act=torch.nn.SiLU(), backend=backend)
+    block = MoEBlock(H, I, E, TopKRouter(H, E, K, True), act=torch.nn.SiLU(), backend=backend)
     with torch.no_grad():
         block.gate.weight.normal_(0, 0.5)
         block.experts.gate_up_proj.normal_(0, 0.2)
@@ -122,8 +123,8 @@ def test_backend_errors():
         resolve_backend("cutlass")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="install_gpu_extras.sh"):
-            MoEBlock(H, I, E, K, True, torch.nn.SiLU(), backend="megablocks")
+            MoEBlock(H, I, E, TopKRouter(H, E, K, True), torch.nn.SiLU(), backend="megablocks")
         assert resolve_backend("auto") == "grouped_mm"
     assert set(BACKENDS) == {"eager", "grouped_mm", "megablocks"}
     with pytest.raises(ValueError, match="num_experts_per_tok"):
-        MoEBlock(H, I, E, E + 1, True, torch.nn.SiLU(), backend="eager")
+        MoEBlock(H, I, E, TopKRouter(H, E, E + 1, True), torch.nn.SiLU(), backend="eager")

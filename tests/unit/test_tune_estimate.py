@@ -170,7 +170,8 @@ def test_layer_activations_equal_what_autograd_saves(attn, recompute):
     tables excluded) against layer_saved: an MoE layer and a dense-MLP layer. With one half recomputed, what the
     other half saves plus the checkpoint's input (for "attention": the layer input, excluded here)."""
     from framework.models.options import ModelOptions
-    from framework.models.qwen3_moe.model import Qwen3MoeCausalLM, causal_mask
+    from framework.models.decoder import causal_mask
+    from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
 
     torch.manual_seed(0)
     cfg = _tiny_config(attn)
@@ -218,14 +219,16 @@ def test_real_width_layer_and_loss_on_gpu():
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
     from framework.models.qwen3_moe.config import load_hf_config
-    from framework.models.qwen3_moe.model import DecoderLayer, causal_lm_loss, causal_mask
+    from framework.models.decoder import DecoderLayer, causal_lm_loss, causal_mask
+    from framework.models.options import ModelOptions
+    from framework.models.qwen3_moe import QWEN3_MOE
     from framework.tuning.activations import loss_backward_peak
 
     dev, seq = torch.device("cuda"), 4096
     cfg = load_hf_config(dict(HF_30B, num_hidden_layers=1))
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    layer = DecoderLayer(cfg, 0, "grouped_mm").to(dev, torch.bfloat16)
+    layer = DecoderLayer(cfg, 0, ModelOptions(backend="grouped_mm"), QWEN3_MOE).to(dev, torch.bfloat16)
     for p in layer.parameters():
         torch.nn.init.normal_(p, 0.0, 0.02)
     pos = torch.cat([torch.arange(1000), torch.arange(seq - 1000)])[None].to(dev)  # two packed documents

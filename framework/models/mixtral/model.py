@@ -1,4 +1,4 @@
-"""Mixtral on the shared decoder (framework/models/qwen3_moe/model.py): transformers' MixtralAttention (no q/k norm)
+"""Mixtral on the shared decoder (framework/models/decoder.py): transformers' MixtralAttention (no q/k norm)
 and rotary embedding, every layer MoE, and a router that always renormalises its top-k softmax weights, which is
 transformers' MixtralTopKRouter (softmax, top-k, divide by their sum), i.e. our TopKRouter with norm_topk_prob."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding
 
-from framework.models.qwen3_moe.model import Architecture, MoECausalLM
+from framework.models.decoder import Architecture, MoECausalLM
 
 MIXTRAL = Architecture(
     attention=MixtralAttention, rotary=MixtralRotaryEmbedding, qk_norm=False, is_moe_layer=lambda c, i: True,

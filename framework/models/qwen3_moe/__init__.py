@@ -1,4 +1,3 @@
-from framework.models.qwen3_moe.load import load_model
-from framework.models.qwen3_moe.model import CausalLMOutput, Qwen3MoeCausalLM
+from framework.models.qwen3_moe.model import QWEN3_MOE, Qwen3MoeCausalLM
 
-__all__ = ["CausalLMOutput", "Qwen3MoeCausalLM", "load_model"]
+__all__ = ["QWEN3_MOE", "Qwen3MoeCausalLM"]

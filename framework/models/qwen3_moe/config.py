@@ -16,7 +16,6 @@ from framework.models.family import read_raw_config
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "moe_intermediate_size", "num_experts_per_tok")
-SUPPORTED_ATTENTION = ("sdpa", "eager", "varlen")
 
 
 def check_config_dict(raw: dict[str, Any], source: str) -> None:

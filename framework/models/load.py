@@ -15,9 +15,9 @@ import torch
 from transformers import PretrainedConfig
 
 from framework.checkpoint.hf_reader import HFCheckpoint
-from framework.models.qwen3_moe.attention import resolve_attention
+from framework.models.attention import resolve_attention
 from framework.models.options import ModelOptions
-from framework.models.qwen3_moe.model import MoECausalLM
+from framework.models.decoder import MoECausalLM
 from framework.models.registry import family_for
 from framework.moe.placement import LOCAL, ExpertPlacement
 
@@ -25,7 +25,7 @@ _EXPERT_PARAM_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_pr
 _EMBED, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-def _has_weights(path: str) -> bool:
+def has_weights(path: str) -> bool:
     return os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
 
 
@@ -59,7 +59,7 @@ def load_model(path_or_config: str | dict | PretrainedConfig, backend: str = "au
     model.to(dtype)
     # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
     model.model.rotary_emb = model.architecture.rotary(config=config).to(device)
-    if isinstance(path_or_config, str) and _has_weights(path_or_config):
+    if isinstance(path_or_config, str) and has_weights(path_or_config):
         load_hf_weights(model, path_or_config, family.checkpoint_key)
     else:
         model.init_weights(seed)

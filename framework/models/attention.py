@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _VARLEN_NAME = "varlen"
+SUPPORTED_ATTENTION = ("sdpa", "eager", _VARLEN_NAME)
 
 
 def varlen_attention_available() -> bool:
