@@ -45,6 +45,22 @@ class CausalLMOutput(ModelOutput):
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """What the FLOP count needs of a layer's attention (framework/train/flops.py)."""
+
+    matmul_params: int  # weights of its projections (q/k/v/o, or MLA's low-rank ones)
+    qk_width: int  # heads x query/key head width: the QK^T product's inner size per token
+    v_width: int  # heads x value head width: the AV product's
+
+
+def grouped_query_shape(config: PretrainedConfig) -> AttentionShape:
+    """q/k/v/o projections of (grouped-query) attention with head_dim per head (hidden / heads when unset)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    h, qd, kvd = config.hidden_size, config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return AttentionShape(matmul_params=h * qd + 2 * h * kvd + qd * h, qk_width=qd, v_width=qd)
+
+
+@dataclass(frozen=True)
 class Architecture:
     """What one model family's decoder layer differs in; everything else (the MoE block, norms, losses, expert
     parallelism) is shared. Module classes are transformers' own, so parameter names and numerics follow upstream."""
@@ -59,6 +75,11 @@ class Architecture:
     experts_field: str = "num_experts"  # config field of the expert count, named in config errors
     # the MoE block of a family whose router or shared experts differ (a MoEBlock subclass); None: `routed_block`
     moe_block: Callable[[PretrainedConfig, ModelOptions], MoEBlock] | None = None
+    # the attention implementations its attention module computes correctly with (attention.py SUPPORTED_ATTENTION)
+    attention_implementations: tuple[str, ...] = SUPPORTED_ATTENTION
+    attention_shape: Callable[[PretrainedConfig], AttentionShape] = grouped_query_shape
+    # FFN width of the shared experts every token of a MoE layer also runs through (0: none)
+    shared_expert_width: Callable[[PretrainedConfig], int] = lambda config: 0
 
 
 def routed_block(config: PretrainedConfig, options: ModelOptions, arch: Architecture) -> MoEBlock:
@@ -149,15 +170,18 @@ class MoECausalLM(nn.Module):
             config._attn_implementation = "sdpa"
         if config._attn_implementation == "varlen":
             register_varlen_attention()
-        if config._attn_implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(f"attention implementation {config._attn_implementation!r} is not supported; "
-                             f"expected one of {', '.join(SUPPORTED_ATTENTION)}")
+        supported = self.architecture.attention_implementations
+        if config._attn_implementation not in supported:
+            raise ValueError(f"attention implementation {config._attn_implementation!r} is not supported for "
+                             f"{config.model_type}; expected one of {', '.join(supported)}")
         self.config = config
         self.options = options
         self.model = DecoderStack(config, options, self.architecture)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self._tie_lm_head()
-        self.aux_loss_coef = config.router_aux_loss_coef if options.aux_loss_coef is None else options.aux_loss_coef
+        # configs without router_aux_loss_coef (deepseek_v3: transformers computes no aux loss) default to 0
+        default_coef = getattr(config, "router_aux_loss_coef", 0.0)
+        self.aux_loss_coef = default_coef if options.aux_loss_coef is None else options.aux_loss_coef
 
     def _tie_lm_head(self) -> None:
         """tie_word_embeddings: lm_head.weight is embed_tokens.weight, one Parameter (named once by
@@ -195,6 +219,10 @@ class MoECausalLM(nn.Module):
         pad = self.config.pad_token_id
         if pad is not None:
             self.model.embed_tokens.weight[pad].zero_()
+        persistent = set(self.state_dict())
+        for name, buf in self.named_buffers():
+            if name in persistent:  # checkpointed buffers (a router's selection bias) start at 0, as transformers'
+                buf.zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> CausalLMOutput:

@@ -34,7 +34,7 @@ def load_model(path_or_config: str | dict | PretrainedConfig, backend: str = "au
                aux_loss_coef: float | None = None, z_loss_coef: float = 0.0, seed: int = 0,
                aux_loss_scope: str = "pooled", activation_checkpointing: bool | str = False,
                loss_chunk_tokens: int = 0, placement: ExpertPlacement = LOCAL) -> MoECausalLM:
-    """A causal LM on our MoE layer, of the family config.json's model_type names (qwen3_moe, mixtral).
+    """A causal LM on our MoE layer, of the family config.json's model_type names (qwen3_moe, mixtral, deepseek_v3).
 
     `path_or_config`: an HF checkpoint directory (per-expert, fused or stacked expert layout), a directory or path of a
     config.json, a config dict or a transformers config (the last three: random initialisation with `seed`).
@@ -81,13 +81,17 @@ def _tied_key(ckpt: HFCheckpoint, path: str, available: set[str]) -> str:
 @torch.no_grad()
 def load_hf_weights(model: MoECausalLM, path: str, key_map: Callable[[str], str] | None = None) -> None:
     """Copy every tensor of an HF checkpoint into `model`, converting expert layouts; strict about names and shapes.
-    `key_map`: the family's stored key -> transformers 5 name (registry.py Family.checkpoint_key)."""
+    `key_map`: the family's stored key -> transformers 5 name (registry.py Family.checkpoint_key). Persistent buffers
+    (a router's e_score_correction_bias) are read like parameters, keeping the buffer's own dtype."""
     config = model.config
+    num_experts = model.architecture.moe_shape(config)[1]
+    persistent = set(model.state_dict())
+    buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
     with HFCheckpoint(path, key_map) as ckpt:
         available = set(ckpt.non_expert_keys())
         used: set[str] = set()
         # named_parameters() names a tied LM head once, as model.embed_tokens.weight
-        for name, param in model.named_parameters():
+        for name, param in [*model.named_parameters(), *buffers]:
             if _EXPERT_PARAM_RE.match(name):
                 continue  # experts are read layer by layer below
             key = name
@@ -117,7 +121,7 @@ def load_hf_weights(model: MoECausalLM, path: str, key_map: Callable[[str], str]
             experts = model.model.layers[layer].mlp.experts
             expert_range = (experts.first_expert, experts.first_expert + experts.num_experts)
             inter = experts.down_proj.shape[-1]  # the family's expert FFN width (moe_intermediate_size, ...)
-            gate_up, down = ckpt.read_layer_experts(layer, config.num_experts, config.hidden_size, inter,
+            gate_up, down = ckpt.read_layer_experts(layer, num_experts, config.hidden_size, inter,
                                                     expert_range=expert_range)
             experts.gate_up_proj.copy_(gate_up)
             experts.down_proj.copy_(down)

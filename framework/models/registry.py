@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from framework.models.deepseek_v3.config import load_deepseek_v3_config
+from framework.models.deepseek_v3.model import DeepseekV3CausalLM
 from framework.models.family import Family, read_raw_config
 from framework.models.mixtral.checkpoint import mixtral_checkpoint_key, mixtral_hub_key
 from framework.models.mixtral.config import load_mixtral_config
@@ -22,6 +24,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", load_hf_config, Qwen3MoeCausalLM, "Qwen3MoeForCausalLM"),
     "mixtral": Family("mixtral", load_mixtral_config, MixtralCausalLM, "MixtralForCausalLM", mixtral_checkpoint_key,
                       mixtral_hub_key),
+    "deepseek_v3": Family("deepseek_v3", load_deepseek_v3_config, DeepseekV3CausalLM, "DeepseekV3ForCausalLM"),
 }
 
 
@@ -46,10 +49,13 @@ def architecture_for(config: PretrainedConfig) -> Architecture:
 
 def moe_shape(config: PretrainedConfig) -> tuple[int, int, int, bool]:
     """(expert FFN width, experts, top-k, renormalise) under the family's own field names (Mixtral:
-    intermediate_size / num_local_experts; Qwen3-MoE: moe_intermediate_size / num_experts)."""
+    intermediate_size / num_local_experts; Qwen3-MoE: moe_intermediate_size / num_experts; DeepSeek-V3:
+    moe_intermediate_size / n_routed_experts)."""
     return architecture_for(config).moe_shape(config)
 
 
 def head_dim(config: PretrainedConfig) -> int:
-    """Attention head width: Mixtral configs may leave head_dim None (transformers then uses hidden / heads)."""
+    """Attention head width: Mixtral configs may leave head_dim None (transformers then uses hidden / heads). MLA
+    (deepseek_v3) sets head_dim to the rotary width qk_rope_head_dim: its projection sizes are in
+    `architecture_for(config).attention_shape`."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

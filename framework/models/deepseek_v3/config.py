@@ -1,0 +1,85 @@
+"""DeepSeek-V3 model configuration (model_type deepseek_v3: DeepSeek-V3/R1, Moonlight, Kimi-K2): reading and checking
+Hugging Face config.json files.
+
+Owns: turning a path / dict / DeepseekV3Config into a checked `transformers.DeepseekV3Config`, and which layers are MoE.
+The shape fields must be present because DeepseekV3Config's silent defaults (61 layers, 256 experts, q_lora_rank 1536,
+...) would build a model unlike the checkpoint; `q_lora_rank` must be present even when null (Moonlight), since its
+default turns the low-rank query path on. The expert count may be spelled `n_routed_experts` (the hub) or
+`num_local_experts` (transformers 5's attribute map).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import DeepseekV3Config
+
+from framework.models.family import read_raw_config
+
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
+                   "first_k_dense_replace", "routed_scaling_factor", "kv_lora_rank", "q_lora_rank",
+                   "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
+def num_experts(config: DeepseekV3Config) -> int:
+    return config.n_routed_experts
+
+
+def is_moe_layer(config: DeepseekV3Config, layer_idx: int) -> bool:
+    """Same rule as transformers' DeepseekV3DecoderLayer: the first `first_k_dense_replace` layers are dense."""
+    return layer_idx >= config.first_k_dense_replace
+
+
+def check_config(config: DeepseekV3Config, source: str) -> None:
+    """One-line errors for what our layer does not compute the way transformers does, or cannot build."""
+    experts, groups = config.n_routed_experts, config.n_group
+    if config.hidden_act != "silu":
+        raise ValueError(f"{source}: hidden_act is {config.hidden_act!r}; DeepSeek-V3 experts are SwiGLU ('silu')")
+    # remote-code configs name the routing; transformers 5 always routes sigmoid + noaux_tc, so refuse any other
+    if getattr(config, "scoring_func", "sigmoid") != "sigmoid":
+        raise ValueError(f"{source}: scoring_func is {config.scoring_func!r}; deepseek_v3 routes with 'sigmoid'")
+    if getattr(config, "topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError(f"{source}: topk_method is {config.topk_method!r}; deepseek_v3 routes with 'noaux_tc'")
+    if groups < 1 or experts % groups:
+        raise ValueError(f"{source}: n_group ({groups}) must divide n_routed_experts ({experts})")
+    if experts // groups < 2:
+        raise ValueError(f"{source}: each of the n_group ({groups}) groups needs >= 2 of the n_routed_experts "
+                         f"({experts}): a group's score is the sum of its top 2")
+    if not 1 <= config.topk_group <= groups:
+        raise ValueError(f"{source}: topk_group ({config.topk_group}) must be between 1 and n_group ({groups})")
+    if not 1 <= config.num_experts_per_tok <= config.topk_group * (experts // groups):
+        raise ValueError(f"{source}: num_experts_per_tok ({config.num_experts_per_tok}) must be between 1 and the "
+                         f"{config.topk_group * (experts // groups)} experts of topk_group groups")
+    if config.n_shared_experts < 1:
+        raise ValueError(f"{source}: n_shared_experts is {config.n_shared_experts}; deepseek_v3 layers have >= 1")
+    if config.num_key_value_heads != config.num_attention_heads:
+        raise ValueError(f"{source}: num_key_value_heads ({config.num_key_value_heads}) must equal "
+                         f"num_attention_heads ({config.num_attention_heads}): MLA expands keys per head")
+    if not 0 <= config.first_k_dense_replace <= config.num_hidden_layers:
+        raise ValueError(f"{source}: first_k_dense_replace ({config.first_k_dense_replace}) must be between 0 and "
+                         f"num_hidden_layers ({config.num_hidden_layers})")
+
+
+def load_deepseek_v3_config(source: str | dict | DeepseekV3Config) -> DeepseekV3Config:
+    """A checked DeepseekV3Config from a checkpoint directory, a config.json path, a dict or a config object."""
+    if isinstance(source, DeepseekV3Config):
+        check_config(source, "config")
+        return source
+    raw, where = read_raw_config(source)
+    if raw.get("model_type", "deepseek_v3") != "deepseek_v3":
+        raise ValueError(f"{where}: model_type is {raw['model_type']!r}, expected 'deepseek_v3'")
+    missing = [k for k in REQUIRED_FIELDS if k not in raw]
+    if "n_routed_experts" not in raw and "num_local_experts" not in raw:
+        missing.append("n_routed_experts")
+    if missing:
+        raise ValueError(f"{where}: missing required DeepSeek-V3 field(s) {', '.join(missing)}")
+    counts = {raw[k] for k in ("n_routed_experts", "num_local_experts") if k in raw}
+    if len(counts) > 1:
+        raise ValueError(f"{where}: n_routed_experts and num_local_experts disagree ({sorted(counts)})")
+    fields: dict[str, Any] = {k: v for k, v in raw.items()
+                              if k not in ("model_type", "architectures", "num_local_experts")}
+    fields["n_routed_experts"] = counts.pop()
+    config = DeepseekV3Config(**fields)
+    check_config(config, where)
+    return config

@@ -1,0 +1,70 @@
+"""DeepSeek-V3 on the shared decoder (framework/models/decoder.py): transformers' DeepseekV3Attention (multi-head
+latent attention, MLA), its rotary embedding (yarn included) and DeepseekV3MLP (the first `first_k_dense_replace`
+layers, and every MoE layer's shared experts), with our MoE block routed by the group-limited sigmoid router
+(framework/moe/router.py GroupLimitedSigmoidRouter, numerically transformers' DeepseekV3TopkRouter).
+
+The shared experts are the block's `shared_experts` (transformers' name: state dicts interchange), dense parameters to
+ZeRO and expert parallelism (only `experts.*` are expert parameters), added to the routed experts' output ungated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3MLP,
+    DeepseekV3RotaryEmbedding,
+)
+
+from framework.models.decoder import Architecture, AttentionShape, MoECausalLM
+from framework.models.deepseek_v3.config import is_moe_layer
+from framework.models.options import ModelOptions
+from framework.moe.layer import MoEBlock
+from framework.moe.router import GroupLimitedSigmoidRouter
+
+
+class DeepseekV3MoEBlock(MoEBlock):
+    """Routed experts (ours) + transformers' shared-expert MLP of width moe_intermediate_size * n_shared_experts."""
+
+    def __init__(self, config: DeepseekV3Config, options: ModelOptions):
+        router = GroupLimitedSigmoidRouter(config.hidden_size, config.n_routed_experts, config.num_experts_per_tok,
+                                           config.n_group, config.topk_group, config.norm_topk_prob,
+                                           config.routed_scaling_factor)
+        super().__init__(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts, router,
+                         nn.SiLU(), options.backend, options.placement)
+        self.shared_experts = DeepseekV3MLP(config, intermediate_size=shared_expert_width(config))
+
+    def shared_output(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return self.shared_experts(x_TH)
+
+
+def shared_expert_width(config: DeepseekV3Config) -> int:
+    return config.moe_intermediate_size * config.n_shared_experts
+
+
+def mla_shape(config: DeepseekV3Config) -> AttentionShape:
+    """MLA's projections (transformers' DeepseekV3Attention): queries through q_a_proj -> q_b_proj when q_lora_rank is
+    set, else q_proj; keys and values through kv_a_proj_with_mqa (latent + shared rotary key) -> kv_b_proj; o_proj.
+    Scores use qk_nope + qk_rope per head, the values v_head_dim."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    rank = config.q_lora_rank
+    query = h * heads * qk if rank is None else h * rank + rank * heads * qk
+    kv = h * (config.kv_lora_rank + config.qk_rope_head_dim) + config.kv_lora_rank * heads * (
+        config.qk_nope_head_dim + config.v_head_dim)
+    out = heads * config.v_head_dim * h
+    return AttentionShape(matmul_params=query + kv + out, qk_width=heads * qk, v_width=heads * config.v_head_dim)
+
+
+DEEPSEEK_V3 = Architecture(
+    attention=DeepseekV3Attention, rotary=DeepseekV3RotaryEmbedding, qk_norm=False, is_moe_layer=is_moe_layer,
+    moe_shape=lambda c: (c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok, c.norm_topk_prob),
+    dense_mlp=lambda c: DeepseekV3MLP(c, intermediate_size=c.intermediate_size),
+    experts_field="n_routed_experts", moe_block=DeepseekV3MoEBlock, attention_shape=mla_shape,
+    shared_expert_width=shared_expert_width)
+
+
+class DeepseekV3CausalLM(MoECausalLM):
+    architecture = DEEPSEEK_V3

@@ -1,0 +1,243 @@
+"""DeepSeek-V3 (model_type deepseek_v3) on our MoE layer against stock transformers 5 (eager experts), fp32 on CPU:
+MLA attention, dense first layer, group-limited sigmoid routing with a selection bias, shared experts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+import framework
+from framework.models.registry import FAMILIES, family_for
+from framework.moe.router import GroupLimitedSigmoidRouter
+from tests.helpers import batch, rel_err, spread_weights
+
+TOL = 1e-5
+# H != I != moe I, multiples of 8 for _grouped_mm strides; 8 experts in 4 groups, 2 groups kept, top-3; qk head width
+# (16 + 8) != v head width (8); the first layer dense.
+TINY_DEEPSEEK = dict(vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                     num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=2, first_k_dense_replace=1,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16, q_lora_rank=24,
+                     qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=8, max_position_embeddings=64,
+                     tie_word_embeddings=False)
+MOONLIGHT_LIKE = dict(q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=True)  # Moonlight: q_proj, 1 group
+SHAPES = {"q_lora": {}, "moonlight": MOONLIGHT_LIKE}
+
+
+def stock_deepseek(attn: str = "eager", **overrides) -> DeepseekV3ForCausalLM:
+    """Stock model with spread weights and a random selection bias (so biased and unbiased top-k differ)."""
+    torch.manual_seed(0)
+    config = DeepseekV3Config(**{**TINY_DEEPSEEK, **overrides})
+    config._attn_implementation = attn
+    config._experts_implementation = "eager"
+    model = spread_weights(DeepseekV3ForCausalLM(config).float())
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape) * 0.3)
+    return model
+
+
+def write_hub_layout(stock: DeepseekV3ForCausalLM, path: str) -> None:
+    """The hub's per-expert names (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`), written by hand: the inverse
+    of transformers' conversion_mapping.py "qwen2_moe" entry, which deepseek_v3 uses."""
+    inter = stock.config.moe_intermediate_size
+    tensors = {}
+    for key, value in stock.state_dict().items():
+        if key.endswith("experts.gate_up_proj"):
+            for e in range(value.shape[0]):
+                tensors[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = value[e, :inter].clone()
+                tensors[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = value[e, inter:].clone()
+        elif key.endswith("experts.down_proj"):
+            for e in range(value.shape[0]):
+                tensors[key.replace("down_proj", f"{e}.down_proj.weight")] = value[e].clone()
+        else:
+            tensors[key] = value.clone()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    stock.config.save_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def checkpoint(request, tmp_path_factory):
+    stock = stock_deepseek(**SHAPES[request.param])
+    hub = str(tmp_path_factory.mktemp(f"deepseek_{request.param}") / "hub")
+    write_hub_layout(stock, hub)
+    return stock, hub
+
+
+def test_hub_layout_is_what_transformers_reads(checkpoint):
+    stock, hub = checkpoint
+    reloaded, info = DeepseekV3ForCausalLM.from_pretrained(hub, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    for k, v in stock.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[k], v), k
+
+
+def test_bias_changes_the_selection(checkpoint):
+    """The random bias must matter, or a router that ignored it would pass the parity tests."""
+    stock, _ = checkpoint
+    gate = stock.model.layers[1].mlp.gate
+    x = torch.randn(64, stock.config.hidden_size)
+    _, _, biased = gate(x)
+    with torch.no_grad():
+        saved = gate.e_score_correction_bias.clone()
+        gate.e_score_correction_bias.zero_()
+        _, _, plain = gate(x)
+        gate.e_score_correction_bias.copy_(saved)
+    assert not torch.equal(biased.sort(-1)[0], plain.sort(-1)[0])
+
+
+def test_family_and_modules():
+    stock = stock_deepseek()
+    assert family_for(stock.config) is FAMILIES["deepseek_v3"]
+    ours = framework.load_model(stock.config, backend="eager")
+    assert type(ours).__name__ == "DeepseekV3CausalLM"
+    layers = ours.model.layers
+    assert type(layers[0].mlp).__name__ == "DeepseekV3MLP"  # first_k_dense_replace = 1
+    assert type(layers[1].mlp.shared_experts).__name__ == "DeepseekV3MLP"
+    assert type(layers[1].self_attn).__name__ == "DeepseekV3Attention"
+    assert layers[1].mlp.shared_experts.intermediate_size == 24 * 2
+    assert isinstance(layers[1].mlp.gate, GroupLimitedSigmoidRouter)
+    assert torch.equal(layers[1].mlp.gate.e_score_correction_bias, torch.zeros(8))  # initialised as transformers
+
+
+def test_state_dicts_interchange():
+    stock = stock_deepseek()
+    ours = framework.load_model(stock.config, backend="eager", seed=3)
+    ours_sd, stock_sd = ours.state_dict(), stock.state_dict()
+    assert {k: tuple(v.shape) for k, v in ours_sd.items()} == {k: tuple(v.shape) for k, v in stock_sd.items()}
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in ours_sd
+    with torch.no_grad():
+        for name, buf in ours.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape))
+    ours_sd = ours.state_dict()
+    fresh = DeepseekV3ForCausalLM(stock.config)
+    res = fresh.load_state_dict(ours_sd, strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ours_sd[k]), k
+    res = ours.load_state_dict(stock_sd, strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, stock_sd[k]), k
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(ours, stock) -> None:
+    got, want = _grads(ours), _grads(stock)
+    assert set(got) == set(want) == {n for n, _ in stock.named_parameters()}
+    for name, g in want.items():
+        assert rel_err(got[name], g) <= TOL, name
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_matches_transformers_padded(checkpoint, backend, attn):
+    stock, hub = checkpoint
+    stock.config._attn_implementation = attn
+    stock.zero_grad()
+    ours = framework.load_model(hub, backend=backend, attn_implementation=attn)
+    for k, v in stock.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    ids, mask, labels = batch(pad_right=True)
+    ref = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    out = ours(ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    assert ref.aux_loss is None  # transformers computes no auxiliary loss for deepseek_v3: nor does our loss
+    assert rel_err(out.logits[real], ref.logits[real]) <= TOL
+    assert rel_err(out.loss, ref.loss) <= TOL
+    assert torch.equal(out.loss, out.lm_loss)
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_same_grads(ours, stock)
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+def test_matches_transformers_packed(checkpoint, backend):
+    """Packed documents (position ids restarting at 0) against stock run on each document alone: our block-diagonal
+    mask keeps them apart in MLA attention."""
+    stock, hub = checkpoint
+    stock.config._attn_implementation = "sdpa"
+    stock.zero_grad()
+    ours = framework.load_model(hub, backend=backend, attn_implementation="sdpa")
+    ids = batch(bsz=1, seq=12, pad_right=False)[0]
+    lengths = [5, 3, 4]
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    out = ours(ids, position_ids=pos, labels=ids)
+    ref_logits = torch.cat([stock(input_ids=d).logits for d in ids.split(lengths, dim=1)], dim=1)
+    ref_loss = F.cross_entropy(ref_logits[0, :-1], ids[0, 1:])  # our labels shift across documents too
+    assert rel_err(out.logits, ref_logits) <= TOL
+    assert rel_err(out.lm_loss, ref_loss) <= TOL
+    ref_loss.backward()
+    out.loss.backward()
+    _assert_same_grads(ours, stock)
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+def test_all_tokens_on_one_expert(tmp_path, backend):
+    """top-1 with a bias that outweighs every score: every token on expert 5, the other 7 experts empty. Not
+    renormalised: a renormalised top-1 weight is s / (s + 1e-20), whose router gradient is ~1e-20 (noise)."""
+    stock = stock_deepseek(num_experts_per_tok=1, norm_topk_prob=False)
+    with torch.no_grad():
+        for name, buf in stock.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.zero_()
+                buf[5] = 10.0
+    write_hub_layout(stock, str(tmp_path))
+    ours = framework.load_model(str(tmp_path), backend=backend)
+    ids, mask, labels = batch(pad_right=True)
+    ref = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    out = ours(ids, attention_mask=mask, labels=labels)
+    for stats in out.router_stats:
+        assert stats.tokens_per_expert[5] == mask.sum() and stats.tokens_per_expert.sum() == mask.sum()
+    real = mask.bool()
+    assert rel_err(out.logits[real], ref.logits[real]) <= TOL
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_same_grads(ours, stock)
+
+
+def test_bias_stays_fp32_under_bf16():
+    """transformers keeps e_score_correction_bias in fp32 (_keep_in_fp32_modules_strict); so do we, unrounded."""
+    stock = stock_deepseek()
+    ours = framework.load_model(stock.config, backend="eager")
+    ours.load_state_dict(stock.state_dict())
+    ours.to(torch.bfloat16)
+    for name, buf in ours.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            assert buf.dtype == torch.float32
+            assert torch.equal(buf, stock.state_dict()[name])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_group", 3, "n_group (3) must divide n_routed_experts (8)"),
+    ("topk_group", 5, "topk_group (5) must be between 1 and n_group (4)"),
+    ("num_experts_per_tok", 5, "num_experts_per_tok (5) must be between 1 and the 4 experts of topk_group groups"),
+    ("num_key_value_heads", 2, "num_key_value_heads (2) must equal num_attention_heads (4)"),
+    ("scoring_func", "softmax", "scoring_func is 'softmax'; deepseek_v3 routes with 'sigmoid'"),
+    ("hidden_act", "gelu", "hidden_act is 'gelu'"),
+])
+def test_bad_configs_fail_in_one_line(field, value, message):
+    with pytest.raises(ValueError) as err:
+        framework.load_model({**TINY_DEEPSEEK, "model_type": "deepseek_v3", field: value})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_fields_are_named():
+    raw = {k: v for k, v in TINY_DEEPSEEK.items() if k not in ("q_lora_rank", "n_routed_experts")}
+    with pytest.raises(ValueError, match="missing required DeepSeek-V3 field.*q_lora_rank, n_routed_experts"):
+        framework.load_model({**raw, "model_type": "deepseek_v3"})
+    # transformers 5's spelling of the expert count is accepted
+    ours = framework.load_model({**{k: v for k, v in TINY_DEEPSEEK.items() if k != "n_routed_experts"},
+                                 "model_type": "deepseek_v3", "num_local_experts": 8})
+    assert ours.config.n_routed_experts == 8
