@@ -1,10 +1,11 @@
 """Model FLOPs per token and the hardware peak, for TFLOP/s/GPU and MFU.
 
 Formula (the one Megatron and DeepSpeed's anchors use, so our figures compare with theirs): a training token costs
-6 x the matmul parameters it touches (forward 2, backward 4): per layer the attention projections q/k/v/o, and in MoE
-layers the top-k experts' three SwiGLU matrices plus the router (dense layers: their MLP); then the LM head; plus causal
-attention 6 x S x (heads x head_dim) per layer (QK^T and AV, 2 S d each forward, halved by causality, x3 for
-training). Packed documents are counted as if each row were one causal sequence, like the anchors. Embedding lookups,
+6 x the matmul parameters it touches (forward 2, backward 4): per layer the attention projections (q/k/v/o, or MLA's
+low-rank ones: the family's `Architecture.attention_shape`), and in MoE layers the top-k experts' three SwiGLU matrices,
+the shared experts' (DeepSeek-V3) and the router (dense layers: their MLP); then the LM head; plus causal attention
+3 x S x (qk width + v width) per layer, widths = heads x head width (QK^T and AV, 2 S d each forward, halved by
+causality, x3 for training; 6 x S x heads x head_dim where queries and values have one head width). Packed documents are counted as if each row were one causal sequence, like the anchors. Embedding lookups,
 norms and activations are not counted. MFU = achieved model FLOP/s / the GPU's dense bf16 peak.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from framework.models.registry import architecture_for, head_dim
+from framework.models.registry import architecture_for
 
 # Dense bf16 tensor-core peak per GPU in TFLOP/s (no sparsity), from the vendor data sheets (SXM parts).
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.5, "H200": 989.5, "H800": 989.5, "GH200": 989.5, "A100": 312.0, "B200": 2250.0}
@@ -24,16 +25,17 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     arch = architecture_for(config)
     expert_width, num_experts, top_k, _ = arch.moe_shape(config)
     h = config.hidden_size
-    qd = config.num_attention_heads * head_dim(config)
-    kvd = config.num_key_value_heads * head_dim(config)
+    attention = arch.attention_shape(config)
+    shared_width = arch.shared_expert_width(config)
     matmul_params = h * config.vocab_size  # LM head
     for layer in range(config.num_hidden_layers):
-        matmul_params += h * qd + 2 * h * kvd + qd * h
+        matmul_params += attention.matmul_params
         if arch.is_moe_layer(config, layer):
-            matmul_params += top_k * 3 * h * expert_width + h * num_experts
+            matmul_params += (top_k * expert_width + shared_width) * 3 * h + h * num_experts
         else:
             matmul_params += 3 * h * config.intermediate_size
-    return 6.0 * matmul_params + 6.0 * config.num_hidden_layers * seq_len * qd
+    scores = 3.0 * config.num_hidden_layers * seq_len * (attention.qk_width + attention.v_width)
+    return 6.0 * matmul_params + scores
 
 
 def peak_tflops(device: torch.device) -> float | None:

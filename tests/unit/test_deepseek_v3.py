@@ -241,3 +241,31 @@ def test_missing_fields_are_named():
     ours = framework.load_model({**{k: v for k, v in TINY_DEEPSEEK.items() if k != "n_routed_experts"},
                                  "model_type": "deepseek_v3", "num_local_experts": 8})
     assert ours.config.n_routed_experts == 8
+
+
+@pytest.mark.parametrize("q_lora_rank, expected", [(24, 316416), (8, 279552), (None, 316416)])
+def test_flops_per_token_by_hand(q_lora_rank, expected):
+    """MLA projections and shared experts counted by hand (TINY_DEEPSEEK: H 32, 4 heads, qk 16+8, v 8, kv_lora 16;
+    dense layer 0 of width 40; MoE layers 1-2: top-3 of 8 experts of width 24, shared width 2 x 24)."""
+    from framework.models.deepseek_v3.config import load_deepseek_v3_config
+    from framework.train.flops import flops_per_token
+
+    config = load_deepseek_v3_config({**TINY_DEEPSEEK, "q_lora_rank": q_lora_rank})
+    h, heads, qk, v, rope, nope, kv_rank, vocab, seq = 32, 4, 24, 8, 8, 16, 16, 96, 16
+    query = h * heads * qk if q_lora_rank is None else h * q_lora_rank + q_lora_rank * heads * qk
+    attention = query + h * (kv_rank + rope) + kv_rank * heads * (nope + v) + heads * v * h
+    dense = 3 * h * 40
+    moe = (3 * 24 + 2 * 24) * 3 * h + h * 8
+    matmul = vocab * h + 3 * attention + dense + 2 * moe
+    scores = 3 * 3 * seq * (heads * qk + heads * v)  # QK^T at the qk width, AV at the v width
+    assert 6 * matmul + scores == expected
+    assert flops_per_token(config, seq) == expected
+
+
+def test_deepspeed_auto_sizes_take_mla_configs():
+    from framework.config.deepspeed import auto_sizes
+    from framework.models.deepseek_v3.config import load_deepseek_v3_config
+
+    sizes = auto_sizes(load_deepseek_v3_config(TINY_DEEPSEEK), ep_size=2)
+    assert sizes["persistence"] == 8 * 32 + 1  # just above the router: it stays resident
+    assert sizes["bucket"] == int(1e7)
