@@ -73,6 +73,11 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
     from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
 
     batch, heads, seq, dim = query.shape
+    v_dim = value.shape[-1]
+    if v_dim != dim:
+        # MLA (deepseek_v3): value heads narrower than query/key heads, which the flash varlen kernel does not take.
+        # Zero-padded value columns give zero output columns, sliced off below: the same attention.
+        value = F.pad(value, (0, dim - v_dim))
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
@@ -85,7 +90,7 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
     out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, seq, seq, scale=scaling, **extra)
-    return out.view(batch, seq, heads, dim), None
+    return out.view(batch, seq, heads, dim)[..., :v_dim], None
 
 
 _DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,

@@ -269,3 +269,41 @@ def test_deepspeed_auto_sizes_take_mla_configs():
     sizes = auto_sizes(load_deepseek_v3_config(TINY_DEEPSEEK), ep_size=2)
     assert sizes["persistence"] == 8 * 32 + 1  # just above the router: it stays resident
     assert sizes["bucket"] == int(1e7)
+
+
+def _flash_like_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False,
+                       **_):
+    """Stands in for torch's flash varlen kernel on CPU, with its restriction: one head width for q, k and v."""
+    assert q.shape[-1] == k.shape[-1] == v.shape[-1], "flash varlen takes one head width"
+    assert window_size == (-1, 0)  # causal
+    out = torch.empty_like(q)
+    for lo, hi in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        doc = [t[lo:hi].transpose(0, 1) for t in (q, k, v)]
+        out[lo:hi] = F.scaled_dot_product_attention(*doc, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def test_varlen_pads_mla_values(checkpoint, monkeypatch):
+    """The varlen implementation zero-pads MLA's narrower value heads to the query width and slices the output back:
+    the same logits and gradients as stock run per document (the kernel replaced by a CPU stand-in with flash's
+    one-head-width rule; tests/gpu/test_deepseek_v3_varlen.py runs the real one)."""
+    import torch.nn.attention.varlen as varlen
+
+    from framework.models.attention import register_varlen_attention
+
+    stock, hub = checkpoint
+    stock.config._attn_implementation = "sdpa"
+    stock.zero_grad()
+    monkeypatch.setattr(varlen, "varlen_attn", _flash_like_varlen)
+    ours = framework.load_model(hub, backend="eager", attn_implementation="sdpa")
+    register_varlen_attention()
+    ours.config._attn_implementation = "varlen"  # load_model refuses varlen without CUDA
+    ids = batch(bsz=1, seq=12, pad_right=False)[0]
+    lengths = [5, 3, 4]
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    out = ours(ids, position_ids=pos, labels=ids)
+    ref_logits = torch.cat([stock(input_ids=d).logits for d in ids.split(lengths, dim=1)], dim=1)
+    assert rel_err(out.logits, ref_logits) <= TOL
+    F.cross_entropy(ref_logits[0, :-1], ids[0, 1:]).backward()
+    out.loss.backward()
+    _assert_same_grads(ours, stock)
