@@ -320,6 +320,9 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
     arch = architecture_for(hf_config)  # each family names the expert fields its own way
     _, num_experts, top_k, _ = arch.moe_shape(hf_config)
     check_parallel(cfg.parallel.ep_size, world_size, num_experts, top_k, world_desc, arch.experts_field)
+    if cfg.model.router_bias_update_rate and not arch.router_selection_bias:
+        raise ConfigError(f"model.router_bias_update_rate={cfg.model.router_bias_update_rate}: {hf_config.model_type} "
+                          "routers have no selection bias (e_score_correction_bias); set it 0")
     dtype = resolve_dtype(cfg)
     notes: list[str] = []
     warnings: list[str] = []

@@ -25,6 +25,10 @@ class ModelSection(Section):
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
     # auto: flash varlen over packed documents on CUDA (torch >= 2.10), else sdpa with a block-diagonal mask
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager"] = "auto"
+    # > 0: auxiliary-loss-free balancing (DeepSeek-V3): after each optimizer step every router's selection bias moves
+    # by this much towards balance, bias_e += rate * sign(mean load - load_e) over the global batch; 0: off. Only
+    # families whose routers have the bias (deepseek_v3; the paper used 0.001).
+    router_bias_update_rate: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":

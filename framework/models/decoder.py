@@ -80,6 +80,9 @@ class Architecture:
     attention_shape: Callable[[PretrainedConfig], AttentionShape] = grouped_query_shape
     # FFN width of the shared experts every token of a MoE layer also runs through (0: none)
     shared_expert_width: Callable[[PretrainedConfig], int] = lambda config: 0
+    # its routers select experts on scores + a bias buffer (e_score_correction_bias) that auxiliary-loss-free
+    # balancing moves (ModelOptions.router_bias_update_rate)
+    router_selection_bias: bool = False
 
 
 def routed_block(config: PretrainedConfig, options: ModelOptions, arch: Architecture) -> MoEBlock:
@@ -174,6 +177,9 @@ class MoECausalLM(nn.Module):
         if config._attn_implementation not in supported:
             raise ValueError(f"attention implementation {config._attn_implementation!r} is not supported for "
                              f"{config.model_type}; expected one of {', '.join(supported)}")
+        if options.router_bias_update_rate and not self.architecture.router_selection_bias:
+            raise ValueError(f"router_bias_update_rate {options.router_bias_update_rate}: {config.model_type} routers "
+                             "have no selection bias (e_score_correction_bias); set it 0")
         self.config = config
         self.options = options
         self.model = DecoderStack(config, options, self.architecture)

@@ -33,12 +33,14 @@ def load_model(path_or_config: str | dict | PretrainedConfig, backend: str = "au
                device: str | torch.device = "cpu", attn_implementation: str | None = None,
                aux_loss_coef: float | None = None, z_loss_coef: float = 0.0, seed: int = 0,
                aux_loss_scope: str = "pooled", activation_checkpointing: bool | str = False,
-               loss_chunk_tokens: int = 0, placement: ExpertPlacement = LOCAL) -> MoECausalLM:
+               loss_chunk_tokens: int = 0, placement: ExpertPlacement = LOCAL,
+               router_bias_update_rate: float = 0.0) -> MoECausalLM:
     """A causal LM on our MoE layer, of the family config.json's model_type names (qwen3_moe, mixtral, deepseek_v3).
 
     `path_or_config`: an HF checkpoint directory (per-expert, fused or stacked expert layout), a directory or path of a
     config.json, a config dict or a transformers config (the last three: random initialisation with `seed`).
-    `backend` ... `loss_chunk_tokens`: how the model computes (framework/models/options.py ModelOptions).
+    `backend` ... `loss_chunk_tokens`, `router_bias_update_rate`: how the model computes and balances
+    (framework/models/options.py ModelOptions).
     `placement`: the experts this process holds and how tokens reach the others (expert parallelism:
     framework/parallel/expert_parallel.py `expert_placement`); only those experts are allocated, read or
     initialised. Random initialisation is seeded per parameter and per expert: the same weights whatever the
@@ -52,7 +54,8 @@ def load_model(path_or_config: str | dict | PretrainedConfig, backend: str = "au
     config._attn_implementation = resolve_attention(attn_implementation or "sdpa")
     options = ModelOptions(backend=backend, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
                            aux_loss_scope=aux_loss_scope, activation_checkpointing=activation_checkpointing,
-                           loss_chunk_tokens=loss_chunk_tokens, placement=placement)
+                           loss_chunk_tokens=loss_chunk_tokens, placement=placement,
+                           router_bias_update_rate=router_bias_update_rate)
     with torch.device("meta"):
         model = family.causal_lm(config, options)
     model.to_empty(device=device)

@@ -24,6 +24,9 @@ class ModelOptions:
     # > 0: with labels, the LM head and cross-entropy this many tokens at a time (the [B, S, V] logits never exist)
     loss_chunk_tokens: int = 0
     placement: ExpertPlacement = field(default=LOCAL)
+    # > 0: auxiliary-loss-free balancing, each router's selection bias moved by this much per optimizer step
+    # (framework/moe/bias_balancing.py; the trainer applies it). Only for routers with a bias (deepseek_v3).
+    router_bias_update_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.activation_checkpointing not in CHECKPOINTING_MODES:
@@ -31,5 +34,7 @@ class ModelOptions:
                              "moe or attention")
         if self.aux_loss_scope not in AUX_LOSS_SCOPES:
             raise ValueError(f"aux_loss_scope {self.aux_loss_scope!r}: expected one of {', '.join(AUX_LOSS_SCOPES)}")
+        if self.router_bias_update_rate < 0:
+            raise ValueError(f"router_bias_update_rate ({self.router_bias_update_rate}) must be >= 0")
         if self.loss_chunk_tokens < 0:
             raise ValueError(f"loss_chunk_tokens ({self.loss_chunk_tokens}) must be >= 0")

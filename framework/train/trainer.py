@@ -150,7 +150,8 @@ class Trainer:
                                      aux_loss_scope=cfg.moe.aux_loss_scope,
                                      activation_checkpointing=cfg.train.activation_checkpointing,
                                      loss_chunk_tokens=cfg.train.loss_chunk_tokens, seed=cfg.train.seed,
-                                     placement=expert_placement(self.groups))
+                                     placement=expert_placement(self.groups),
+                                     router_bias_update_rate=cfg.model.router_bias_update_rate)
         self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len)
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops(rt.device)
         self.schedule = LRSchedule(cfg.train.lr_schedule, cfg.train.max_steps, cfg.train.warmup_steps,
@@ -158,6 +159,11 @@ class Trainer:
         self.engine, *_ = initialize(model, self.ds_config, self.groups,
                                      lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
         self.model = model
+        self.balancer = None  # auxiliary-loss-free balancing: the routers' selection biases move after each step
+        if model.options.router_bias_update_rate:
+            from framework.moe.bias_balancing import RouterBiasBalancer  # noqa: PLC0415
+
+            self.balancer = RouterBiasBalancer(model, model.options.router_bias_update_rate)
         self.step = 0
         if plan.resume is not None:
             self._resume(plan.resume.root, plan.resume.tag)
@@ -305,6 +311,10 @@ class Trainer:
                 self.engine.step()
                 meter.add_micro_batch(out.loss, out.lm_loss, out.aux_loss, out.router_stats, tokens_per_micro)
                 nonfinite |= ~torch.isfinite(out.loss.detach())  # no host sync here: checked at logs and saves
+                if self.balancer is not None:
+                    self.balancer.accumulate(out.router_stats)
+            if self.balancer is not None:
+                self.balancer.step()  # after the step's optimizer update, on the whole global batch's load
             self.step += 1
             if profiler is not None and (written := profiler.step_end(self.step)):
                 self._print(bar, f"step {self.step}: profile of steps {cfg.train.profile_steps} written to {written}")

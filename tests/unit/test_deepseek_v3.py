@@ -307,3 +307,55 @@ def test_varlen_pads_mla_values(checkpoint, monkeypatch):
     F.cross_entropy(ref_logits[0, :-1], ids[0, 1:]).backward()
     out.loss.backward()
     _assert_same_grads(ours, stock)
+
+
+def test_bias_update_rule_by_hand():
+    """bias_e += rate * sign(mean_load - load_e), per layer, on the load summed over the step's micro-batches."""
+    from framework.moe.aux_loss import RouterStats
+    from framework.moe.bias_balancing import RouterBiasBalancer
+
+    model = framework.load_model({**TINY_DEEPSEEK, "model_type": "deepseek_v3"}, backend="eager",
+                                 router_bias_update_rate=0.01)
+    balancer = RouterBiasBalancer(model, model.options.router_bias_update_rate)
+    assert len(balancer.biases) == 2  # layers 1 and 2; layer 0 is dense
+    zero = torch.zeros(())
+
+    def stats(*loads):
+        return [RouterStats(torch.tensor(load, dtype=torch.float32), zero, zero, zero) for load in loads]
+
+    # micro-batch 1 and 2 of one step; layer 1's load sums to [5, 1, 3, 3, 3, 3, 3, 3] (mean 3),
+    # layer 2's to [0, 0, 0, 0, 0, 0, 0, 24] (mean 3)
+    balancer.accumulate(stats([4, 0, 1, 2, 1, 2, 1, 1], [0, 0, 0, 0, 0, 0, 0, 12]))
+    balancer.accumulate(stats([1, 1, 2, 1, 2, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0, 12]))
+    balancer.step()
+    layer1, layer2 = (model.model.layers[i].mlp.gate.e_score_correction_bias for i in (1, 2))
+    assert torch.equal(layer1, torch.tensor([-0.01, 0.01, 0, 0, 0, 0, 0, 0]))
+    assert torch.equal(layer2, torch.tensor([0.01] * 7 + [-0.01]))
+    balancer.step()  # nothing counted since: no change
+    assert torch.equal(layer1, torch.tensor([-0.01, 0.01, 0, 0, 0, 0, 0, 0]))
+
+
+def test_bias_update_counts_the_models_routing():
+    """From a real forward pass: the update is computed from its router statistics (padding excluded) and moves
+    the bias of the most loaded expert down."""
+    from framework.moe.bias_balancing import RouterBiasBalancer
+
+    model = framework.load_model({**TINY_DEEPSEEK, "model_type": "deepseek_v3"}, backend="eager",
+                                 router_bias_update_rate=0.001)
+    balancer = RouterBiasBalancer(model, 0.001)
+    ids, mask, _ = batch()
+    out = model(ids, attention_mask=mask)
+    balancer.accumulate(out.router_stats)
+    balancer.step()
+    for stats, bias in zip(out.router_stats, balancer.biases):
+        assert stats.tokens_per_expert.sum() == mask.sum() * 3
+        load = stats.tokens_per_expert
+        assert torch.equal(bias, 0.001 * torch.sign(load.mean() - load))
+        assert bias[load.argmax()] == -0.001
+
+
+def test_bias_update_is_refused_without_a_bias():
+    from tests.helpers import TINY
+
+    with pytest.raises(ValueError, match="qwen3_moe routers have no selection bias"):
+        framework.load_model(dict(TINY), router_bias_update_rate=0.001)
