@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Export a framework DeepSpeed checkpoint (ZeRO-1/2/3, any expert-parallel size) as a Hugging Face Qwen3-MoE model.
+"""Export a framework DeepSpeed checkpoint (ZeRO-1/2/3, any expert-parallel size) as a Hugging Face Qwen3-MoE or
+DeepSeek-V3 model.
 
 Reads the fp32 master weights from the per-rank optimizer state files (framework/checkpoint/zero_reader.py), one
 layer at a time, and writes safetensors shards that stock transformers 5 loads (`AutoModelForCausalLM.from_pretrained`),
@@ -127,6 +128,10 @@ def export(checkpoint: str, output: str, tag: str | None = None, fmt: str = "hf"
                     reader.release()  # unmap what this layer paged in
                     if layer is not None:
                         log(f"layer {layer}: {len(names)} parameter(s) exported")
+                # persistent buffers (DeepSeek-V3's e_score_correction_bias) in their saved dtype: transformers keeps
+                # the bias fp32 whatever the model's dtype
+                for name, buf in reader.buffers().items():
+                    writer.add(name, buf.clone())
                 index = writer.close()
             except BaseException:
                 writer.abort()

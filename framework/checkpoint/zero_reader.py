@@ -267,6 +267,21 @@ class ZeroCheckpointReader:
             raise ValueError(f"{path}: optimizer groups disagree on Adam's step count: {sorted(steps)}")
         return steps.pop()
 
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The persistent buffers (e.g. routers' e_score_correction_bias) in their saved dtype, by name; {} for a
+        model without any or a checkpoint from before they were saved."""
+        listed = self.meta.get("buffers") or {}
+        if not listed:
+            return {}
+        path = os.path.join(self.path, self.meta["files"].get("buffers", "buffers.pt"))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{self.path}: missing {os.path.basename(path)} (the persistent buffers "
+                                    f"{', '.join(sorted(listed)[:2])} ...); the checkpoint is incomplete")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if set(saved) != set(listed):
+            raise ValueError(f"{path}: holds buffers {sorted(saved)}, meta.json lists {sorted(listed)}")
+        return {name: saved[name] for name in listed}
+
     def param_groups(self) -> list[dict]:
         """The saved optimizer hyperparameters (lr, betas, eps, weight_decay) per group, from rank 0."""
         path = os.path.join(self.path, self.meta["files"]["optim"][0])

@@ -18,6 +18,7 @@ from framework.checkpoint.hf_export import write_hf_directory
 from framework.models.registry import family_for
 from framework.parallel.expert_parallel import gather_full_experts
 from framework.parallel.groups import ParallelGroups
+from framework.zero.checkpoint_io import persistent_buffers
 
 
 def hf_config_dict(config: PretrainedConfig) -> dict:
@@ -32,7 +33,9 @@ def hf_config_dict(config: PretrainedConfig) -> dict:
 
 
 def iter_full_parameters(model: nn.Module, groups: ParallelGroups, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor on CPU in `dtype`) for every parameter, in model order. Collective."""
+    """(name, full tensor on CPU in `dtype`) for every parameter, in model order, then every persistent buffer in its
+    own dtype (a router's e_score_correction_bias stays fp32, as transformers keeps it; buffers are whole and the
+    same on every rank). Collective."""
     import deepspeed  # noqa: PLC0415
 
     for name, param in model.named_parameters():
@@ -42,6 +45,8 @@ def iter_full_parameters(model: nn.Module, groups: ParallelGroups, dtype: torch.
         if getattr(param, "ds_zero_placement_family", None) is not None and groups.ep_size > 1:
             full = gather_full_experts(full, groups)
         yield name, full.cpu()
+    for name, buf in persistent_buffers(model).items():
+        yield name, buf.detach().cpu().clone()
 
 
 def export_live(model: nn.Module, groups: ParallelGroups, out: str, fmt: str, dtype: torch.dtype,

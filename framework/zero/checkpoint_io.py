@@ -26,12 +26,17 @@ What DeepSpeed 0.19.8 does for us and what it does not (deepspeed/runtime/engine
 - ZeRO-0 and NVMe optimizer offload are refused with one line (their state lives elsewhere).
 - `client_state` is stored under one key of its own, so it never collides with DeepSpeed's keys and comes back as it
   was given.
+- Persistent buffers (a DeepSeek-V3 router's `e_score_correction_bias`, which auxiliary-loss-free balancing moves) are
+  in no optimizer file, and DeepSpeed's module file is not read by the resharding load: rank 0 writes them all to
+  `buffers.pt` (they are the same on every rank: dense, and updated from all-reduced counts), and every load restores
+  them from it, whatever the layout.
 
 meta.json (format `FORMAT`, version `VERSION`):
   world_size, ep_size, edp_size, zero_stage, dtype (model parameters: float32 / bfloat16 / float16), deepspeed_version,
   num_experts, expert_ranges ([lo, hi) per EP rank), ep_groups (global ranks of each EP group), edp_groups (global
   ranks of the EDP group of each EP rank, in partition order), params ({name: {shape: full shape, local_shape: shape on
-  one rank, expert: bool}} in module order), files ({optim: [per global rank], model: [...], experts: [per EP rank]}),
+  one rank, expert: bool}} in module order), buffers ({name: {shape, dtype}}: the persistent buffers, in `buffers.pt`),
+  files ({optim: [per global rank], model: [...], experts: [per EP rank], buffers: "buffers.pt" when there are any}),
   optimizer_groups: one entry per flat fp32 group (the same on every rank): {partition: "world" | "edp",
   partition_count, params: [[name, offset, numel], ...]} where, for ZeRO-3, `offset` is where the parameter's partition
   starts in each rank's flat group and `numel` its partition size (every partition of a parameter has that size; the
@@ -56,6 +61,7 @@ from framework.parallel.groups import ParallelGroups
 
 CLIENT_STATE_KEY = "framework_client_state"
 EXPERT_STATES_NAME = "expert_states_ep_rank_{:03d}.pt"
+BUFFERS_NAME = "buffers.pt"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -68,6 +74,17 @@ def _expert_param_ids(module: torch.nn.Module) -> dict[int, MoEBlock]:
     for block in (m for m in module.modules() if isinstance(m, MoEBlock)):
         for p in block.experts.parameters():
             out[id(p)] = block
+    return out
+
+
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (not the rebuilt ones like rotary inv_freq), by name; read off the modules, not
+    through state_dict(), which ZeRO-3 may hook."""
+    out = {}
+    for prefix, sub in module.named_modules():
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
     return out
 
 
@@ -190,10 +207,13 @@ def _build_meta(engine, groups: ParallelGroups) -> dict[str, Any]:
         "expert_ranges": [[e * per, (e + 1) * per] for e in range(ep)],
         "ep_groups": ep_groups, "edp_groups": edp_groups,
         "params": params,
+        "buffers": {n: {"shape": list(b.shape), "dtype": str(b.dtype).replace("torch.", "")}
+                    for n, b in persistent_buffers(module).items()},
         "files": {"optim": [d["optim"] for d in everyone],
                   "model": sorted({d["model"] for d in everyone}) if stage == 3 else [everyone[0]["model"]],
                   "experts": [EXPERT_STATES_NAME.format(e) for e in range(ep)] if _own_expert_files(engine, ep)
-                  else []},
+                  else [],
+                  **({"buffers": BUFFERS_NAME} if persistent_buffers(module) else {})},
         "optimizer_groups": layout,
     }
 
@@ -262,6 +282,11 @@ def save_engine_checkpoint(engine, groups: ParallelGroups, save_dir: str, tag: s
         path = os.path.join(tag_dir, EXPERT_STATES_NAME.format(groups.ep_rank))
         torch.save({"ep_rank": groups.ep_rank, "ep_size": groups.ep_size, "state": states}, f"{path}.partial")
         os.replace(f"{path}.partial", path)
+    buffers = persistent_buffers(engine.module)
+    if buffers and dist.get_rank() == 0:
+        path = os.path.join(tag_dir, BUFFERS_NAME)
+        torch.save({n: b.detach().cpu().clone() for n, b in buffers.items()}, f"{path}.partial")
+        os.replace(f"{path}.partial", path)
     dist.barrier()
     if dist.get_rank() == 0:  # last: a tag directory with meta.json is complete
         write_text_atomic(os.path.join(tag_dir, META_NAME), json.dumps(meta, indent=1) + "\n")
@@ -293,7 +318,29 @@ def _incompatibility(meta: dict, engine, groups: ParallelGroups, tag_dir: str) -
     extra = sorted(set(meta["params"]) - {n for n, _ in engine.module.named_parameters()})
     if extra:
         return f"{tag_dir}: checkpoint parameter {extra[0]} is not in the model"
+    saved = meta.get("buffers", {})
+    for name, buf in persistent_buffers(engine.module).items():
+        if name not in saved:
+            return f"{tag_dir}: checkpoint has no buffer {name}"
+        if saved[name]["shape"] != list(buf.shape):
+            return f"{tag_dir}: buffer {name}: checkpoint has shape {saved[name]['shape']}, the model {list(buf.shape)}"
+    extra = sorted(set(saved) - set(persistent_buffers(engine.module)))
+    if extra:
+        return f"{tag_dir}: checkpoint buffer {extra[0]} is not in the model"
+    if saved and not os.path.isfile(os.path.join(tag_dir, meta["files"].get("buffers", BUFFERS_NAME))):
+        return f"{tag_dir}: missing checkpoint file {BUFFERS_NAME}"
     return None
+
+
+@torch.no_grad()
+def _restore_buffers(engine, tag_dir: str, meta: dict) -> None:
+    """The persistent buffers from `buffers.pt`, in their own dtype (checked against meta.json by _incompatibility)."""
+    buffers = persistent_buffers(engine.module)
+    if not buffers:
+        return
+    saved = torch.load(os.path.join(tag_dir, meta["files"]["buffers"]), map_location="cpu", weights_only=True)
+    for name, buf in buffers.items():
+        buf.copy_(saved[name])
 
 
 def load_engine_checkpoint(engine, groups: ParallelGroups, load_dir: str, tag: str, lr_scheduler: bool = False) -> dict:
@@ -326,7 +373,9 @@ def load_engine_checkpoint(engine, groups: ParallelGroups, load_dir: str, tag: s
     if _any_rank(reshard, engine.device):
         from framework.zero.reshard import load_resharded  # noqa: PLC0415
 
-        return load_resharded(engine, groups, tag_dir, lr_scheduler).get(CLIENT_STATE_KEY, {})
+        client = load_resharded(engine, groups, tag_dir, lr_scheduler).get(CLIENT_STATE_KEY, {})
+        _restore_buffers(engine, tag_dir, meta)
+        return client
 
     with _as_plain_deepspeed(engine):
         load_path, client = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True,
@@ -342,5 +391,6 @@ def load_engine_checkpoint(engine, groups: ParallelGroups, load_dir: str, tag: s
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved["state"][name])
+    _restore_buffers(engine, tag_dir, meta)
     dist.barrier()
     return (client or {}).get(CLIENT_STATE_KEY, {})
