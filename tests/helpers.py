@@ -76,12 +76,28 @@ TINY_MIXTRAL_RUN = dict(model_type="mixtral", vocab_size=4096, hidden_size=32, i
 
 def write_mixtral_run_yaml(path: str, **hf_overrides) -> str:
     """model_configs/tiny.yaml with its model.hf_config replaced by a tiny Mixtral; returns `path`."""
+    return write_run_yaml(path, {**TINY_MIXTRAL_RUN, **hf_overrides})
+
+
+# model_configs/tiny.yaml's widths as DeepSeek-V3 fields: MLA (qk 8 + 8, v 8), layer 0 dense, 8 experts in 4 groups
+TINY_DEEPSEEK_RUN = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=32, intermediate_size=40,
+                         moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                         n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+                         first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16,
+                         q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def write_run_yaml(path: str, hf_config: dict, **model_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by `hf_config` (and model.* keys overridden);
+    returns `path`."""
     import yaml  # noqa: PLC0415
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(repo, "model_configs", "tiny.yaml")) as f:
         run = yaml.safe_load(f)
-    run["model"]["hf_config"] = {**TINY_MIXTRAL_RUN, **hf_overrides}
+    run["model"]["hf_config"] = dict(hf_config)
+    run["model"].update(model_overrides)
     with open(path, "w") as f:
         yaml.safe_dump(run, f)
     return path

@@ -239,6 +239,22 @@ def _check_supported(engine) -> None:
                          "optimizer state files)")
 
 
+def _check_same_on_every_rank(buffers: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Rank 0 writes the buffers for all: refuse to save if any rank's differ (e.g. a selection bias updated from
+    counts that were not all-reduced). Collective; every rank gets the same answer."""
+    if not buffers or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([b.detach().to(device=device, dtype=torch.float64).reshape(-1) for b in buffers.values()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        sizes = [b.numel() for b in buffers.values()]
+        first = int(torch.nonzero(hi != lo)[0])
+        name = next(n for n, end in zip(buffers, torch.tensor(sizes).cumsum(0).tolist()) if first < end)
+        raise RuntimeError(f"checkpoints: buffer {name} differs between ranks; it must be the same everywhere")
+
+
 @contextmanager
 def _as_plain_deepspeed(engine):
     """DeepSpeed's own save/load without its native-MoE paths and without writing recovery scripts outside the tag."""
@@ -283,6 +299,7 @@ def save_engine_checkpoint(engine, groups: ParallelGroups, save_dir: str, tag: s
         torch.save({"ep_rank": groups.ep_rank, "ep_size": groups.ep_size, "state": states}, f"{path}.partial")
         os.replace(f"{path}.partial", path)
     buffers = persistent_buffers(engine.module)
+    _check_same_on_every_rank(buffers, engine.device)
     if buffers and dist.get_rank() == 0:
         path = os.path.join(tag_dir, BUFFERS_NAME)
         torch.save({n: b.detach().cpu().clone() for n, b in buffers.items()}, f"{path}.partial")

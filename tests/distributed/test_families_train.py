@@ -1,6 +1,7 @@
-"""launch/pretrain.py with a Mixtral model.hf_config (model_type mixtral) on CPU: the exported directory is a stock
-MixtralForCausalLM (strict load) with the logits of framework.load_model, and EP=2 over two processes trains the same
-losses as one process."""
+"""launch/pretrain.py with a Mixtral or DeepSeek-V3 model.hf_config on CPU: the exported directory is the stock
+transformers model (strict load) with the logits of framework.load_model, EP=2 over two processes trains the same
+losses as one process, and a run resumes at another ep_size. DeepSeek-V3 runs with auxiliary-loss-free balancing on,
+so its routers' selection biases move every step and must be the same on every rank, saved, restored and exported."""
 
 from __future__ import annotations
 
@@ -10,16 +11,17 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.launch import free_port
+from tests.distributed.launch import free_port, run_workers
 from tests.distributed.test_pretrain import corpus, run, train_records  # noqa: F401 (corpus is a fixture)
-from tests.helpers import write_mixtral_run_yaml
+from tests.helpers import TINY_DEEPSEEK_RUN, read_safetensors_dir, write_mixtral_run_yaml, write_run_yaml
 
 pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def _train(tmp_path, train: str, name: str, ep_size: int = 1, steps: int = STEPS, extra: tuple = ()) -> str:
-    config = write_mixtral_run_yaml(str(tmp_path / "mixtral.yaml"))
+def _train(tmp_path, train: str, name: str, ep_size: int = 1, steps: int = STEPS, extra: tuple = (),
+           config: str | None = None) -> str:
+    config = config or write_mixtral_run_yaml(str(tmp_path / "mixtral.yaml"))
     out = str(tmp_path / name)
     launcher = None
     if ep_size > 1:
@@ -69,3 +71,96 @@ def test_mixtral_resumes_at_another_ep_size(tmp_path, corpus):  # noqa: F811
     for step in (3, 4):
         for key in ("loss", "aux_loss", "grad_norm", "lr"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4), (step, key)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DeepSeek-V3: one 4-step run (saved at step 2) serves all three checks
+
+BIAS_RATE = 0.01  # large next to the spread of sigmoid scores at init: the biases change the routing within steps
+BIAS_KEY = "e_score_correction_bias"
+
+
+def _deepseek_config(tmp_path) -> str:
+    return write_run_yaml(str(tmp_path / "deepseek.yaml"), TINY_DEEPSEEK_RUN, router_bias_update_rate=BIAS_RATE)
+
+
+def _biases(hf_dir: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in read_safetensors_dir(hf_dir).items() if k.endswith(BIAS_KEY)}
+
+
+@pytest.fixture(scope="module")
+def deepseek_run(tmp_path_factory, corpus):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("deepseek")
+    out = _train(tmp, corpus[0], "full", steps=4, extra=("train.save_steps=2",), config=_deepseek_config(tmp))
+    return tmp, out
+
+
+def test_deepseek_v3_trains_and_exports_a_stock_model(deepseek_run):
+    from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
+
+    import framework
+
+    _, out = deepseek_run
+    assert sorted(train_records(out)) == [1, 2, 3, 4]
+    hf = os.path.join(out, "hf")
+    biases = _biases(hf)
+    assert sorted(biases) == [f"model.layers.{i}.mlp.gate.{BIAS_KEY}" for i in (1, 2)]
+    assert any(bias.abs().max() > 0 for bias in biases.values())  # moved by steps of +-rate
+    for bias in biases.values():  # exported fp32, as transformers keeps it
+        assert bias.dtype == torch.float32
+        assert torch.allclose(bias / BIAS_RATE, (bias / BIAS_RATE).round(), atol=1e-4)
+    stock, info = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager",
+                                                       output_loading_info=True)
+    assert isinstance(stock, DeepseekV3ForCausalLM)
+    assert not any(info.values()), info  # strict: no missing, unexpected or mismatched tensors
+    for name, bias in biases.items():
+        assert torch.equal(stock.state_dict()[name], bias), name
+    ours = framework.load_model(hf, backend="eager", dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, stock.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = stock(ids).logits, ours(ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_deepseek_v3_ep2_matches_one_process(deepseek_run, corpus):  # noqa: F811
+    """Same losses and the same final biases: the load is counted over the global batch, not per rank (a save at
+    step 2 also checks that both ranks hold the same biases)."""
+    tmp, one = deepseek_run
+    two = _train(tmp, corpus[0], "ep2", ep_size=2, steps=4, extra=("train.save_steps=2",),
+                 config=_deepseek_config(tmp))
+    want, got = train_records(one), train_records(two)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4), step
+    for name, bias in _biases(os.path.join(one, "hf")).items():
+        assert torch.equal(_biases(os.path.join(two, "hf"))[name], bias), name
+
+
+def test_deepseek_v3_resumes_at_another_ep_size(deepseek_run, corpus):  # noqa: F811
+    """Saved by one process at step 2, resumed by two with EP=2 (the resharding load, which restores the biases from
+    buffers.pt): steps 3-4 and the final biases equal the uninterrupted run's."""
+    tmp, full = deepseek_run
+    step2 = os.path.join(full, "checkpoints", "step_00000002")
+    assert _saved_biases_moved(step2)
+    resumed = _train(tmp, corpus[0], "resumed", ep_size=2, steps=4, extra=("--resume", step2),
+                     config=_deepseek_config(tmp))
+    want, got = train_records(full), train_records(resumed)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "aux_loss", "grad_norm", "lr"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4), (step, key)
+    for name, bias in _biases(os.path.join(full, "hf")).items():
+        assert torch.equal(_biases(os.path.join(resumed, "hf"))[name], bias), name
+
+
+def _saved_biases_moved(tag_dir: str) -> bool:
+    saved = torch.load(os.path.join(tag_dir, "buffers.pt"), weights_only=True)
+    return len(saved) == 2 and any(b.abs().max() > 0 for b in saved.values())
+
+
+def test_router_biases_identical_on_every_rank(tmp_path):
+    """Two gloo ranks route different tokens; after 3 steps both hold the same biases, equal to the rule applied by
+    hand to the sum of both ranks' counts (tests/distributed/bias_worker.py)."""
+    run_workers(os.path.join(os.path.dirname(__file__), "bias_worker.py"), [str(tmp_path)], world=2, timeout=300)
+    gathered = torch.load(os.path.join(tmp_path, "bias.pt"), weights_only=True)
+    assert len(gathered) == 2 and torch.equal(gathered[0], gathered[1])
