@@ -6,13 +6,14 @@ so its routers' selection biases move every step and must be the same on every r
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests.distributed.launch import free_port, run_workers
-from tests.distributed.test_pretrain import corpus, run, train_records  # noqa: F401 (corpus is a fixture)
+from tests.distributed.test_pretrain import REPO, corpus, run, train_records  # noqa: F401 (corpus is a fixture)
 from tests.helpers import TINY_DEEPSEEK_RUN, read_safetensors_dir, write_mixtral_run_yaml, write_run_yaml
 
 pytestmark = pytest.mark.slow
@@ -120,6 +121,15 @@ def test_deepseek_v3_trains_and_exports_a_stock_model(deepseek_run):
     with torch.no_grad():
         ref, got = stock(ids).logits, ours(ids).logits
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
+
+    # offline, from the final checkpoint (tools/ds_to_hf.py): the same tensors as the live export, biases included
+    offline = os.path.join(out, "offline_hf")
+    export = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ds_to_hf.py"), "--checkpoint",
+                             os.path.join(out, "checkpoints"), "--output", offline], capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr[-2000:]
+    live, again = read_safetensors_dir(hf), read_safetensors_dir(offline)
+    assert set(live) == set(again)
+    assert all(torch.equal(live[k], again[k]) for k in live)
 
 
 def test_deepseek_v3_ep2_matches_one_process(deepseek_run, corpus):  # noqa: F811
