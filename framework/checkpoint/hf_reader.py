@@ -63,7 +63,8 @@ class HFCheckpoint:
 
     def __init__(self, path: str, key_map: Callable[[str], str] | None = None):
         """`key_map`: a family's stored name -> transformers 5 name (e.g. Mixtral's hub `block_sparse_moe.experts.0.w1
-        .weight` -> `mlp.experts.0.gate_proj.weight`); every method here takes and returns the mapped names."""
+        .weight` -> `mlp.experts.0.gate_proj.weight`), or None for a tensor to leave unread (DeepSeek-V3's
+        multi-token-prediction layers); every method here takes and returns the mapped names."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         self.path = path
@@ -160,10 +161,12 @@ class HFCheckpoint:
                 key_to_file[key] = shard
         return key_to_file
 
-    def _rename(self, key_map: Callable[[str], str]) -> None:
+    def _rename(self, key_map: Callable[[str], str | None]) -> None:
         renamed: dict[str, str] = {}
         for key, shard in self.key_to_file.items():
             name = key_map(key)
+            if name is None:
+                continue
             if name in renamed:
                 raise ValueError(f"{self.path}: tensors {self._stored.get(name, name)} and {key} are both {name}")
             renamed[name] = shard

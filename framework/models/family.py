@@ -25,6 +25,9 @@ class Family:
     checkpoint_key: Callable[[str], str] | None = None
     # the inverse, for `--format hf` exports: our per-expert names -> the hub's (None: they are the same)
     hub_key: Callable[[str], str] | None = None
+    # checkpoint tensors the model does not have and transformers skips on load (DeepSeek-V3's multi-token-prediction
+    # layers), given the config; None: every tensor must be the model's
+    ignored_key: Callable[[PretrainedConfig, str], bool] | None = None
 
 
 def read_raw_config(source: str | dict) -> tuple[dict[str, Any], str]:

@@ -18,6 +18,7 @@ from framework.checkpoint.hf_reader import HFCheckpoint
 from framework.models.attention import resolve_attention
 from framework.models.options import ModelOptions
 from framework.models.decoder import MoECausalLM
+from framework.models.family import Family
 from framework.models.registry import family_for
 from framework.moe.placement import LOCAL, ExpertPlacement
 
@@ -63,10 +64,18 @@ def load_model(path_or_config: str | dict | PretrainedConfig, backend: str = "au
     # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
     model.model.rotary_emb = model.architecture.rotary(config=config).to(device)
     if isinstance(path_or_config, str) and has_weights(path_or_config):
-        load_hf_weights(model, path_or_config, family.checkpoint_key)
+        load_hf_weights(model, path_or_config, _key_map(family, config))
     else:
         model.init_weights(seed)
     return model
+
+
+def _key_map(family: Family, config: PretrainedConfig) -> Callable[[str], str | None] | None:
+    """The family's checkpoint key map, with the tensors it ignores mapped to None (left unread)."""
+    rename, ignored = family.checkpoint_key, family.ignored_key
+    if ignored is None:
+        return rename
+    return lambda key: None if ignored(config, key) else (rename(key) if rename else key)
 
 
 def _tied_key(ckpt: HFCheckpoint, path: str, available: set[str]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from framework.models.deepseek_v3.config import load_deepseek_v3_config
+from framework.models.deepseek_v3.config import is_mtp_key, load_deepseek_v3_config
 from framework.models.deepseek_v3.model import DeepseekV3CausalLM
 from framework.models.family import Family, read_raw_config
 from framework.models.mixtral.checkpoint import mixtral_checkpoint_key, mixtral_hub_key
@@ -24,7 +24,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", load_hf_config, Qwen3MoeCausalLM, "Qwen3MoeForCausalLM"),
     "mixtral": Family("mixtral", load_mixtral_config, MixtralCausalLM, "MixtralForCausalLM", mixtral_checkpoint_key,
                       mixtral_hub_key),
-    "deepseek_v3": Family("deepseek_v3", load_deepseek_v3_config, DeepseekV3CausalLM, "DeepseekV3ForCausalLM"),
+    "deepseek_v3": Family("deepseek_v3", load_deepseek_v3_config, DeepseekV3CausalLM, "DeepseekV3ForCausalLM",
+                          ignored_key=is_mtp_key),
 }
 
 

@@ -359,3 +359,29 @@ def test_bias_update_is_refused_without_a_bias():
 
     with pytest.raises(ValueError, match="qwen3_moe routers have no selection bias"):
         framework.load_model(dict(TINY), router_bias_update_rate=0.001)
+
+
+def test_multi_token_prediction_layers_are_skipped(tmp_path):
+    """DeepSeek-V3 checkpoints store num_nextn_predict_layers MTP layers after the decoder (model.layers.61.* for
+    61 layers): stock transformers skips them on load, and so do we; a layer beyond them is still refused."""
+    from safetensors.torch import load_file
+
+    stock = stock_deepseek(num_nextn_predict_layers=1)
+    write_hub_layout(stock, str(tmp_path))
+    path = os.path.join(tmp_path, "model.safetensors")
+    tensors = load_file(path)
+    mtp = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in tensors.items()
+           if k.startswith("model.layers.2.")}
+    mtp["model.layers.3.eh_proj.weight"] = torch.randn(32, 64)  # the MTP module's own projection
+    save_file({**tensors, **mtp}, path, metadata={"format": "pt"})
+    reloaded, info = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                           output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    ours = framework.load_model(str(tmp_path), backend="eager")
+    ids = batch()[0]
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, stock(ids).logits) <= TOL
+    stock.config.num_nextn_predict_layers = 0
+    stock.config.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="checkpoint tensor\\(s\\) the model does not have: model.layers.3."):
+        framework.load_model(str(tmp_path), backend="eager")

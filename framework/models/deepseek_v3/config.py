@@ -10,6 +10,7 @@ default turns the low-rank query path on. The expert count may be spelled `n_rou
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers import DeepseekV3Config
@@ -22,13 +23,23 @@ REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_interm
                    "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 
 
-def num_experts(config: DeepseekV3Config) -> int:
-    return config.n_routed_experts
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def is_moe_layer(config: DeepseekV3Config, layer_idx: int) -> bool:
     """Same rule as transformers' DeepseekV3DecoderLayer: the first `first_k_dense_replace` layers are dense."""
     return layer_idx >= config.first_k_dense_replace
+
+
+def is_mtp_key(config: DeepseekV3Config, key: str) -> bool:
+    """A tensor of the multi-token-prediction layers that DeepSeek-V3 checkpoints store after the decoder
+    (`model.layers.{num_hidden_layers + i}.*`, i < num_nextn_predict_layers): transformers' DeepseekV3ForCausalLM
+    skips them on load (`_keys_to_ignore_on_load_unexpected`), and so do we (training them is not implemented)."""
+    match = _LAYER_RE.match(key)
+    if match is None:
+        return False
+    extra = int(match[1]) - config.num_hidden_layers
+    return 0 <= extra < (config.num_nextn_predict_layers or 0)
 
 
 def check_config(config: DeepseekV3Config, source: str) -> None:
