@@ -385,3 +385,49 @@ def test_multi_token_prediction_layers_are_skipped(tmp_path):
     stock.config.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="checkpoint tensor\\(s\\) the model does not have: model.layers.3."):
         framework.load_model(str(tmp_path), backend="eager")
+
+
+def test_router_matches_stock_under_bf16():
+    """Stock loads bf16 models with the router weight and bias in fp32 (_keep_in_fp32_modules_strict); ours keeps
+    the weight in the model's dtype and computes its logits in fp32. From a bf16 checkpoint (weight values bf16) both
+    route bf16 activations identically: same experts, same weights (ours cast to bf16 for the combine)."""
+    stock = stock_deepseek()
+    ours = framework.load_model(stock.config, backend="eager")
+    ours.load_state_dict(stock.state_dict())
+    ours.to(torch.bfloat16)
+    ref_gate, our_gate = stock.model.layers[1].mlp.gate, ours.model.layers[1].mlp.gate
+    with torch.no_grad():
+        ref_gate.weight.copy_(our_gate.weight.float())  # the bf16 checkpoint's values, held in fp32 as stock does
+    assert our_gate.weight.dtype == torch.bfloat16 and our_gate.e_score_correction_bias.dtype == torch.float32
+    x = torch.randn(256, stock.config.hidden_size).to(torch.bfloat16)
+    with torch.no_grad():
+        ref_logits, ref_weights, ref_ids = ref_gate(x)
+        routing = our_gate(x)
+    assert torch.equal(routing.logits, ref_logits)
+    assert torch.equal(routing.expert_ids, ref_ids)
+    assert torch.equal(routing.weights, ref_weights.to(torch.bfloat16))
+
+
+def test_aux_loss_is_the_balance_statistic_on_normalised_scores(checkpoint):
+    """Not in stock's loss: E * sum_e(fraction of routed slots_e * mean normalised sigmoid score_e), pooled over
+    layers, from stock's own router logits and choices (top_k when balanced); the loss is CE alone by default."""
+    stock, hub = checkpoint
+    ours = framework.load_model(hub, backend="eager", attn_implementation="eager")
+    ids, _, labels = batch(pad_right=False)
+    captured = []  # stock's (router logits, weights, expert ids) per MoE layer
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append(o)) for layer in
+             stock.model.layers[1:]]
+    with torch.no_grad():
+        out = ours(ids, labels=labels)
+        ref = stock(input_ids=ids, labels=labels)
+    for h in hooks:
+        h.remove()
+    counts, prob_sum = torch.zeros(8), torch.zeros(8)
+    for logits, _, chosen in captured:
+        scores = logits.sigmoid()
+        prob_sum += (scores / scores.sum(-1, keepdim=True)).sum(0)
+        counts += torch.bincount(chosen.reshape(-1), minlength=8).float()
+    tokens = len(captured) * ids.numel()
+    expected = 8 * torch.sum((counts / tokens) * (prob_sum / tokens))
+    assert rel_err(out.aux_loss, expected) <= TOL
+    assert torch.equal(out.loss, out.lm_loss) and rel_err(out.loss, ref.loss) <= TOL
