@@ -63,6 +63,8 @@ DEEPSEEK_V3 = Architecture(
     moe_shape=lambda c: (c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok, c.norm_topk_prob),
     dense_mlp=lambda c: DeepseekV3MLP(c, intermediate_size=c.intermediate_size),
     experts_field="n_routed_experts", moe_block=DeepseekV3MoEBlock, attention_shape=mla_shape,
+    # varlen too: the flash varlen path zero-pads MLA's narrower value heads (framework/models/attention.py)
+    attention_implementations=("sdpa", "eager", "varlen"),
     shared_expert_width=shared_expert_width, router_selection_bias=True)
 
 
