@@ -431,3 +431,16 @@ def test_aux_loss_is_the_balance_statistic_on_normalised_scores(checkpoint):
     expected = 8 * torch.sum((counts / tokens) * (prob_sum / tokens))
     assert rel_err(out.aux_loss, expected) <= TOL
     assert torch.equal(out.loss, out.lm_loss) and rel_err(out.loss, ref.loss) <= TOL
+
+
+@pytest.mark.parametrize("mode", [True, "moe", "attention"])
+def test_recompute_gives_the_same_gradients(checkpoint, mode):
+    """Activation checkpointing recomputes MLA and the biased routing in backward: the same loss and gradients."""
+    _, hub = checkpoint
+    plain = framework.load_model(hub, backend="grouped_mm")
+    again = framework.load_model(hub, backend="grouped_mm", activation_checkpointing=mode)
+    ids, mask, labels = batch(pad_right=True)
+    for model in (plain, again):
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), again.parameters()):
+        assert rel_err(q.grad, p.grad) <= TOL, name
