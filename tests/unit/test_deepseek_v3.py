@@ -444,3 +444,23 @@ def test_recompute_gives_the_same_gradients(checkpoint, mode):
         model(ids, attention_mask=mask, labels=labels).loss.backward()
     for (name, p), q in zip(plain.named_parameters(), again.parameters()):
         assert rel_err(q.grad, p.grad) <= TOL, name
+
+
+def test_run_plan_takes_deepseek_v3_and_refuses_bias_updates_elsewhere(tmp_path):
+    from framework.config import ConfigError, load_run_config
+    from framework.config.plan import resolve_plan
+    from tests.helpers import TINY_DEEPSEEK_RUN, write_mixtral_run_yaml, write_run_yaml
+
+    common = ["data.synthetic=true", f"train.output_dir={tmp_path / 'run'}"]
+    yaml_path = write_run_yaml(str(tmp_path / "deepseek.yaml"), TINY_DEEPSEEK_RUN, router_bias_update_rate=0.001)
+    plan = resolve_plan(load_run_config(yaml_path, common), 2)
+    assert plan.hf_config.model_type == "deepseek_v3" and plan.cfg.model.router_bias_update_rate == 0.001
+    for path, overrides, message in [
+        (yaml_path, ["parallel.ep_size=4", "model.hf_config.n_routed_experts=6", "model.hf_config.n_group=3"],
+         "parallel.ep_size (4) must divide the model's n_routed_experts (6)"),
+        (write_mixtral_run_yaml(str(tmp_path / "mixtral.yaml")), ["model.router_bias_update_rate=0.001"],
+         "model.router_bias_update_rate=0.001: mixtral routers have no selection bias (e_score_correction_bias)"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            resolve_plan(load_run_config(path, [*common, *overrides]), 4)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
