@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from framework.cluster.process_group import init_deepspeed_distributed
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
 from framework.config.plan import RunPlan
@@ -48,8 +49,6 @@ class Runtime:
 def init_distributed() -> Runtime:
     """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU. A plain `python launch/pretrain.py` (no
     launcher) runs as a world of one."""
-    import deepspeed  # noqa: PLC0415
-
     # DeepSpeed calls collectives that newer torch marks deprecated, once per step: noise, not news, in a training log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:
@@ -59,10 +58,10 @@ def init_distributed() -> Runtime:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        deepspeed.init_distributed(dist_backend="nccl")
+        init_deepspeed_distributed("nccl")
     else:
         device = torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_deepspeed_distributed("gloo")
     return Runtime(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
