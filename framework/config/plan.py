@@ -31,6 +31,7 @@ import yaml
 
 from framework.config.load import ConfigError
 from framework.config.schema import RunConfig, TrainSection
+from framework.train.checkpoint_integrity import DATA_STATE_NAME
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -53,6 +54,8 @@ class ResumePoint:
     tag: str
     run_config: dict[str, Any]  # the saved run_config.yaml
     meta: dict[str, Any]  # the engine's meta.json (world_size, ep_size, zero_stage, dtype)
+    # the data position (framework/data/samples.py StepBatchLoader.global_state); None: the checkpoint has none
+    data_state: dict[str, Any] | None = None
 
     @property
     def path(self) -> str:
@@ -237,13 +240,17 @@ def read_resume_point(root: str, tag: str) -> ResumePoint:
     from framework.checkpoint.zero_reader import read_meta  # noqa: PLC0415
 
     tag_dir = os.path.join(root, tag)
+    data_state = None
     try:
         meta = read_meta(tag_dir)
         with open(os.path.join(tag_dir, "run_config.yaml")) as f:
             run_config = yaml.safe_load(f) or {}
+        if os.path.exists(os.path.join(tag_dir, DATA_STATE_NAME)):
+            with open(os.path.join(tag_dir, DATA_STATE_NAME)) as f:
+                data_state = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"resume: {tag_dir}: cannot read the checkpoint ({e})") from None
-    return ResumePoint(root, tag, run_config, meta)
+    return ResumePoint(root, tag, run_config, meta, data_state)
 
 
 def _checkpoint_model(point: ResumePoint) -> dict[str, Any]:
@@ -349,5 +356,9 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
         if restart_data:
             notes.append("resume: the data changed (allowed by train.allow_resume_changes): it starts from its "
                          "beginning")
+        elif point.data_state is None:
+            raise ConfigError(f"resume: {os.path.join(point.path, DATA_STATE_NAME)} is missing: the checkpoint was "
+                              "written before the world-size-independent data order; start a new run from its "
+                              "export (tools/ds_to_hf.py)")
     return RunPlan(cfg, world_size, gas, source, hf_config, dtype, tokenizer_dir(cfg), point, restart_data, notes,
                    warnings)
