@@ -104,10 +104,10 @@ def family_blocks(config_yaml: str):
             block = DecoderLayer(config, layer, ModelOptions(backend=backend), arch).mlp
         return init_(block.bfloat16())
 
-    def stock_block():
+    def stock_block(experts_implementation: str = "grouped_mm"):
         fields = {k: v for k, v in config.to_dict().items() if k != "model_type"}
         stock_config = AutoConfig.for_model(config.model_type, **fields)
-        stock_config._experts_implementation = "grouped_mm"
+        stock_config._experts_implementation = experts_implementation
         stock_config._attn_implementation = "sdpa"
         module = sys.modules[AutoModelForCausalLM._model_mapping[type(stock_config)].__module__]
         layer_cls = next(v for k, v in vars(module).items() if k.endswith("DecoderLayer") and isinstance(v, type))
