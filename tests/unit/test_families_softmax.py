@@ -336,3 +336,21 @@ def test_deepspeed_auto_sizes_read_the_family_fields(family):
     sizes = auto_sizes(config, ep_size=2)
     assert sizes["bucket"] == int(1e7)  # tiny: the floor
     assert sizes["persistence"] == min(8 * 32 + 1, 32 * 2 * 8)  # router E x H + 1 vs the k/v projection H x 16
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_resolve_plan_takes_the_family_and_checks_its_expert_fields(family, tmp_path):
+    from framework.config.load import load_run_config
+    from framework.config.plan import ConfigError, resolve_plan
+    from tests.helpers import write_family_run_yaml
+
+    yaml_path = write_family_run_yaml(str(tmp_path / f"{family}.yaml"), family)
+    common = ["data.synthetic=true", f"train.output_dir={tmp_path / 'run'}"]
+    plan = resolve_plan(load_run_config(yaml_path, common), 2)
+    assert plan.hf_config.model_type == family and plan.hf_config.num_experts == 8
+    plan = resolve_plan(load_run_config(yaml_path, [*common, "model.num_layers=2"]), 1)
+    assert plan.hf_config.num_hidden_layers == 2
+    assert framework.load_model(plan.model_source, backend="eager").config.num_hidden_layers == 2
+    with pytest.raises(ConfigError) as info:
+        resolve_plan(load_run_config(yaml_path, [*common, "parallel.ep_size=4", "model.hf_config.num_experts=6"]), 4)
+    assert "parallel.ep_size (4) must divide the model's num_experts (6)" in str(info.value)
