@@ -354,3 +354,10 @@ def test_resolve_plan_takes_the_family_and_checks_its_expert_fields(family, tmp_
     with pytest.raises(ConfigError) as info:
         resolve_plan(load_run_config(yaml_path, [*common, "parallel.ep_size=4", "model.hf_config.num_experts=6"]), 4)
     assert "parallel.ep_size (4) must divide the model's num_experts (6)" in str(info.value)
+
+
+def test_olmoe_takes_either_spelling_of_the_expert_count():
+    raw = {**TINY_OLMOE, "model_type": "olmoe"}
+    raw["num_local_experts"] = raw.pop("num_experts")
+    model = framework.load_model(raw, backend="eager")
+    assert model.config.num_experts == 8 and all(b.num_experts == 8 for b in model.moe_blocks())
