@@ -361,3 +361,41 @@ def test_olmoe_takes_either_spelling_of_the_expert_count():
     raw["num_local_experts"] = raw.pop("num_experts")
     model = framework.load_model(raw, backend="eager")
     assert model.config.num_experts == 8 and all(b.num_experts == 8 for b in model.moe_blocks())
+
+
+def _per_document_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, is_causal=True, enable_gqa=False):
+    """CPU stand-in for torch's flash varlen kernel: fp32 causal sdpa document by document ([T, heads, D])."""
+    outs = []
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=is_causal, scale=scale,
+                                                   enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_family_attention_passes_document_boundaries_to_varlen(family, monkeypatch):
+    """The "varlen" implementation gets each packed document's boundaries (cu_seqlens) through transformers'
+    attention module's **kwargs: with a per-document stand-in kernel, packed rows give the block-diagonal-mask
+    logits. An attention module that dropped the keyword would attend across documents (GPU kernels:
+    tests/gpu/test_varlen_attention.py)."""
+    import sys
+    import types
+
+    import framework.models.attention as attention
+
+    kernel = types.ModuleType("torch.nn.attention.varlen")
+    kernel.varlen_attn = _per_document_varlen_attn
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", kernel)
+    monkeypatch.setattr(attention, "varlen_attention_available", lambda: True)
+    monkeypatch.setattr(attention, "varlen_parameters", lambda: frozenset({"is_causal", "enable_gqa"}))
+    config = {**CASES[family].tiny, "model_type": family}
+    masked = framework.load_model(config, backend="eager", attn_implementation="sdpa", seed=5).eval()
+    varlen = framework.load_model(config, backend="eager", attn_implementation="varlen", seed=5).eval()
+    ids = batch(bsz=2, seq=12, pad_right=False)[0]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ([5, 3, 4], [7, 5])])
+    with torch.no_grad():
+        want, got = masked(ids, position_ids=pos).logits, varlen(ids, position_ids=pos).logits
+        whole_rows = masked(ids).logits  # what attending across documents would give
+    assert rel_err(got, want) <= TOL
+    assert rel_err(whole_rows, want) > 1e-3
