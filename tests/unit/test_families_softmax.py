@@ -399,3 +399,19 @@ def test_family_attention_passes_document_boundaries_to_varlen(family, monkeypat
         whole_rows = masked(ids).logits  # what attending across documents would give
     assert rel_err(got, want) <= TOL
     assert rel_err(whole_rows, want) > 1e-3
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_recompute_and_chunked_loss_keep_the_gradients(family):
+    """Activation checkpointing (whole layers, the MoE half with Qwen2-MoE's shared expert inside, the attention half)
+    and the chunked LM-head loss give the plain model's loss and gradients."""
+    config = {**CASES[family].tiny, "model_type": family}
+    ids, mask, labels = batch(pad_right=True)
+    plain = framework.load_model(config, backend="eager", seed=7)
+    want, want_grads = forward_backward(plain, False, ids, mask, labels)
+    for options in ({"activation_checkpointing": True}, {"activation_checkpointing": "moe"},
+                    {"activation_checkpointing": "attention", "loss_chunk_tokens": 8}):
+        model = framework.load_model(config, backend="eager", seed=7, **options)
+        got, grads = forward_backward(model, False, ids, mask, labels)
+        assert rel_err(got.loss, want.loss) <= TOL, options
+        assert_gradients_match(grads, want_grads)
