@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny Qwen3-MoE config (and a tiny Mixtral run config) and comparison helpers."""
+"""Shared test fixtures: a tiny Qwen3-MoE config (and tiny Mixtral, Qwen2-MoE and OLMoE run configs) and comparison
+helpers."""
 
 from __future__ import annotations
 
@@ -74,14 +75,47 @@ TINY_MIXTRAL_RUN = dict(model_type="mixtral", vocab_size=4096, hidden_size=32, i
                         max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def write_mixtral_run_yaml(path: str, **hf_overrides) -> str:
-    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny Mixtral; returns `path`."""
+# the same widths as Qwen2-MoE fields: the middle layer dense, plus a shared expert (H != its width != 2 x 24)
+TINY_QWEN2_MOE_RUN = dict(model_type="qwen2_moe", vocab_size=4096, hidden_size=32, intermediate_size=40,
+                          moe_intermediate_size=24, shared_expert_intermediate_size=56, num_hidden_layers=3,
+                          mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                          num_experts_per_tok=2, router_aux_loss_coef=0.02, max_position_embeddings=256,
+                          tie_word_embeddings=False)
+
+# ... and as OLMoE fields (every layer MoE, experts intermediate_size wide; clip_qkv as the released checkpoints
+# leave it, null)
+TINY_OLMOE_RUN = dict(model_type="olmoe", vocab_size=4096, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                      router_aux_loss_coef=0.02, max_position_embeddings=256, tie_word_embeddings=False,
+                      pad_token_id=1, eos_token_id=2)
+
+RUN_HF_CONFIGS = {"mixtral": TINY_MIXTRAL_RUN, "qwen2_moe": TINY_QWEN2_MOE_RUN, "olmoe": TINY_OLMOE_RUN}
+
+
+def write_family_run_yaml(path: str, family: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by the tiny model of `family` (a RUN_HF_CONFIGS key);
+    returns `path`."""
     import yaml  # noqa: PLC0415
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(repo, "model_configs", "tiny.yaml")) as f:
         run = yaml.safe_load(f)
-    run["model"]["hf_config"] = {**TINY_MIXTRAL_RUN, **hf_overrides}
+    run["model"]["hf_config"] = {**RUN_HF_CONFIGS[family], **hf_overrides}
     with open(path, "w") as f:
         yaml.safe_dump(run, f)
     return path
+
+
+def write_mixtral_run_yaml(path: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny Mixtral; returns `path`."""
+    return write_family_run_yaml(path, "mixtral", **hf_overrides)
+
+
+def write_qwen2_moe_run_yaml(path: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny Qwen2-MoE; returns `path`."""
+    return write_family_run_yaml(path, "qwen2_moe", **hf_overrides)
+
+
+def write_olmoe_run_yaml(path: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny OLMoE; returns `path`."""
+    return write_family_run_yaml(path, "olmoe", **hf_overrides)

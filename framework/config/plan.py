@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # checkpoint config.json fields whose change makes the saved tensors unusable
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_local_experts",
-              "mlp_only_layers",
+              "mlp_only_layers", "shared_expert_intermediate_size", "qkv_bias", "attention_bias",
               "decoder_sparse_step", "tie_word_embeddings")
 # keys that keep shapes but change the run's meaning; data-order keys restart the data when allowed
 DATA_ORDER_KEYS = ("data.paths", "data.text_field", "data.use_demo_corpus", "data.synthetic", "data.shuffle",
@@ -96,7 +96,7 @@ def _model_source(cfg: RunConfig) -> str | dict:
     raw = family_for(source).load_config(source).to_dict()
     if cfg.model.num_layers is not None:
         raw["num_hidden_layers"] = cfg.model.num_layers
-        if "mlp_only_layers" in raw:  # Qwen3-MoE only: Mixtral has no dense layers, so no such field
+        if "mlp_only_layers" in raw:  # Qwen3-MoE, Qwen2-MoE: Mixtral and OLMoE have no dense layers
             raw["mlp_only_layers"] = [i for i in raw["mlp_only_layers"] or [] if i < cfg.model.num_layers]
         if "layer_types" in raw:
             raw["layer_types"] = raw["layer_types"][:cfg.model.num_layers]

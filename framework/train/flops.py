@@ -2,10 +2,11 @@
 
 Formula (the one Megatron and DeepSpeed's anchors use, so our figures compare with theirs): a training token costs
 6 x the matmul parameters it touches (forward 2, backward 4): per layer the attention projections q/k/v/o, and in MoE
-layers the top-k experts' three SwiGLU matrices plus the router (dense layers: their MLP); then the LM head; plus causal
-attention 6 x S x (heads x head_dim) per layer (QK^T and AV, 2 S d each forward, halved by causality, x3 for
-training). Packed documents are counted as if each row were one causal sequence, like the anchors. Embedding lookups,
-norms and activations are not counted. MFU = achieved model FLOP/s / the GPU's dense bf16 peak.
+layers the top-k experts' three SwiGLU matrices, the router and any shared experts with their gate (Qwen2-MoE; dense
+layers: their MLP); then the LM head; plus causal attention 6 x S x (heads x head_dim) per layer (QK^T and AV, 2 S d
+each forward, halved by causality, x3 for training). Packed documents are counted as if each row were one causal
+sequence, like the anchors. Embedding lookups, norms and activations are not counted.
+MFU = achieved model FLOP/s / the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
         matmul_params += h * qd + 2 * h * kvd + qd * h
         if arch.is_moe_layer(config, layer):
             matmul_params += top_k * 3 * h * expert_width + h * num_experts
+            if arch.shared_expert_params is not None:
+                matmul_params += arch.shared_expert_params(config)
         else:
             matmul_params += 3 * h * config.intermediate_size
     return 6.0 * matmul_params + 6.0 * config.num_hidden_layers * seq_len * qd
