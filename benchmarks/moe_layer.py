@@ -1,11 +1,13 @@
-"""One Qwen3-30B-A3B MoE layer, bf16, forward+backward, on one GPU: our backends against the stock alternatives.
+"""One MoE layer, bf16, forward+backward, on one GPU: our backends against the stock alternatives.
 
     python benchmarks/moe_layer.py [--tokens 4096 16384 65536] [--iters 20] [--out results.json]
+    python benchmarks/moe_layer.py --config model_configs/mixtral-8x7b.yaml   # any family, at its real width
 
-FLOPs per step = 18 * T * k * H * I (three expert GEMMs; forward, input grad, weight grad). Measured in the same run:
-the dense bf16 matmul ceiling (a large square GEMM), the stock transformers 5 Qwen3MoeSparseMoeBlock with
-experts_implementation="grouped_mm", and stock MegaBlocks dMoE (its own router and GroupedGLU). Times are medians of
-CUDA-event timings after warm-up.
+FLOPs per step = 18 * T * k * H * I (three expert GEMMs; forward, input grad, weight grad), plus 6 * T * the block's
+other matmul parameters (router, shared experts). Measured in the same run: the dense bf16 matmul ceiling (a large
+square GEMM), the stock transformers 5 MoE block of the same family with experts_implementation="grouped_mm", and
+(Qwen3-30B-A3B shape only, the default) stock MegaBlocks dMoE (its own router and GroupedGLU). Times are medians of
+CUDA-event timings after warm-up. Without --config: one Qwen3-30B-A3B layer.
 """
 
 from __future__ import annotations
@@ -77,6 +79,48 @@ def stock_transformers():
     return init_(Qwen3MoeSparseMoeBlock(cfg).cuda().bfloat16())
 
 
+def family_blocks(config_yaml: str):
+    """(our block builder per backend, the stock block builder, (H, I, E, K), extra matmul params) for the first MoE
+    layer of the model a run YAML describes (model.hf_config or model.path's config.json), whatever its family."""
+    import sys  # noqa: PLC0415
+
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+    from framework.config.load import load_run_config  # noqa: PLC0415
+    from framework.config.plan import resolve_model  # noqa: PLC0415
+    from framework.models.decoder import DecoderLayer  # noqa: PLC0415
+    from framework.models.options import ModelOptions  # noqa: PLC0415
+    from framework.models.registry import architecture_for, moe_shape  # noqa: PLC0415
+
+    cfg = load_run_config(config_yaml, [])
+    _, config = resolve_model(cfg)
+    config._attn_implementation = "sdpa"
+    arch = architecture_for(config)
+    layer = next(i for i in range(config.num_hidden_layers) if arch.is_moe_layer(config, i))
+    inter, experts, top_k, _ = moe_shape(config)
+
+    def ours_block(backend: str):
+        with torch.device("cuda"):
+            block = DecoderLayer(config, layer, ModelOptions(backend=backend), arch).mlp
+        return init_(block.bfloat16())
+
+    def stock_block(experts_implementation: str = "grouped_mm"):
+        fields = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+        stock_config = AutoConfig.for_model(config.model_type, **fields)
+        stock_config._experts_implementation = experts_implementation
+        stock_config._attn_implementation = "sdpa"
+        module = sys.modules[AutoModelForCausalLM._model_mapping[type(stock_config)].__module__]
+        layer_cls = next(v for k, v in vars(module).items() if k.endswith("DecoderLayer") and isinstance(v, type))
+        with torch.device("cuda"):
+            block = layer_cls(stock_config, layer).mlp
+        return init_(block.bfloat16())
+
+    with torch.device("meta"):
+        probe = DecoderLayer(config, layer, ModelOptions(backend="eager"), arch).mlp
+    extra = sum(p.numel() for n, p in probe.named_parameters() if not n.startswith("experts."))
+    return ours_block, stock_block, (config.hidden_size, inter, experts, top_k), extra
+
+
 def stock_megablocks():
     from megablocks.layers.arguments import Arguments
     from megablocks.layers.dmoe import dMoE
@@ -111,19 +155,27 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["grouped_mm", "megablocks"])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", type=int, default=0, help="print this many top kernels (device time) per row")
+    parser.add_argument("--config", help="run YAML of the model whose first MoE layer to time (default: Qwen3-30B-A3B)")
     args = parser.parse_args()
 
     ceiling = matmul_ceiling_tflops(args.iters)
     mb_missing = megablocks_import_error()
-    impls = {f"ours:{b}": (lambda b=b: ours(b), lambda o: o[0]) for b in args.backends
-             if not (b == "megablocks" and mb_missing)}
-    impls["transformers-5 grouped_mm block"] = (stock_transformers, lambda o: o)
-    if not mb_missing:
-        impls["megablocks dMoE"] = (stock_megablocks, lambda o: o)
+    backends = [b for b in args.backends if not (b == "megablocks" and mb_missing)]
+    if args.config:
+        ours_block, stock_block, (h, i, e, k), extra = family_blocks(args.config)
+        impls = {f"ours:{b}": (lambda b=b: ours_block(b), lambda o: o[0]) for b in backends}
+        impls["transformers-5 grouped_mm block"] = (stock_block, _first_output)
+    else:
+        (h, i, e, k), extra = (H, I, E, K), H * E
+        impls = {f"ours:{b}": (lambda b=b: ours(b), lambda o: o[0]) for b in backends}
+        impls["transformers-5 grouped_mm block"] = (stock_transformers, _first_output)
+        if not mb_missing:
+            impls["megablocks dMoE"] = (stock_megablocks, lambda o: o)
+    print(f"H={h} I={i} E={e} K={k}; other matmul parameters in the block (router, shared experts): {extra:,}")
     rows = []
     for tokens in args.tokens:
-        flops = 18 * tokens * K * H * I
-        x = torch.randn(1, tokens, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        flops = 18 * tokens * k * h * i + 6 * tokens * extra
+        x = torch.randn(1, tokens, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
         for name, (build, unpack) in impls.items():
             module = build()
@@ -138,7 +190,7 @@ def main() -> None:
             if r["tokens"] == tokens:
                 r["ceiling_ms"] = flops / ceiling / 1e9
     device = torch.cuda.get_device_name()
-    print(f"\n{device}; dense bf16 matmul ceiling {ceiling:.0f} TFLOP/s; FLOPs = 18*T*k*H*I; "
+    print(f"\n{device}; dense bf16 matmul ceiling {ceiling:.0f} TFLOP/s; FLOPs = 18*T*k*H*I + 6*T*other; "
           f"megablocks: {'ok' if not mb_missing else mb_missing}")
     print(f"{'T':>6} {'impl':<34} {'ms':>8} {'TFLOP/s':>8} {'%ceil':>6} {'vs dMoE':>8} {'vs HF':>6}")
     for r in rows:
@@ -150,6 +202,11 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "ceiling_tflops": ceiling, "rows": rows}, f, indent=1)
+
+
+def _first_output(out):
+    """transformers' MoE blocks return the hidden states (some versions a tuple with router logits)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny Qwen3-MoE config (and a tiny Mixtral run config) and comparison helpers."""
+"""Shared test fixtures: a tiny Qwen3-MoE config (and tiny Mixtral, Qwen2-MoE and OLMoE run configs) and comparison
+helpers."""
 
 from __future__ import annotations
 
@@ -74,18 +75,36 @@ TINY_MIXTRAL_RUN = dict(model_type="mixtral", vocab_size=4096, hidden_size=32, i
                         max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def write_mixtral_run_yaml(path: str, **hf_overrides) -> str:
-    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny Mixtral; returns `path`."""
-    return write_run_yaml(path, {**TINY_MIXTRAL_RUN, **hf_overrides})
+# the same widths as Qwen2-MoE fields: the middle layer dense, plus a shared expert (H != its width != 2 x 24)
+TINY_QWEN2_MOE_RUN = dict(model_type="qwen2_moe", vocab_size=4096, hidden_size=32, intermediate_size=40,
+                          moe_intermediate_size=24, shared_expert_intermediate_size=56, num_hidden_layers=3,
+                          mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                          num_experts_per_tok=2, router_aux_loss_coef=0.02, max_position_embeddings=256,
+                          tie_word_embeddings=False)
 
+# ... and as OLMoE fields (every layer MoE, experts intermediate_size wide; clip_qkv as the released checkpoints
+# leave it, null)
+TINY_OLMOE_RUN = dict(model_type="olmoe", vocab_size=4096, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                      router_aux_loss_coef=0.02, max_position_embeddings=256, tie_word_embeddings=False,
+                      pad_token_id=1, eos_token_id=2)
 
-# model_configs/tiny.yaml's widths as DeepSeek-V3 fields: MLA (qk 8 + 8, v 8), layer 0 dense, 8 experts in 4 groups
+# ... and as DeepSeek-V3 fields: MLA (qk 8 + 8, v 8, no q_lora_rank), layer 0 dense, 8 experts in 4 groups, top-2
 TINY_DEEPSEEK_RUN = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=32, intermediate_size=40,
                          moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                          n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
                          first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16,
                          q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                          max_position_embeddings=256, tie_word_embeddings=False)
+
+RUN_HF_CONFIGS = {"mixtral": TINY_MIXTRAL_RUN, "qwen2_moe": TINY_QWEN2_MOE_RUN, "olmoe": TINY_OLMOE_RUN,
+                  "deepseek_v3": TINY_DEEPSEEK_RUN}
+
+
+def write_family_run_yaml(path: str, family: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by the tiny model of `family` (a RUN_HF_CONFIGS key);
+    returns `path`."""
+    return write_run_yaml(path, {**RUN_HF_CONFIGS[family], **hf_overrides})
 
 
 def write_run_yaml(path: str, hf_config: dict, **model_overrides) -> str:
@@ -101,3 +120,18 @@ def write_run_yaml(path: str, hf_config: dict, **model_overrides) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(run, f)
     return path
+
+
+def write_mixtral_run_yaml(path: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny Mixtral; returns `path`."""
+    return write_family_run_yaml(path, "mixtral", **hf_overrides)
+
+
+def write_qwen2_moe_run_yaml(path: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny Qwen2-MoE; returns `path`."""
+    return write_family_run_yaml(path, "qwen2_moe", **hf_overrides)
+
+
+def write_olmoe_run_yaml(path: str, **hf_overrides) -> str:
+    """model_configs/tiny.yaml with its model.hf_config replaced by a tiny OLMoE; returns `path`."""
+    return write_family_run_yaml(path, "olmoe", **hf_overrides)

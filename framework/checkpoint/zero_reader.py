@@ -10,6 +10,8 @@ per-rank optimizer state files, whatever the ZeRO stage (1, 2, 3) and expert-par
   are stacked in expert order into [E, ...].
 Rank files are memory-mapped (`torch.load(mmap=True, weights_only=True)`): only the slices read are paged in, and
 `release()` unmaps them, so a caller going layer by layer keeps its memory near one layer.
+`read_range` returns one flat range of a full parameter (its fp32 master or an Adam moment) from the partitions that
+overlap it: the elastic resume (framework/zero/reshard.py) has each new rank read only the range it will hold.
 DeepSpeed's `zero_to_fp32.py` cannot do this: it assumes one partition count for every parameter.
 """
 

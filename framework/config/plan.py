@@ -31,6 +31,7 @@ import yaml
 
 from framework.config.load import ConfigError
 from framework.config.schema import RunConfig, TrainSection
+from framework.train.checkpoint_integrity import DATA_STATE_NAME
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 # checkpoint config.json fields whose change makes the saved tensors unusable
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_local_experts",
-              "mlp_only_layers",
+              "mlp_only_layers", "shared_expert_intermediate_size", "qkv_bias", "attention_bias",
               "decoder_sparse_step", "tie_word_embeddings")
 # keys that keep shapes but change the run's meaning; data-order keys restart the data when allowed
 DATA_ORDER_KEYS = ("data.paths", "data.text_field", "data.use_demo_corpus", "data.synthetic", "data.shuffle",
@@ -53,6 +54,8 @@ class ResumePoint:
     tag: str
     run_config: dict[str, Any]  # the saved run_config.yaml
     meta: dict[str, Any]  # the engine's meta.json (world_size, ep_size, zero_stage, dtype)
+    # the data position (framework/data/samples.py StepBatchLoader.global_state); None: the checkpoint has none
+    data_state: dict[str, Any] | None = None
 
     @property
     def path(self) -> str:
@@ -93,7 +96,7 @@ def _model_source(cfg: RunConfig) -> str | dict:
     raw = family_for(source).load_config(source).to_dict()
     if cfg.model.num_layers is not None:
         raw["num_hidden_layers"] = cfg.model.num_layers
-        if "mlp_only_layers" in raw:  # Qwen3-MoE only: Mixtral has no dense layers, so no such field
+        if "mlp_only_layers" in raw:  # Qwen3-MoE, Qwen2-MoE: Mixtral and OLMoE have no dense layers
             raw["mlp_only_layers"] = [i for i in raw["mlp_only_layers"] or [] if i < cfg.model.num_layers]
         if "layer_types" in raw:
             raw["layer_types"] = raw["layer_types"][:cfg.model.num_layers]
@@ -237,13 +240,17 @@ def read_resume_point(root: str, tag: str) -> ResumePoint:
     from framework.checkpoint.zero_reader import read_meta  # noqa: PLC0415
 
     tag_dir = os.path.join(root, tag)
+    data_state = None
     try:
         meta = read_meta(tag_dir)
         with open(os.path.join(tag_dir, "run_config.yaml")) as f:
             run_config = yaml.safe_load(f) or {}
+        if os.path.exists(os.path.join(tag_dir, DATA_STATE_NAME)):
+            with open(os.path.join(tag_dir, DATA_STATE_NAME)) as f:
+                data_state = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"resume: {tag_dir}: cannot read the checkpoint ({e})") from None
-    return ResumePoint(root, tag, run_config, meta)
+    return ResumePoint(root, tag, run_config, meta, data_state)
 
 
 def _checkpoint_model(point: ResumePoint) -> dict[str, Any]:
@@ -352,5 +359,9 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
         if restart_data:
             notes.append("resume: the data changed (allowed by train.allow_resume_changes): it starts from its "
                          "beginning")
+        elif point.data_state is None:
+            raise ConfigError(f"resume: {os.path.join(point.path, DATA_STATE_NAME)} is missing: the checkpoint was "
+                              "written before the world-size-independent data order; start a new run from its "
+                              "export (tools/ds_to_hf.py)")
     return RunPlan(cfg, world_size, gas, source, hf_config, dtype, tokenizer_dir(cfg), point, restart_data, notes,
                    warnings)

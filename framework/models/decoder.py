@@ -77,9 +77,11 @@ class Architecture:
     moe_block: Callable[[PretrainedConfig, ModelOptions], MoEBlock] | None = None
     # the attention implementations its attention module computes correctly with (attention.py SUPPORTED_ATTENTION)
     attention_implementations: tuple[str, ...] = SUPPORTED_ATTENTION
+    # its attention's projections and score widths, for the FLOPs count (framework/train/flops.py)
     attention_shape: Callable[[PretrainedConfig], AttentionShape] = grouped_query_shape
-    # FFN width of the shared experts every token of a MoE layer also runs through (0: none)
-    shared_expert_width: Callable[[PretrainedConfig], int] = lambda config: 0
+    # matmul parameters every token of a MoE layer passes through besides the routed experts and the router (shared
+    # experts and their gates), for the FLOPs count (framework/train/flops.py); None: the family has none
+    shared_expert_params: Callable[[PretrainedConfig], int] | None = None
     # its routers select experts on scores + a bias buffer (e_score_correction_bias) that auxiliary-loss-free
     # balancing moves (ModelOptions.router_bias_update_rate)
     router_selection_bias: bool = False

@@ -36,7 +36,8 @@ def load_model(path_or_config: str | dict | PretrainedConfig, backend: str = "au
                aux_loss_scope: str = "pooled", activation_checkpointing: bool | str = False,
                loss_chunk_tokens: int = 0, placement: ExpertPlacement = LOCAL,
                router_bias_update_rate: float = 0.0) -> MoECausalLM:
-    """A causal LM on our MoE layer, of the family config.json's model_type names (qwen3_moe, mixtral, deepseek_v3).
+    """A causal LM on our MoE layer, of the family config.json's model_type names (qwen3_moe, mixtral, qwen2_moe,
+    olmoe, deepseek_v3).
 
     `path_or_config`: an HF checkpoint directory (per-expert, fused or stacked expert layout), a directory or path of a
     config.json, a config dict or a transformers config (the last three: random initialisation with `seed`).

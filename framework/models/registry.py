@@ -16,6 +16,10 @@ from framework.models.family import Family, read_raw_config
 from framework.models.mixtral.checkpoint import mixtral_checkpoint_key, mixtral_hub_key
 from framework.models.mixtral.config import load_mixtral_config
 from framework.models.mixtral.model import MixtralCausalLM
+from framework.models.olmoe.config import load_olmoe_config
+from framework.models.olmoe.model import OlmoeCausalLM
+from framework.models.qwen2_moe.config import load_qwen2_moe_config
+from framework.models.qwen2_moe.model import Qwen2MoeCausalLM
 from framework.models.qwen3_moe.config import load_hf_config
 from framework.models.decoder import Architecture
 from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
@@ -24,6 +28,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", load_hf_config, Qwen3MoeCausalLM, "Qwen3MoeForCausalLM"),
     "mixtral": Family("mixtral", load_mixtral_config, MixtralCausalLM, "MixtralForCausalLM", mixtral_checkpoint_key,
                       mixtral_hub_key),
+    # hub checkpoints of both use transformers 5's per-expert names (conversion_mapping.py "qwen2_moe", which olmoe
+    # shares): no key maps
+    "qwen2_moe": Family("qwen2_moe", load_qwen2_moe_config, Qwen2MoeCausalLM, "Qwen2MoeForCausalLM"),
+    "olmoe": Family("olmoe", load_olmoe_config, OlmoeCausalLM, "OlmoeForCausalLM"),
     "deepseek_v3": Family("deepseek_v3", load_deepseek_v3_config, DeepseekV3CausalLM, "DeepseekV3ForCausalLM",
                           ignored_key=is_mtp_key),
 }
@@ -50,8 +58,8 @@ def architecture_for(config: PretrainedConfig) -> Architecture:
 
 def moe_shape(config: PretrainedConfig) -> tuple[int, int, int, bool]:
     """(expert FFN width, experts, top-k, renormalise) under the family's own field names (Mixtral:
-    intermediate_size / num_local_experts; Qwen3-MoE: moe_intermediate_size / num_experts; DeepSeek-V3:
-    moe_intermediate_size / n_routed_experts)."""
+    intermediate_size / num_local_experts; OLMoE: intermediate_size / num_experts; Qwen3-MoE, Qwen2-MoE:
+    moe_intermediate_size / num_experts; DeepSeek-V3: moe_intermediate_size / n_routed_experts)."""
     return architecture_for(config).moe_shape(config)
 
 

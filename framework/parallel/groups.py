@@ -34,7 +34,9 @@ def init_parallel_groups(ep_size: int, num_experts: int) -> ParallelGroups:
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call deepspeed.init_distributed() first")
     if not deepspeed.comm.is_initialized():  # a plain torch process group: DeepSpeed's groups API needs its wrapper
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        from framework.cluster.process_group import init_deepspeed_distributed  # noqa: PLC0415
+
+        init_deepspeed_distributed(dist.get_backend())
     from framework.config.plan import check_parallel  # noqa: PLC0415
 
     check_parallel(ep_size, dist.get_world_size(), num_experts)

@@ -25,6 +25,7 @@ from framework.train.errors import CheckpointError
 
 MANIFEST_NAME = "manifest.json"
 META_NAME = "meta.json"  # framework/checkpoint/zero_reader.py: written last by the engine save
+DATA_STATE_NAME = "data_state.json"  # the run's data position (framework/data/samples.py), in every checkpoint
 TAG_RE = re.compile(r"^step_(\d{8})$")
 SAMPLE_BYTES = 1 << 20
 MANIFEST_VERSION = 1

@@ -22,11 +22,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from framework.cluster.process_group import init_deepspeed_distributed
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
 from framework.config.plan import RunPlan
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
 from framework.models.registry import moe_shape
+from framework.train.checkpoint_integrity import DATA_STATE_NAME
 from framework.train.checkpointing import (CheckpointManager, estimate_checkpoint_bytes, latest_tag, rng_state,
                                           set_rng_state)
 from framework.train.errors import NonFiniteLoss
@@ -34,7 +36,6 @@ from framework.train.flops import flops_per_token, peak_tflops
 from framework.train.metrics import MetricsWriter, WindowMeter, peak_memory_gb
 from framework.train.schedule import LRSchedule
 
-DATA_STATE_NAME = "data_state.json"  # the run's data position (framework/data/samples.py), in every checkpoint
 
 
 @dataclass
@@ -48,8 +49,6 @@ class Runtime:
 def init_distributed() -> Runtime:
     """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU. A plain `python launch/pretrain.py` (no
     launcher) runs as a world of one."""
-    import deepspeed  # noqa: PLC0415
-
     # DeepSpeed calls collectives that newer torch marks deprecated, once per step: noise, not news, in a training log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:
@@ -59,10 +58,10 @@ def init_distributed() -> Runtime:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        deepspeed.init_distributed(dist_backend="nccl")
+        init_deepspeed_distributed("nccl")
     else:
         device = torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_deepspeed_distributed("gloo")
     return Runtime(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
@@ -126,7 +125,8 @@ class Trainer:
         if len(self.tokenizer) > hf_config.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(self.tokenizer)} tokens but the model's "
                               f"vocab_size is {hf_config.vocab_size}; raise model vocab_size or use another tokenizer")
-        self.data_state = self._saved_data_state()
+        # the checkpoint's data position (the plan read it); None: a fresh run, or a resume whose data changed
+        self.data_state = None if plan.resume is None or plan.restart_data else plan.resume.data_state
         self.loader = self._train_loader(paths, cache_dir, hf_config.vocab_size)
         self.eval_loader = None
         if cfg.data.eval_paths:
@@ -172,18 +172,6 @@ class Trainer:
         # metrics.jsonl never mixes runs: any record after the step this run starts from is another run's
         self.metrics = MetricsWriter(self.output_dir, rt.rank == 0, cfg.train.tensorboard,
                                      self.step if plan.resume is not None or cfg.train.resume else None)
-
-    def _saved_data_state(self) -> dict | None:
-        """The checkpoint's data position (None: a fresh run, or a resume whose data changed)."""
-        if self.plan.resume is None or self.plan.restart_data:
-            return None
-        path = os.path.join(self.plan.resume.path, DATA_STATE_NAME)
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"resume: {path} is missing: the checkpoint was written before the world-size-"
-                              "independent data order; start a new run from its export (tools/ds_to_hf.py)") from None
 
     def _train_loader(self, paths: list[str], cache_dir: str, vocab_size: int) -> StepBatchLoader:
         cfg, rt = self.cfg, self.rt

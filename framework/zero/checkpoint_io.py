@@ -2,7 +2,9 @@
 
 Owns: `save_engine_checkpoint` / `load_engine_checkpoint` (collective: every rank calls them) and the tag directory's
 `meta.json`, the description of the layout that lets `framework/checkpoint/zero_reader.py` rebuild every full fp32
-parameter offline from the optimizer state files alone.
+parameter offline from the optimizer state files alone. A load at the saved topology goes through DeepSpeed's own
+load (below); at another world size, ep_size or ZeRO stage it goes through framework/zero/reshard.py, which reads
+each rank's new ranges out of the saved partitions with that reader.
 
 What DeepSpeed 0.19.8 does for us and what it does not (deepspeed/runtime/engine.py):
 - ZeRO-3: expert parameters carry AutoEP's per-parameter partition group (EDP), so `engine.save_checkpoint` writes one

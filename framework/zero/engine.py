@@ -89,7 +89,8 @@ def _as_deepspeed_moe(model: nn.Module, groups: ParallelGroups) -> None:
     from deepspeed.moe.layer import MoE as DeepSpeedMoE  # noqa: PLC0415
 
     for block in (m for m in model.modules() if isinstance(m, MoEBlock)):
-        block.__class__ = type("DeepSpeedMoEBlock", (MoEBlock, DeepSpeedMoE),
+        # the block's own class first: a family's subclass (Qwen2-MoE's shared expert) keeps its shared_output
+        block.__class__ = type("DeepSpeedMoEBlock", (type(block), DeepSpeedMoE),
                                {"set_deepspeed_parallelism": lambda self, *a, **k: None})
         block.ep_size = groups.ep_size
         block.num_local_experts = block.num_experts // groups.ep_size

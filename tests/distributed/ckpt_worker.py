@@ -29,6 +29,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
 import framework  # noqa: E402
+from framework.cluster.process_group import init_deepspeed_distributed  # noqa: E402
 from framework.parallel.expert_parallel import expert_placement  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.checkpoint_io import load_engine_checkpoint, save_engine_checkpoint  # noqa: E402
@@ -222,7 +223,7 @@ def main() -> None:
 
 
 def run(out_dir: str, phase: str, cases: list[str]) -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_distributed("gloo")
     if phase not in ("train", "resume", "both"):
         raise SystemExit(f"unknown phase {phase}")
     if phase in ("train", "both"):

@@ -22,6 +22,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 import framework  # noqa: E402
+from framework.cluster.process_group import init_deepspeed_distributed  # noqa: E402
 from framework.parallel.expert_parallel import expert_placement, gather_full_experts  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
@@ -76,7 +77,7 @@ def run(stage: int, ep: int, out_dir: str, tied: bool = False) -> None:
 def main() -> None:
     out_dir, ep, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     tied = "tied" in rest
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_distributed("gloo")
     for stage in (int(s) for s in rest if s != "tied"):
         run(stage, ep, out_dir, tied)
     dist.barrier()

@@ -1,7 +1,12 @@
-"""launch/pretrain.py with a Mixtral or DeepSeek-V3 model.hf_config on CPU: the exported directory is the stock
-transformers model (strict load) with the logits of framework.load_model, EP=2 over two processes trains the same
-losses as one process, and a run resumes at another ep_size. DeepSeek-V3 runs with auxiliary-loss-free balancing on,
-so its routers' selection biases move every step and must be the same on every rank, saved, restored and exported."""
+"""launch/pretrain.py with a Mixtral, Qwen2-MoE, OLMoE or DeepSeek-V3 model.hf_config on CPU: the exported directory
+is the family's stock transformers model (strict load) with the logits of framework.load_model, EP=2 over two
+processes trains the same losses as one process, and a run saved by one process resumes with EP=2.
+
+Runtime (~40 s a run) keeps the matrix small: export and EP=2 for every family (Qwen2-MoE's EP=2 under ZeRO-2,
+where MoE blocks are re-classed as DeepSpeed MoE layers and its shared expert must survive that), resume for Mixtral
+and Qwen2-MoE (whose shared expert adds dense parameters inside the MoE block to the resharding load). DeepSeek-V3
+runs with auxiliary-loss-free balancing on, so its routers' selection biases move every step and must be the same on
+every rank, saved, restored and exported; one 4-step run serves its three checks."""
 
 from __future__ import annotations
 
@@ -14,15 +19,17 @@ import torch
 
 from tests.distributed.launch import free_port, run_workers
 from tests.distributed.test_pretrain import REPO, corpus, run, train_records  # noqa: F401 (corpus is a fixture)
-from tests.helpers import TINY_DEEPSEEK_RUN, read_safetensors_dir, write_mixtral_run_yaml, write_run_yaml
+from tests.helpers import TINY_DEEPSEEK_RUN, read_safetensors_dir, write_family_run_yaml, write_run_yaml
 
 pytestmark = pytest.mark.slow
 STEPS = 3
+STOCK_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 
-def _train(tmp_path, train: str, name: str, ep_size: int = 1, steps: int = STEPS, extra: tuple = (),
-           config: str | None = None) -> str:
-    config = config or write_mixtral_run_yaml(str(tmp_path / "mixtral.yaml"))
+def _train(tmp_path, train: str, name: str, family: str = "mixtral", ep_size: int = 1, steps: int = STEPS,
+           extra: tuple = (), config: str | None = None) -> str:
+    """`config`: a run YAML of its own (default: model_configs/tiny.yaml with the family's tiny model)."""
+    config = config or write_family_run_yaml(str(tmp_path / f"{family}.yaml"), family)
     out = str(tmp_path / name)
     launcher = None
     if ep_size > 1:
@@ -34,17 +41,19 @@ def _train(tmp_path, train: str, name: str, ep_size: int = 1, steps: int = STEPS
     return out
 
 
-def test_mixtral_trains_and_exports_a_stock_model(tmp_path, corpus):  # noqa: F811
-    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+@pytest.mark.parametrize("family", list(STOCK_CLASSES))
+def test_family_trains_and_exports_a_stock_model(tmp_path, corpus, family):  # noqa: F811
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     import framework
 
-    out = _train(tmp_path, corpus[0], "one")
+    out = _train(tmp_path, corpus[0], "one", family)
     assert sorted(train_records(out)) == list(range(1, STEPS + 1))
     hf = os.path.join(out, "hf")
     stock, info = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager",
                                                        output_loading_info=True)
-    assert isinstance(stock, MixtralForCausalLM)
+    assert isinstance(stock, getattr(transformers, STOCK_CLASSES[family]))
     assert not any(info.values()), info  # strict: no missing, unexpected or mismatched tensors
     ours = framework.load_model(hf, backend="eager", dtype=torch.float32, attn_implementation="eager").eval()
     ids = torch.randint(0, stock.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -53,20 +62,23 @@ def test_mixtral_trains_and_exports_a_stock_model(tmp_path, corpus):  # noqa: F8
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
 
 
-def test_mixtral_ep2_matches_one_process(tmp_path, corpus):  # noqa: F811
-    one = train_records(_train(tmp_path, corpus[0], "one"))
-    two = train_records(_train(tmp_path, corpus[0], "ep2", ep_size=2))
+@pytest.mark.parametrize("family,zero_stage", [("mixtral", 3), ("qwen2_moe", 2), ("olmoe", 3)])
+def test_family_ep2_matches_one_process(tmp_path, corpus, family, zero_stage):  # noqa: F811
+    extra = (f"parallel.zero_stage={zero_stage}",)
+    one = train_records(_train(tmp_path, corpus[0], "one", family, extra=extra))
+    two = train_records(_train(tmp_path, corpus[0], "ep2", family, ep_size=2, extra=extra))
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
     for step in one:
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
 
 
-def test_mixtral_resumes_at_another_ep_size(tmp_path, corpus):  # noqa: F811
-    """Saved by one process, resumed by two with EP=2 (the resharding load with Mixtral's parameter names): steps
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_family_resumes_at_another_ep_size(tmp_path, corpus, family):  # noqa: F811
+    """Saved by one process, resumed by two with EP=2 (the resharding load with the family's parameter names): steps
     3-4 equal the uninterrupted run's."""
-    full = _train(tmp_path, corpus[0], "full", steps=4, extra=("train.save_steps=2",))
+    full = _train(tmp_path, corpus[0], "full", family, steps=4, extra=("train.save_steps=2",))
     step2 = os.path.join(full, "checkpoints", "step_00000002")
-    resumed = _train(tmp_path, corpus[0], "resumed", ep_size=2, steps=4, extra=("--resume", step2))
+    resumed = _train(tmp_path, corpus[0], "resumed", family, ep_size=2, steps=4, extra=("--resume", step2))
     want, got = train_records(full), train_records(resumed)
     assert sorted(got) == [3, 4]
     for step in (3, 4):

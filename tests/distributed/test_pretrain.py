@@ -4,6 +4,7 @@ transformers the same eval loss the training model measured, and tools/ds_to_hf.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from framework.cluster.process_group import SHM_DIR, SHM_PREFIX
 from tests.distributed.launch import free_port
 from tests.helpers import read_safetensors_dir
 
@@ -86,12 +88,18 @@ def test_ep2_zero3_export_matches_stock_transformers(tmp_path, corpus):
 
     train, evaluation = corpus
     out = tmp_path / "ep2"
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(29500 + os.getpid() % 1000)]
+    port = free_port()
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
     proc = run([f"data.paths=[{train}]", f"data.eval_paths=[{evaluation}]", "train.max_steps=4", "train.eval_steps=4",
                 "train.eval_batches=2", "train.save_steps=0", "parallel.ep_size=2", f"train.output_dir={out}"],
                launcher=launcher)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce workspace (~69 MB per rank in the RAM-backed /dev/shm) is gone with the run
+    # (framework/cluster/process_group.py); the names carry the run's master port. The op did run, so the check
+    # means something:
+    assert "shm_comm_op built successfully" in proc.stdout + proc.stderr
+    left = glob.glob(os.path.join(SHM_DIR, f"{SHM_PREFIX}_*_{port}_*"))
+    assert not left, left
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     eval_loss = [r for r in records if "eval_loss" in r][-1]["eval_loss"]
 

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import framework  # noqa: E402
+from framework.cluster.process_group import init_deepspeed_distributed  # noqa: E402
 from framework.parallel.expert_parallel import expert_placement  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
     out_dir, backend = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it first
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_deepspeed_distributed("nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
     # fp32 reference: the yardstick for how far bf16 alone moves the numbers (megablocks is bf16-only)
     run(3, 1, "grouped_mm", torch.float32, out_dir, "fp32_reference")

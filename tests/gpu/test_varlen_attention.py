@@ -20,14 +20,23 @@ pytestmark = pytest.mark.gpu
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=128, num_experts=8, num_experts_per_tok=2,
               norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False)
+# the same run through the other families' attention modules (transformers' Qwen2MoeAttention with q/k/v bias,
+# OlmoeAttention with its whole-width q/k norm and clip_qkv; OLMoE's head_dim is hidden / heads)
+CONFIGS = {
+    "qwen3_moe": CONFIG,
+    "qwen2_moe": {**CONFIG, "model_type": "qwen2_moe", "shared_expert_intermediate_size": 384, "mlp_only_layers": [],
+                  "norm_topk_prob": False},
+    "olmoe": {**{k: v for k, v in CONFIG.items() if k not in ("moe_intermediate_size", "head_dim")},
+              "model_type": "olmoe", "intermediate_size": 128, "clip_qkv": 4.0, "eos_token_id": 2},
+}
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def run(attn: str, dtype: torch.dtype, ids, pos):
-    model = framework.load_model(dict(CONFIG), backend="grouped_mm", attn_implementation=attn, dtype=dtype,
+def run(attn: str, dtype: torch.dtype, ids, pos, family: str = "qwen3_moe"):
+    model = framework.load_model(dict(CONFIGS[family]), backend="grouped_mm", attn_implementation=attn, dtype=dtype,
                                  device="cuda", seed=0)
     out = model(ids, labels=ids, position_ids=pos)
     out.loss.backward()
@@ -39,17 +48,18 @@ def skip_without_varlen() -> None:
         pytest.skip("torch.nn.attention.varlen is not available")
 
 
+@pytest.mark.parametrize("family", list(CONFIGS))
 @pytest.mark.parametrize("lengths", [[[300, 500, 224], [1024]], [[1024], [1024]]],
                          ids=["packed-flash-varlen", "one-document-per-row-dense-cudnn"])
-def test_varlen_matches_masked_sdpa(lengths):
+def test_varlen_matches_masked_sdpa(lengths, family):
     """Several documents in a row run flash varlen; rows of one document each run the dense causal kernels."""
     skip_without_varlen()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, CONFIG["vocab_size"], (2, 1024), generator=g).cuda()
     pos = torch.cat([torch.cat([torch.arange(n) for n in row]).unsqueeze(0) for row in lengths]).cuda()
-    ref_logits, ref_loss, ref_grads = run("sdpa", torch.float32, ids, pos)
-    sdpa_logits, sdpa_loss, sdpa_grads = run("sdpa", torch.bfloat16, ids, pos)
-    var_logits, var_loss, var_grads = run("varlen", torch.bfloat16, ids, pos)
+    ref_logits, ref_loss, ref_grads = run("sdpa", torch.float32, ids, pos, family)
+    sdpa_logits, sdpa_loss, sdpa_grads = run("sdpa", torch.bfloat16, ids, pos, family)
+    var_logits, var_loss, var_grads = run("varlen", torch.bfloat16, ids, pos, family)
     assert rel(var_logits, ref_logits) <= 2 * rel(sdpa_logits, ref_logits) + 1e-3
     assert abs(var_loss - ref_loss) <= 2 * abs(sdpa_loss - ref_loss) + 1e-3
     worst = max((rel(var_grads[n], g) - 2 * rel(sdpa_grads[n], g), n) for n, g in ref_grads.items())

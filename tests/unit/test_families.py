@@ -137,7 +137,7 @@ def test_unsupported_model_type_names_the_supported_ones():
     with pytest.raises(ValueError) as err:
         framework.load_model({"model_type": "llama", "hidden_size": 32})
     assert str(err.value) == ("config dict: model_type is 'llama', which is not supported; supported: "
-                              "qwen3_moe, mixtral, deepseek_v3")
+                              "qwen3_moe, mixtral, qwen2_moe, olmoe, deepseek_v3")
     assert "\n" not in str(err.value)
 
 

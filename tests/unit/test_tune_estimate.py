@@ -239,20 +239,22 @@ def test_real_width_layer_and_loss_on_gpu():
     layer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    y, _ = layer(h, rope, mask, None)
+    y, stats = layer(h, rope, mask, None)
     saved = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
     assert saved == pytest.approx(layer_saved(model_shape(cfg), 0, "sdpa", seq, 1) * seq, rel=0.05)
-    del y
+    # The router statistics carry autograd history back through the attention half: kept alive, they would hold
+    # this forward's activations into the next measurement, which then frees them (a negative "saved").
+    del y, stats
     # One half recomputed: the other half's activations, plus the checkpoint's input where it is a new tensor (the
     # residual before the MoE half; the attention half's input is the layer input, allocated before `base`).
     for recompute, want in (("moe", attention_saved(model_shape(cfg), "sdpa", seq) + 2 * H),
                             ("attention", mlp_saved(model_shape(cfg), 0, 1))):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-        y, _ = layer(h, rope, mask, None, recompute=recompute)
+        y, stats = layer(h, rope, mask, None, recompute=recompute)
         saved = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
         assert saved == pytest.approx(want * seq, rel=0.05), recompute
-        del y
+        del y, stats
     lm_head = torch.nn.Linear(H, V, bias=False, device=dev, dtype=torch.bfloat16)
     x = torch.randn(1, seq, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, V, (1, seq), device=dev)

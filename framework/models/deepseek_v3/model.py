@@ -65,7 +65,7 @@ DEEPSEEK_V3 = Architecture(
     experts_field="n_routed_experts", moe_block=DeepseekV3MoEBlock, attention_shape=mla_shape,
     # varlen too: the flash varlen path zero-pads MLA's narrower value heads (framework/models/attention.py)
     attention_implementations=("sdpa", "eager", "varlen"),
-    shared_expert_width=shared_expert_width, router_selection_bias=True)
+    shared_expert_params=lambda c: 3 * c.hidden_size * shared_expert_width(c), router_selection_bias=True)
 
 
 class DeepseekV3CausalLM(MoECausalLM):
