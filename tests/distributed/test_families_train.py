@@ -144,18 +144,30 @@ def test_deepseek_v3_trains_and_exports_a_stock_model(deepseek_run):
     assert all(torch.equal(live[k], again[k]) for k in live)
 
 
-def test_deepseek_v3_ep2_matches_one_process(deepseek_run, corpus):  # noqa: F811
-    """Same losses and the same final biases: the load is counted over the global batch, not per rank (a save at
-    step 2 also checks that both ranks hold the same biases)."""
+def test_deepseek_v3_ep2_matches_one_process_and_resumes_in_place(deepseek_run, corpus):  # noqa: F811
+    """EP=2 under ZeRO-2 (MoE blocks re-classed as DeepSpeed MoE layers, whose save and load DeepSpeed does itself at
+    the same topology) trains the losses and biases of the one-process ZeRO-3 run: the load is counted over the
+    global batch, not per rank (its saves also check that both ranks hold the same biases). Resumed from its own
+    step-2 checkpoint at the same topology, steps 3-4 and the biases come back the same."""
     tmp, one = deepseek_run
-    two = _train(tmp, corpus[0], "ep2", ep_size=2, steps=4, extra=("train.save_steps=2",),
-                 config=_deepseek_config(tmp))
+    config = _deepseek_config(tmp)
+    stage = "parallel.zero_stage=2"
+    two = _train(tmp, corpus[0], "ep2", ep_size=2, steps=4, extra=("train.save_steps=2", stage), config=config)
     want, got = train_records(one), train_records(two)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4), step
     for name, bias in _biases(os.path.join(one, "hf")).items():
         assert torch.equal(_biases(os.path.join(two, "hf"))[name], bias), name
+    step2 = os.path.join(two, "checkpoints", "step_00000002")
+    again = _train(tmp, corpus[0], "ep2-resumed", ep_size=2, steps=4, extra=(stage, "--resume", step2),
+                   config=config)
+    resumed = train_records(again)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(got[step]["loss"], rel=1e-4), step
+    for name, bias in _biases(os.path.join(two, "hf")).items():
+        assert torch.equal(_biases(os.path.join(again, "hf"))[name], bias), name
 
 
 def test_deepseek_v3_resumes_at_another_ep_size(deepseek_run, corpus):  # noqa: F811
