@@ -241,13 +241,17 @@ def test_real_width_layer_and_loss_on_gpu():
     base = torch.cuda.memory_allocated()
     y, stats = layer(h, rope, mask, None)
     saved = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
-    assert saved == pytest.approx(layer_saved(model_shape(cfg), 0, "sdpa", seq, 1) * seq, rel=0.05)
+    # The estimates count the layer's input, which the input norm keeps (in a model nothing else holds it); here it is
+    # `h`, allocated before `base`: subtract it.
+    layer_input = 2 * H
+    assert saved == pytest.approx((layer_saved(model_shape(cfg), 0, "sdpa", seq, 1) - layer_input) * seq, rel=0.05)
     # The router statistics carry autograd history back through the attention half: kept alive, they would hold
     # this forward's activations into the next measurement, which then frees them (a negative "saved").
     del y, stats
     # One half recomputed: the other half's activations, plus the checkpoint's input where it is a new tensor (the
-    # residual before the MoE half; the attention half's input is the layer input, allocated before `base`).
-    for recompute, want in (("moe", attention_saved(model_shape(cfg), "sdpa", seq) + 2 * H),
+    # residual before the MoE half; the attention half's input is the layer input, allocated before `base`). Measured
+    # on an H100 (torch 2.11) with recompute="moe": 206,654,464 bytes against 206,651,392 estimated.
+    for recompute, want in (("moe", attention_saved(model_shape(cfg), "sdpa", seq) - layer_input + 2 * H),
                             ("attention", mlp_saved(model_shape(cfg), 0, 1))):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
