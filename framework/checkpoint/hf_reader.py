@@ -221,6 +221,10 @@ class HFCheckpoint:
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
+    def stored_key(self, key: str) -> str:
+        """The name `key` has in the files, before the family's key map."""
+        return self._stored.get(key, key)
+
     def non_expert_keys(self) -> list[str]:
         stacked = self.layout == hl.STACKED
         return [k for k in self.key_to_file if hl.parse_expert_key(k, stacked_down=stacked) is None]

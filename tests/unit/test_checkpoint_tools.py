@@ -300,7 +300,7 @@ ERROR_CASES = {
     "mixed_layouts": (lambda t: t.update({"model.layers.2.mlp.experts.gate_up_proj": torch.zeros(8, 48, 32)}), None,
                       r"mixes expert layouts"),
     "config_missing_fields": (None, lambda c: [c.pop(k) for k in ("hidden_size", "num_local_experts")],
-                              r"config.json: missing field\(s\) hidden_size, num_experts \(or num_local_experts\)$"),
+                              r"config.json: missing required Qwen3-MoE field\(s\) hidden_size, num_experts$"),
 }
 
 
