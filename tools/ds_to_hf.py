@@ -14,7 +14,8 @@ No GPU, no process group and no DeepSpeed import needed. DeepSpeed's own zero_to
 --format hf (default): the hub's per-expert tensors in the family's spelling (Qwen3-MoE
 `mlp.experts.{e}.{gate,up,down}_proj.weight`, Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2.weight`); merged:
 transformers 5 fused `mlp.experts.gate_up_proj` [E, 2I, H] / `mlp.experts.down_proj` [E, H, I]. --dtype defaults to
-the training dtype recorded in the checkpoint. The output appears atomically (written to OUT.tmp-<pid>, renamed at the end).
+the training dtype recorded in the checkpoint. The output appears atomically (written to OUT.tmp-<pid>, renamed at
+the end).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Converting an MoE checkpoint directory (any family of framework/models/registry.py) from one expert layout to another, streaming layer by layer.
+"""Converting an MoE checkpoint directory (any family of framework/models/registry.py) from one expert layout to
+another, streaming layer by layer.
 
 Owns: the checks made before anything is written (config vs tensors, every expert present once, shapes, dtypes, no
 unknown layout), the conversion loop, and `verify_conversion` (re-read the output, compare with the input tensor by

@@ -151,7 +151,9 @@ def _tiny_config(attn: str):
 
 
 @pytest.mark.parametrize("config", [dict(HF_30B, num_hidden_layers=2), "tiny"])
-def test_inventory_matches_the_model(config):
+def test_inventory_is_the_model_in_order_with_experts_marked(config):
+    """named_parameters() order (DeepSpeed fills its groups in it), expert tensors exactly the experts' gate_up / down,
+    each with its layer. (The counts against stock transformers, per family: tests/unit/test_param_counts.py.)"""
     from framework.models.qwen3_moe.config import load_hf_config
     from framework.models.options import ModelOptions
     from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
@@ -160,7 +162,12 @@ def test_inventory_matches_the_model(config):
     with torch.device("meta"):
         model = Qwen3MoeCausalLM(hf, ModelOptions(backend="grouped_mm"))
     want = [(name, p.numel()) for name, p in model.named_parameters()]
-    assert [(p.name, p.numel) for p in param_inventory(model_shape(hf))] == want
+    inventory = param_inventory(hf)
+    assert [(p.name, p.numel) for p in inventory] == want
+    assert {p.name for p in inventory if p.expert} == {
+        f"model.layers.{i}.mlp.experts.{proj}" for i in range(hf.num_hidden_layers) if model_shape(hf).moe_layers[i]
+        for proj in ("gate_up_proj", "down_proj")}
+    assert all(p.layer == (int(p.name.split(".")[2]) if ".layers." in p.name else None) for p in inventory)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
