@@ -106,7 +106,7 @@ def export(checkpoint: str, output: str, tag: str | None = None, fmt: str = "hf"
             raise ValueError(f"{tag_dir}: meta.json dtype {reader.dtype!r} is not one of bf16 / fp32 / fp16; pass "
                              "--dtype")
         config, cfg = check_config(reader, tag_dir)
-        name = cfg.written_name(layout)
+        written_name = cfg.written_name(layout)  # the family's hub spelling for --format hf
         config["dtype"] = DTYPE_NAMES[out_dtype]
         if "torch_dtype" in config:
             config["torch_dtype"] = DTYPE_NAMES[out_dtype]
@@ -127,7 +127,7 @@ def export(checkpoint: str, output: str, tag: str | None = None, fmt: str = "hf"
             try:
                 for layer, names in order:
                     for param in names:
-                        _write_param(writer, param, reader.read(param), out_dtype, layout, name)
+                        _write_param(writer, param, reader.read(param), out_dtype, layout, written_name)
                     reader.release()  # unmap what this layer paged in
                     if layer is not None:
                         log(f"layer {layer}: {len(names)} parameter(s) exported")
