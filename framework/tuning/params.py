@@ -11,11 +11,9 @@ Does not own: how ZeRO splits them (framework/tuning/estimate.py).
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 
-import torch
 from transformers import PretrainedConfig
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -80,12 +78,9 @@ def param_inventory(hf_config: PretrainedConfig) -> list[ParamSpec]:
     read off the model built on the meta device: whatever the family adds (q/k norms, biases, shared experts, dense
     layers, latent attention) is counted by construction. Expert tensors are those of each MoE block's `experts`
     child (all E experts: the meta model is built without expert parallelism)."""
-    from framework.models.options import ModelOptions  # noqa: PLC0415
-    from framework.models.registry import family_for  # noqa: PLC0415
+    from framework.models.registry import meta_model  # noqa: PLC0415
 
-    config = copy.deepcopy(hf_config)  # the model sets its attention implementation on the config it is given
-    with torch.device("meta"):
-        model = family_for(config).causal_lm(config, ModelOptions(backend="eager"))
+    model = meta_model(hf_config)
     experts = {id(p) for block in model.moe_blocks() for p in block.experts.parameters()}
     params = []
     for name, p in model.named_parameters():
