@@ -34,6 +34,7 @@ class ModelShape:
     dense_intermediate: int  # Id (0 when every layer is MoE)
     attention_bias: bool
     tied_embeddings: bool
+    qk_norm: bool  # per-head RMSNorm on queries and keys (Qwen3-MoE; not Mixtral): its saved activations
 
     @property
     def q_width(self) -> int:
@@ -53,7 +54,8 @@ def model_shape(hf_config: PretrainedConfig) -> ModelShape:
     family's own field names (registry.moe_shape, head_dim, Architecture.is_moe_layer)."""
     from framework.models.registry import architecture_for, head_dim, moe_shape  # noqa: PLC0415
 
-    is_moe = architecture_for(hf_config).is_moe_layer
+    arch = architecture_for(hf_config)
+    is_moe = arch.is_moe_layer
     moe = tuple(is_moe(hf_config, i) for i in range(hf_config.num_hidden_layers))
     expert_width, num_experts, top_k, _ = moe_shape(hf_config)
     return ModelShape(
@@ -62,7 +64,7 @@ def model_shape(hf_config: PretrainedConfig) -> ModelShape:
         moe_layers=moe, num_experts=num_experts, top_k=top_k, moe_intermediate=expert_width,
         dense_intermediate=hf_config.intermediate_size if not all(moe) else 0,
         attention_bias=bool(getattr(hf_config, "attention_bias", False)),
-        tied_embeddings=bool(hf_config.tie_word_embeddings))
+        tied_embeddings=bool(hf_config.tie_word_embeddings), qk_norm=arch.qk_norm)
 
 
 @dataclass(frozen=True)

@@ -170,19 +170,32 @@ def test_inventory_is_the_model_in_order_with_experts_marked(config):
     assert all(p.layer == (int(p.name.split(".")[2]) if ".layers." in p.name else None) for p in inventory)
 
 
+def _tiny_mixtral_config(attn: str):
+    """_tiny_config's widths as a Mixtral (no q/k norms, every layer MoE)."""
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                        tie_word_embeddings=False)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("recompute", [None, "moe", "attention"])
-def test_layer_activations_equal_what_autograd_saves(attn, recompute):
+def test_layer_activations_equal_what_autograd_saves(family, attn, recompute):
     """Every tensor a real bf16 layer saves for backward (unique storages; weights, the layer input, mask and rotary
-    tables excluded) against layer_saved: an MoE layer and a dense-MLP layer. With one half recomputed, what the
-    other half saves plus the checkpoint's input (for "attention": the layer input, excluded here)."""
+    tables excluded) against layer_saved: an MoE layer and a dense-MLP layer (Qwen3-MoE), MoE layers without q/k
+    norms (Mixtral). With one half recomputed, what the other half saves plus the checkpoint's input (for
+    "attention": the layer input, excluded here)."""
     from framework.models.options import ModelOptions
     from framework.models.decoder import causal_mask
-    from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
+    from framework.models.registry import FAMILIES
 
     torch.manual_seed(0)
-    cfg = _tiny_config(attn)
-    model = Qwen3MoeCausalLM(cfg, ModelOptions(backend="grouped_mm")).to(torch.bfloat16)
+    cfg = _tiny_config(attn) if family == "qwen3_moe" else _tiny_mixtral_config(attn)
+    model = FAMILIES[family].causal_lm(cfg, ModelOptions(backend="grouped_mm")).to(torch.bfloat16)
     model.init_weights()
     batch, seq = 2, 64
     shape = model_shape(cfg)
@@ -207,11 +220,12 @@ def test_layer_activations_equal_what_autograd_saves(attn, recompute):
                 "moe": attention_saved(shape, attn, seq) + 2 * 64,  # + the bf16 [B,S,H] residual the MoE half takes
                 "attention": mlp_saved(shape, i, 1)}[recompute] * batch * seq
         # The estimate counts CUDA's fused rms_norm (bf16 input + fp32 rstd per row); on CPU rms_norm is composite
-        # and keeps two fp32 [rows, width] tensors and one fp32 per row, and not the input: four norms per layer
-        # (input, post-attention, q, k), of which the recomputed half's are not kept.
-        norm_rows = [(batch * seq, 64, "attention"), (batch * seq, 64, "moe"),
-                     (batch * seq * cfg.num_attention_heads, cfg.head_dim, "attention"),
-                     (batch * seq * cfg.num_key_value_heads, cfg.head_dim, "attention")]
+        # and keeps two fp32 [rows, width] tensors and one fp32 per row, and not the input: the norms of a layer
+        # (input, post-attention, and Qwen3-MoE's q, k), of which the recomputed half's are not kept.
+        norm_rows = [(batch * seq, 64, "attention"), (batch * seq, 64, "moe")]
+        if shape.qk_norm:
+            norm_rows += [(batch * seq * cfg.num_attention_heads, cfg.head_dim, "attention"),
+                          (batch * seq * cfg.num_key_value_heads, cfg.head_dim, "attention")]
         want += sum(rows * (2 * 4 * width + 4 - (2 * width + 4))
                     for rows, width, half in norm_rows if half != recompute)
         # + the grouped GEMM's int32 expert offsets, [E] per MoE layer rather than per token
