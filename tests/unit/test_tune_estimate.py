@@ -16,7 +16,9 @@ import yaml
 from framework.checkpoint.cli import run_cli
 from framework.tuning.activations import attention_saved, layer_saved, mlp_saved
 from framework.tuning.estimate import _sub_groups, estimate_memory
+from framework.models.registry import FAMILIES
 from framework.tuning.params import model_shape, param_inventory
+from tests.family_cases import MODEL_CONFIGS, REAL_SHAPE_CONFIGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_30B = os.path.join(REPO, "model_configs", "qwen3-30b-a3b.yaml")
@@ -329,6 +331,25 @@ def test_cli_table(capsys):
     assert "activations, checkpointing off  <- used" in out and "ZeRO-2, optimizer offloaded to CPU" in out
     assert "GiB per node of 8 GPUs" in out and "of 141 GiB" in out
     assert "train.global_batch_size (64) does not divide over 12 GPUs" in out
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_cli_plans_every_family(model_type, capsys):
+    """Each registered family's real-shape run configs (tests/family_cases.py) get a plan, under its own field
+    names (Mixtral: num_local_experts), with the parameter count of its model."""
+    from framework.config import load_run_config
+    from framework.config.plan import resolve_model
+
+    for name in REAL_SHAPE_CONFIGS[model_type]:
+        path = os.path.join(MODEL_CONFIGS, name)
+        assert _tool().main(["estimate", "--config", path, "--num_gpus", "8", "--ep_size", "8"]) == 0
+        out = capsys.readouterr().out
+        params = sum(p.numel for p in param_inventory(resolve_model(load_run_config(path))[1]))
+        assert f"{params / 1e9:.2f} B parameters" in out and "EP=8 x EDP=1, ZeRO-3" in out, out
+        assert "peak " in out and "GiB per GPU" in out, out
+    mixtral = os.path.join(MODEL_CONFIGS, "mixtral-8x7b.yaml")
+    code = run_cli(_tool().main, "tune_zero", ["estimate", "--config", mixtral, "--num_gpus", "3", "--ep_size", "3"])
+    assert code == 2 and "must divide the model's num_local_experts (8)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
