@@ -7,14 +7,17 @@ tied (the mixtral case)."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import framework
 from framework.checkpoint.cli import run_cli
-from framework.checkpoint.hf_layout import detect_layout
+from framework.checkpoint.expert_geometry import read_expert_geometry
+from framework.checkpoint.hf_layout import detect_layout, per_expert_key
 from framework.models.registry import FAMILIES
 from tests.family_cases import TINY_STOCK_CONFIGS
 from tests.helpers import read_safetensors_dir, rel_err, spread_weights
@@ -87,6 +90,24 @@ def test_outputs_load_strictly_in_stock_transformers(converted, which):
     if converted["stock"].config.tie_word_embeddings:
         assert "lm_head.weight" not in read_safetensors_dir(converted[which])  # tied: stays implicit
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_misshaped_hub_expert_is_named_as_stored(converted, tmp_path, capsys):
+    """One-line errors name the tensor as the family's hub file holds it (Mixtral: block_sparse_moe.experts.3.w2)."""
+    geometry = read_expert_geometry(converted["hub"])
+    layer = geometry.moe_layers[0]
+    stored = geometry.written_name("per_expert")(per_expert_key(f"model.layers.{layer}.mlp.experts", 3, "down_proj"))
+    tensors = read_safetensors_dir(converted["hub"])
+    tensors[stored] = tensors[stored].T.contiguous()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, str(bad / "model.safetensors"))
+    shutil.copy(os.path.join(converted["hub"], "config.json"), bad / "config.json")
+    assert run_cli(merge_tool.main, "moe_merge", ["--raw_hf_path", str(bad), "--merge_hf_path",
+                                                  str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    h, i = geometry.hidden_size, geometry.expert_width
+    assert err.count("\n") == 1 and f"{stored}: expected shape [{h}, {i}], found [{i}, {h}]" in err, err
 
 
 def test_the_table_covers_a_tied_family_and_a_dense_layer():
