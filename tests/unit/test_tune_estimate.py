@@ -352,6 +352,32 @@ def test_cli_plans_every_family(model_type, capsys):
     assert code == 2 and "must divide the model's num_local_experts (8)" in capsys.readouterr().err
 
 
+def test_search_checks_and_estimates_trials_of_another_family(tmp_path, monkeypatch, capsys):
+    """tune_zero search's skip decision for a Mixtral run config (the trials themselves are launches, stubbed here):
+    the ep check under Mixtral's field names, and an estimate for the trial that would run."""
+    import csv
+
+    from framework.tuning import search, search_cli
+
+    decided = {}
+
+    def no_launches(config, out_dir, trials, launcher, base_overrides, steps, warmup, auto, fits):
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "trials.csv"), "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=search.FIELDS).writeheader()
+        decided.update({t.ep_size: fits(t) for t in trials})
+        return None
+
+    monkeypatch.setattr(search_cli, "run_search", no_launches)
+    config = os.path.join(MODEL_CONFIGS, "mixtral-8x7b.yaml")
+    assert _tool().main(["search", "--config", config, "--num_gpus", "6", "--ep_sizes", "2,3", "--out",
+                         str(tmp_path / "search"), "--gpu_memory_gb", "1000", "train.global_batch_size=48"]) == 1
+    assert decided[3][0] is False and "must divide the model's num_local_experts (8)" in decided[3][2]
+    fits, gib, _ = decided[2]
+    assert fits and 100 < gib < 1000, gib  # Mixtral-8x7B's 46.7 B parameters under ZeRO-3 over 6 GPUs
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--num_gpus", "16", "--ep_size", "3"], "parallel.ep_size (3) must divide the number of processes (16)"),
     (["--num_gpus", "3", "--ep_size", "3"], "parallel.ep_size (3) must divide the model's num_experts (128)"),
