@@ -40,10 +40,16 @@ class ExpertGeometry:
         return self.family.checkpoint_key or _same
 
     def written_name(self, layout: str) -> Callable[[str], str]:
-        """Our name -> the name written in `layout`: the family's hub spelling for per_expert (stock `from_pretrained`
-        maps only those to its fused parameters; Mixtral: block_sparse_moe.experts.{e}.w1 / w3 / w2), our names for
-        fused (which stock transformers reads as they are)."""
-        return (self.family.hub_key or _same) if layout == PER_EXPERT else _same
+        return written_name(self.family, layout)
+
+
+def written_name(family: Family | None, layout: str) -> Callable[[str], str]:
+    """Our name -> the name a checkpoint in `layout` stores: the family's hub spelling for per_expert (stock
+    `from_pretrained` maps only those to its fused parameters; Mixtral: block_sparse_moe.experts.{e}.w1 / w3 / w2),
+    our names for fused (which stock transformers reads as they are). The one rule for every writer (moe_split,
+    ds_to_hf, the trainer's export)."""
+    hub_key = family.hub_key if family is not None else None
+    return (hub_key or _same) if layout == PER_EXPERT else _same
 
 
 def read_expert_geometry(checkpoint_dir: str) -> ExpertGeometry:
