@@ -59,9 +59,6 @@ class Architecture:
     experts_field: str = "num_experts"  # config field of the expert count, named in config errors
     # the MoE block of a family whose router or shared experts differ (a MoEBlock subclass); None: `routed_block`
     moe_block: Callable[[PretrainedConfig, ModelOptions], MoEBlock] | None = None
-    # matmul parameters every token of a MoE layer passes through besides the routed experts and the router (shared
-    # experts and their gates), for the FLOPs count (framework/train/flops.py); None: the family has none
-    shared_expert_params: Callable[[PretrainedConfig], int] | None = None
 
 
 def routed_block(config: PretrainedConfig, options: ModelOptions, arch: Architecture) -> MoEBlock:
