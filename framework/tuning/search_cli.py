@@ -80,9 +80,14 @@ def run_search_command(args: argparse.Namespace) -> int:
     world = args.num_gpus or 1
     if args.hostfile:
         from framework.cluster import parse_hostfile  # noqa: PLC0415
+        from framework.cluster.world import select_gpus  # noqa: PLC0415
 
-        hosts = parse_hostfile(args.hostfile)
-        world = sum(min(s, args.num_gpus or s) for s in hosts.values())
+        # the processes DeepSpeed's runner will start for the trials: --num_gpus on every host, never fewer
+        errors: list[str] = []
+        gpus = select_gpus(parse_hostfile(args.hostfile), args.num_gpus, None, args.hostfile, errors)
+        if errors:
+            raise ConfigError(errors[0])
+        world = sum(gpus.values())
     trials = grid(args.micro_batch_sizes, args.zero_stages, args.ep_sizes or [cfg.parallel.ep_size],
                   args.bucket_scales, args.activation_checkpointing, args.offload)
 
