@@ -131,14 +131,13 @@ def base_overrides(args) -> list[str]:
 
 
 def model_numbers(args) -> dict:
-    """Parameter count and bytes per parameter of the run's config (no model built), for the disk estimate."""
+    """Parameter count and bytes per parameter of the run's config (no memory allocated), for the disk estimate."""
     from framework.config import load_run_config  # noqa: PLC0415
-    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-    from framework.config.plan import model_source  # noqa: PLC0415
-    from framework.tuning.params import model_shape, param_inventory  # noqa: PLC0415
+    from framework.config.plan import resolve_model  # noqa: PLC0415
+    from framework.tuning.params import param_inventory  # noqa: PLC0415
 
     cfg = load_run_config(args.config, base_overrides(args))
-    params = sum(p.numel for p in param_inventory(model_shape(load_hf_config(model_source(cfg)))))
+    params = sum(p.numel for p in param_inventory(resolve_model(cfg)[1]))  # the family's model on the meta device
     dtype_bytes = 4 if cfg.model.dtype == "fp32" else 2  # auto resolves to bf16 on GPUs
     import torch  # noqa: PLC0415
 

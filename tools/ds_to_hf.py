@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Export a framework DeepSpeed checkpoint (ZeRO-1/2/3, any expert-parallel size) as a Hugging Face Qwen3-MoE or
-DeepSeek-V3 model.
+"""Export a framework DeepSpeed checkpoint (ZeRO-1/2/3, any expert-parallel size) as a Hugging Face model of its family.
 
 Reads the fp32 master weights from the per-rank optimizer state files (framework/checkpoint/zero_reader.py), one
 layer at a time, and writes safetensors shards that stock transformers 5 loads (`AutoModelForCausalLM.from_pretrained`),
@@ -12,9 +11,11 @@ No GPU, no process group and no DeepSpeed import needed. DeepSpeed's own zero_to
                              [--dtype bf16|fp32|fp16] [--max_shard_size 5GB] [--overwrite]
 
 --checkpoint: a checkpoint root (tag directories and a `latest` file naming one) or a tag directory.
---format hf (default): the hub's per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`; merged: transformers 5
-fused `mlp.experts.gate_up_proj` [E, 2I, H] / `mlp.experts.down_proj` [E, H, I]. --dtype defaults to the training dtype
-recorded in the checkpoint. The output appears atomically (written to OUT.tmp-<pid>, renamed at the end).
+--format hf (default): the hub's per-expert tensors in the family's spelling (Qwen3-MoE
+`mlp.experts.{e}.{gate,up,down}_proj.weight`, Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2.weight`); merged:
+transformers 5 fused `mlp.experts.gate_up_proj` [E, 2I, H] / `mlp.experts.down_proj` [E, H, I]. --dtype defaults to
+the training dtype recorded in the checkpoint. The output appears atomically (written to OUT.tmp-<pid>, renamed at
+the end).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # 2 MB pages for the layer-sized buffers (see moe_merge.py)
@@ -34,7 +36,7 @@ import torch  # noqa: E402
 from framework.checkpoint import hf_layout as hl  # noqa: E402
 from framework.checkpoint.atomic_dir import atomic_output_dir, check_output_path  # noqa: E402
 from framework.checkpoint.cli import format_bytes, run_cli  # noqa: E402
-from framework.checkpoint.hf_config import CONFIG_NAME, read_expert_config  # noqa: E402
+from framework.checkpoint.expert_geometry import CONFIG_NAME, ExpertGeometry, read_expert_geometry  # noqa: E402
 from framework.checkpoint.hf_reader import PROJS  # noqa: E402
 from framework.checkpoint.hf_writer import ShardedWriter, copy_non_weight_files  # noqa: E402
 from framework.checkpoint.zero_reader import ZeroCheckpointReader, resolve_tag_dir  # noqa: E402
@@ -61,9 +63,9 @@ def write_order(names: list[str]) -> list[tuple[int | None, list[str]]]:
     return [(None, head)] + [(layer, layers[layer]) for layer in sorted(layers)] + [(None, tail)]
 
 
-def check_config(reader: ZeroCheckpointReader, tag_dir: str) -> dict:
-    """config.json of the tag directory, checked against the checkpoint's expert tensors."""
-    cfg = read_expert_config(tag_dir)
+def check_config(reader: ZeroCheckpointReader, tag_dir: str) -> tuple[dict, ExpertGeometry]:
+    """config.json of the tag directory and its expert geometry, checked against the checkpoint's expert tensors."""
+    cfg = read_expert_geometry(tag_dir)
     experts = {}
     for name, info in reader.params.items():
         m = _EXPERT_RE.match(name)
@@ -75,15 +77,15 @@ def check_config(reader: ZeroCheckpointReader, tag_dir: str) -> dict:
     if sorted(experts) != sorted(cfg.moe_layers):
         raise ValueError(f"{cfg.source} disagrees with the checkpoint: MoE layers {list(cfg.moe_layers)} in the "
                          f"config, experts for layers {sorted(experts)} in the checkpoint")
-    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.expert_width
     for layer, shapes in experts.items():
         for proj, expected in (("gate_up_proj", (e, 2 * i, h)), ("down_proj", (e, h, i))):
             if tuple(shapes.get(proj, ())) != expected:
                 raise ValueError(f"{cfg.source} disagrees with the checkpoint: layer {layer} {proj} has shape "
-                                 f"{list(shapes.get(proj, ()))}, the config implies {list(expected)} (num_experts, "
-                                 "hidden_size, moe_intermediate_size)")
+                                 f"{list(shapes.get(proj, ()))}, the config implies {list(expected)} (experts, "
+                                 "hidden size, expert width)")
     with open(os.path.join(tag_dir, CONFIG_NAME)) as f:
-        return json.load(f)
+        return json.load(f), cfg
 
 
 def export(checkpoint: str, output: str, tag: str | None = None, fmt: str = "hf", dtype: str | None = None,
@@ -103,7 +105,8 @@ def export(checkpoint: str, output: str, tag: str | None = None, fmt: str = "hf"
         if out_dtype is None:
             raise ValueError(f"{tag_dir}: meta.json dtype {reader.dtype!r} is not one of bf16 / fp32 / fp16; pass "
                              "--dtype")
-        config = check_config(reader, tag_dir)
+        config, cfg = check_config(reader, tag_dir)
+        written_name = cfg.written_name(layout)  # the family's hub spelling for --format hf
         config["dtype"] = DTYPE_NAMES[out_dtype]
         if "torch_dtype" in config:
             config["torch_dtype"] = DTYPE_NAMES[out_dtype]
@@ -123,8 +126,8 @@ def export(checkpoint: str, output: str, tag: str | None = None, fmt: str = "hf"
             writer = ShardedWriter(tmp, max_shard_size, {"expert_layout": layout})
             try:
                 for layer, names in order:
-                    for name in names:
-                        _write_param(writer, name, reader.read(name), out_dtype, layout)
+                    for param in names:
+                        _write_param(writer, param, reader.read(param), out_dtype, layout, written_name)
                     reader.release()  # unmap what this layer paged in
                     if layer is not None:
                         log(f"layer {layer}: {len(names)} parameter(s) exported")
@@ -142,24 +145,26 @@ def export(checkpoint: str, output: str, tag: str | None = None, fmt: str = "hf"
             "total_size": writer.total_size, "copied_files": copied, "seconds": time.perf_counter() - start}
 
 
-def _write_param(writer: ShardedWriter, name: str, full: torch.Tensor, dtype: torch.dtype, layout: str) -> None:
-    """Add one parameter (fp32, owning its storage) in `dtype`; experts split per expert for the hub layout. Every
-    tensor handed to the writer owns its storage (safetensors refuses tensors that share memory)."""
+def _write_param(writer: ShardedWriter, name: str, full: torch.Tensor, dtype: torch.dtype, layout: str,
+                 stored_name: Callable[[str], str]) -> None:
+    """Add one parameter (fp32, owning its storage) in `dtype` under `stored_name(name)`; experts split per expert
+    for the hub layout. Every tensor handed to the writer owns its storage (safetensors refuses tensors that share
+    memory)."""
     def own(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.dtype != dtype else t.clone()
 
     m = _EXPERT_RE.match(name)
     if m is None or layout == hl.FUSED:
-        writer.add(name, full.to(dtype))
+        writer.add(stored_name(name), full.to(dtype))
         return
     if m["proj"] == "gate_up_proj":
         inter = full.shape[1] // 2
         for e in range(full.shape[0]):
-            writer.add(hl.per_expert_key(m["prefix"], e, PROJS[0]), own(full[e, :inter]))
-            writer.add(hl.per_expert_key(m["prefix"], e, PROJS[1]), own(full[e, inter:]))
+            writer.add(stored_name(hl.per_expert_key(m["prefix"], e, PROJS[0])), own(full[e, :inter]))
+            writer.add(stored_name(hl.per_expert_key(m["prefix"], e, PROJS[1])), own(full[e, inter:]))
     else:
         for e in range(full.shape[0]):
-            writer.add(hl.per_expert_key(m["prefix"], e, PROJS[2]), own(full[e]))
+            writer.add(stored_name(hl.per_expert_key(m["prefix"], e, PROJS[2])), own(full[e]))
 
 
 def main(argv: list[str] | None = None) -> int:

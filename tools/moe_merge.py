@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Merge a Qwen3-MoE checkpoint's experts into the transformers 5 fused layout.
+"""Merge an MoE checkpoint's experts into the transformers 5 fused layout (any family in framework/models/registry.py).
 
-Input: a safetensors checkpoint directory with per-expert (`...mlp.experts.{e}.{gate,up,down}_proj.weight`, the hub's
-format) or older stacked (`...mlp.experts.{gate,up,down}_proj`) expert tensors. Output: `...mlp.experts.gate_up_proj`
-[E, 2I, H] and `...mlp.experts.down_proj` [E, H, I] per MoE layer, every other tensor and non-weight file unchanged,
-in shards with `model.safetensors.index.json` (metadata.expert_layout = "fused"). Loads as-is in stock transformers 5.
+Input: a safetensors checkpoint directory with per-expert expert tensors in the family's hub spelling (Qwen3-MoE
+`...mlp.experts.{e}.{gate,up,down}_proj.weight`, Mixtral `...block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`) or older
+stacked (`...mlp.experts.{gate,up,down}_proj`) ones; config.json's model_type picks the family. Output:
+`...mlp.experts.gate_up_proj` [E, 2I, H] and `...mlp.experts.down_proj` [E, H, I] per MoE layer, every other tensor
+under its transformers 5 name and every non-weight file unchanged, in shards with `model.safetensors.index.json`
+(metadata.expert_layout = "fused"). Loads as-is in stock transformers 5.
 
     python tools/moe_merge.py --raw_hf_path Qwen3-30B-A3B --merge_hf_path Qwen3-30B-A3B-merged [--verify]
 """

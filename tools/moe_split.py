@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Split a Qwen3-MoE checkpoint's merged experts back into the hub's per-expert layout.
+"""Split an MoE checkpoint's merged experts back into its family's hub per-expert layout (any registered family).
 
 Input: a safetensors checkpoint directory with fused (`...mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I],
-as written by tools/moe_merge.py) or older stacked (`...mlp.experts.{gate,up,down}_proj`) expert tensors. Output:
-`...mlp.experts.{e}.{gate,up,down}_proj.weight` per expert, every other tensor and non-weight file unchanged, in shards
-with `model.safetensors.index.json` (metadata.expert_layout = "per_expert"). Merge then split gives back every original
-tensor byte for byte.
+as written by tools/moe_merge.py) or older stacked (`...mlp.experts.{gate,up,down}_proj`) expert tensors. Output: the
+hub's per-expert tensors in the family's spelling (Qwen3-MoE `...mlp.experts.{e}.{gate,up,down}_proj.weight`, Mixtral
+`...block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`: what stock `from_pretrained` reads), every other tensor under its
+hub name and every non-weight file unchanged, in shards with `model.safetensors.index.json` (metadata.expert_layout =
+"per_expert"). Merge then split gives back every original tensor byte for byte.
 
     python tools/moe_split.py --merge_hf_path Qwen3-30B-A3B-merged --output_hf_path Qwen3-30B-A3B-hub [--verify]
 """

@@ -85,8 +85,7 @@ def _attention(name: str) -> str:
 def run_estimate(args: argparse.Namespace) -> int:
     from framework.config import load_run_config  # noqa: PLC0415
     from framework.config.deepspeed import build_ds_config, read_ds_json  # noqa: PLC0415
-    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-    from framework.config.plan import check_parallel, model_source  # noqa: PLC0415
+    from framework.config.plan import check_model_parallel, resolve_model  # noqa: PLC0415
     from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
     from framework.tuning.report import format_report  # noqa: PLC0415
 
@@ -94,8 +93,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     n, stage = args.num_gpus, cfg.parallel.zero_stage
     if args.offload and stage == 0:
         raise UserError("--offload needs parallel.zero_stage 1, 2 or 3 (ZeRO-0 has no optimizer partitions)")
-    hf_config = load_hf_config(model_source(cfg))
-    check_parallel(cfg.parallel.ep_size, n, hf_config.num_experts, hf_config.num_experts_per_tok)
+    _, hf_config = resolve_model(cfg)  # the family's checked config, as the trainer gets it
+    check_model_parallel(cfg.parallel.ep_size, n, hf_config)
     notes = []
     per_step = cfg.train.micro_batch_size * n
     if cfg.train.global_batch_size % per_step:  # memory does not depend on gradient accumulation

@@ -1,4 +1,5 @@
-"""Converting a Qwen3-MoE checkpoint directory from one expert layout to another, streaming layer by layer.
+"""Converting an MoE checkpoint directory (any family of framework/models/registry.py) from one expert layout to
+another, streaming layer by layer.
 
 Owns: the checks made before anything is written (config vs tensors, every expert present once, shapes, dtypes, no
 unknown layout), the conversion loop, and `verify_conversion` (re-read the output, compare with the input tensor by
@@ -10,7 +11,10 @@ file order with large sequential reads into a small ring of reused, page-aligned
 their final place in the output, while the next reads go on. Memory stays near the ring (256 MB) plus one output
 shard's small tensors, whatever the checkpoint or layer size; no per-byte allocation, no copy in user space.
 Input: any of per_expert / fused / stacked (see `hf_layout.py`); output: fused (`tools/moe_merge.py`) or per_expert
-(`tools/moe_split.py`). Every non-expert tensor and every non-weight file passes through unchanged.
+(`tools/moe_split.py`). Every non-expert tensor and every non-weight file passes through unchanged. Names: the input is
+read under our (transformers 5) names through the family's `checkpoint_key`; fused output keeps them (stock
+`from_pretrained` reads them as they are), per_expert output is written in the family's hub spelling (`hub_key`,
+e.g. Mixtral's `block_sparse_moe.experts.{e}.w1`), the only per-expert names stock transformers reads.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from framework.checkpoint import hf_layout as hl
 from framework.checkpoint import safetensors_io as sio
 from framework.checkpoint.atomic_dir import atomic_output_dir, check_output_path
-from framework.checkpoint.hf_config import ExpertConfig, read_expert_config
+from framework.checkpoint.expert_geometry import ExpertGeometry, read_expert_geometry
 from framework.checkpoint.hf_reader import PROJS, HFCheckpoint
 from framework.checkpoint.hf_writer import ShardedWriter, TensorSink, copy_non_weight_files
 
@@ -53,7 +57,7 @@ class ConversionReport:
     verified: bool = False
 
 
-def check_experts(ckpt: HFCheckpoint, cfg: ExpertConfig) -> None:
+def check_experts(ckpt: HFCheckpoint, cfg: ExpertGeometry) -> None:
     """Every check that can fail before a byte is written, from config.json and the shard headers alone."""
     unknown = hl.unknown_expert_keys(ckpt.keys())
     if unknown:
@@ -66,12 +70,13 @@ def check_experts(ckpt: HFCheckpoint, cfg: ExpertConfig) -> None:
                          f"{cfg.source} makes {len(expected)} layer(s) MoE, e.g. layer {min(expected)}")
     for layer in sorted(found - expected):
         raise ValueError(f"{ckpt.path}: layer {layer} has expert tensors but {cfg.source} makes it a dense layer "
-                         f"(num_hidden_layers={cfg.num_hidden_layers}, mlp_only_layers / decoder_sparse_step)")
+                         f"(num_hidden_layers={cfg.num_hidden_layers} and the {cfg.family.model_type} dense-layer "
+                         "fields)")
     for layer in sorted(expected - found):
         raise ValueError(f"{ckpt.path}: {cfg.source} makes layer {layer} an MoE layer but the checkpoint has no "
                          "expert tensors for it")
     for layer in cfg.moe_layers:
-        ckpt.check_layer_experts(layer, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        ckpt.check_layer_experts(layer, cfg.num_experts, cfg.hidden_size, cfg.expert_width)
 
 
 def _write_order(ckpt: HFCheckpoint) -> list[tuple[str, int | None]]:
@@ -113,20 +118,21 @@ class _Ring:
 
 
 def _convert_group(ckpt: HFCheckpoint, writer: ShardedWriter, ring: _Ring, keys: list[str], layer: int | None,
-                   cfg: ExpertConfig, target: str) -> None:
+                   cfg: ExpertGeometry, target: str) -> None:
     """One layer (or the tensors before / after the layers): its output tensors take their places in the output in
     order, then the input bytes they are made of are read in file order and handed to them as they arrive."""
+    name = cfg.written_name(target)
     ranges: list[tuple[str, int, int, tuple[TensorSink, int]]] = []
     sinks: list[TensorSink] = []
     for key in keys:
         info = ckpt.info(key)
         if info.torch_dtype is None:  # a dtype only safetensors reads (the writer refuses what it cannot store)
-            writer.add(key, ckpt.get(key))
+            writer.add(name(key), ckpt.get(key))
             continue
-        sinks.append(writer.begin(key, info.shape, info.torch_dtype))
+        sinks.append(writer.begin(name(key), info.shape, info.torch_dtype))
         ranges.append((key, 0, info.nbytes, (sinks[-1], 0)))
     if layer is not None:
-        num_experts, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        num_experts, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.expert_width
         matrices = ckpt.expert_matrices(layer, num_experts, hidden, inter)
         dtype = ckpt.layer_dtype(layer, num_experts, hidden, inter)
         prefix = ckpt.layers[layer].prefix
@@ -142,7 +148,7 @@ def _convert_group(ckpt: HFCheckpoint, writer: ShardedWriter, ring: _Ring, keys:
             shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
             out = {}
             for e, proj, *_ in matrices:  # the hub's order: expert by expert, gate, up, down
-                out[(e, proj)] = writer.begin(hl.per_expert_key(prefix, e, proj), shapes[proj], dtype)
+                out[(e, proj)] = writer.begin(name(hl.per_expert_key(prefix, e, proj)), shapes[proj], dtype)
                 sinks.append(out[(e, proj)])
             ranges += [(key, offset, n, (out[(e, proj)], 0)) for e, proj, key, offset, n in matrices]
 
@@ -183,8 +189,8 @@ def convert_checkpoint(src: str, dst: str, target: str, max_shard_size: int | st
     check_output_path(dst, overwrite, (src,))  # fail before reading anything
     log = log or (lambda _msg: None)
     start = time.perf_counter()
-    cfg = read_expert_config(src)
-    with HFCheckpoint(src) as ckpt:
+    cfg = read_expert_geometry(src)
+    with HFCheckpoint(src, cfg.checkpoint_key) as ckpt:
         ckpt.check_shards()
         check_experts(ckpt, cfg)
         with atomic_output_dir(dst, overwrite, (src,)) as tmp:
@@ -223,14 +229,15 @@ def _check_same(key: str, expected: torch.Tensor, found: torch.Tensor) -> None:
         raise ValueError(f"verify failed: {key}: output bytes differ from the input")
 
 
-def verify_conversion(src: str, out: str, target: str, cfg: ExpertConfig | None = None,
+def verify_conversion(src: str, out: str, target: str, cfg: ExpertGeometry | None = None,
                       log: Callable[[str], None] | None = None) -> None:
-    """Re-read `out` and check it against `src`: the expected tensor names and nothing else, the target layout, and
+    """Re-read `out` and check it against `src`: the expected tensor names (the family's hub spelling for per_expert)
+    and nothing else, the target layout, and
     every tensor equal byte for byte (experts compared layer by layer in the fused form). ValueError on a mismatch."""
-    cfg = cfg or read_expert_config(src)
+    cfg = cfg or read_expert_geometry(src)
     log = log or (lambda _msg: None)
-    hidden, inter, num_experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
-    with HFCheckpoint(src) as a, HFCheckpoint(out) as b:
+    hidden, inter, num_experts = cfg.hidden_size, cfg.expert_width, cfg.num_experts
+    with HFCheckpoint(src, cfg.checkpoint_key) as a, HFCheckpoint(out, cfg.checkpoint_key) as b:
         b.check_shards()
         if b.layout not in (target, None):
             raise ValueError(f"verify failed: {out} has expert layout {b.layout}, expected {target}")
@@ -239,7 +246,10 @@ def verify_conversion(src: str, out: str, target: str, cfg: ExpertConfig | None 
             prefix = a.layers[layer].prefix
             expected |= set(hl.fused_keys(prefix)) if target == hl.FUSED else {
                 hl.per_expert_key(prefix, e, proj) for e in range(num_experts) for proj in PROJS}
-        missing, unexpected = sorted(expected - set(b.keys())), sorted(set(b.keys()) - expected)
+        # compared as written: per_expert output must carry the family's hub names, the ones stock transformers reads
+        name = cfg.written_name(target)
+        expected_names, written = {name(k) for k in expected}, {b.stored_key(k) for k in b.keys()}
+        missing, unexpected = sorted(expected_names - written), sorted(written - expected_names)
         if missing or unexpected:
             raise ValueError(f"verify failed: {out}: " + (f"missing tensor {missing[0]}" if missing else
                                                           f"unexpected tensor {unexpected[0]}"))

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
 from framework.checkpoint.atomic_dir import atomic_output_dir
+from framework.checkpoint.expert_geometry import written_name
 from framework.checkpoint.hf_layout import fused_to_per_expert
 from framework.checkpoint.hf_writer import ShardedWriter, copy_non_weight_files
+from framework.models.family import Family
 
 FORMATS = ("hf", "merged")
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -25,17 +27,17 @@ _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down
 
 def write_hf_directory(out: str, named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict, fmt: str = "hf",
                        tokenizer_dir: str | None = None, max_shard_size: int | str = "5GB",
-                       overwrite: bool = False, hub_key: Callable[[str], str] | None = None) -> dict:
+                       overwrite: bool = False, family: Family | None = None) -> dict:
     """Consume `named_tensors` (our names, full tensors, in model order; a layer's gate_up_proj before its down_proj)
-    and write `out`. `config` is the HF config.json content. `hub_key` renames `hf`-format keys to the family's hub
-    spelling (Family.hub_key). Returns the safetensors index."""
+    and write `out`. `config` is the HF config.json content. `family`: `hf`-format keys are written in its hub
+    spelling (expert_geometry.written_name; None: our names). Returns the safetensors index."""
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     tied = bool(config.get("tie_word_embeddings", False))
     layout = "per_expert" if fmt == "hf" else "fused"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_size, metadata={"format": "pt", "expert_layout": layout})
-        rename = hub_key if hub_key is not None and fmt == "hf" else (lambda key: key)
+        rename = written_name(family, layout)
         try:
             gate_up: dict[str, torch.Tensor] = {}
             for name, tensor in named_tensors:

@@ -1,9 +1,10 @@
-"""Expert-weight layouts of Qwen3-MoE checkpoints and the conversions between them.
+"""Expert-weight layouts of MoE checkpoints under transformers 5 names (a family's hub spelling is mapped to these
+first, see expert_geometry.py) and the conversions between them.
 
 Owns: recognising which of the three on-disk layouts a key belongs to, and turning one layer's expert tensors from any
 layout into the canonical fused one (and back). Does not own file I/O (see `hf_reader.py`) or the model.
 
-Layouts (E experts, I = moe_intermediate_size, H = hidden_size):
+Layouts (E experts, I = one expert's FFN width, H = hidden_size):
 - "per_expert": the Hugging Face hub format, `model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight`,
   [I, H], [I, H], [H, I] per expert.
 - "fused": transformers 5 in-memory format and ours, `model.layers.{L}.mlp.experts.gate_up_proj` [E, 2I, H]

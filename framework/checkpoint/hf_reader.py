@@ -224,6 +224,10 @@ class HFCheckpoint:
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
+    def stored_key(self, key: str) -> str:
+        """The name `key` has in the files, before the family's key map."""
+        return self._stored.get(key, key)
+
     def non_expert_keys(self) -> list[str]:
         stacked = self.layout == hl.STACKED
         return [k for k in self.key_to_file if hl.parse_expert_key(k, stacked_down=stacked) is None]
@@ -296,9 +300,9 @@ class HFCheckpoint:
                     (d_key, (num_experts, hidden, inter))]
         first_key, _ = keys[0]
         first_dtype = self.dtype(first_key)
-        for key, shape in keys:
-            hl.check_shape(key, torch.empty(self.shape(key), device="meta"), shape)
-            hl.check_dtype(key, self.dtype(key), first_dtype, first_key)
+        for key, shape in keys:  # named as stored: what the user finds in the files (Mixtral: ...experts.0.w1.weight)
+            hl.check_shape(self.stored_key(key), torch.empty(self.shape(key), device="meta"), shape)
+            hl.check_dtype(self.stored_key(key), self.dtype(key), first_dtype, self.stored_key(first_key))
         return first_dtype
 
     def _check_expert_count(self, layer: int, key: str, num_experts: int) -> None:

@@ -45,22 +45,6 @@ class CausalLMOutput(ModelOutput):
 
 
 @dataclass(frozen=True)
-class AttentionShape:
-    """What the FLOP count needs of a layer's attention (framework/train/flops.py)."""
-
-    matmul_params: int  # weights of its projections (q/k/v/o, or MLA's low-rank ones)
-    qk_width: int  # heads x query/key head width: the QK^T product's inner size per token
-    v_width: int  # heads x value head width: the AV product's
-
-
-def grouped_query_shape(config: PretrainedConfig) -> AttentionShape:
-    """q/k/v/o projections of (grouped-query) attention with head_dim per head (hidden / heads when unset)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    h, qd, kvd = config.hidden_size, config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    return AttentionShape(matmul_params=h * qd + 2 * h * kvd + qd * h, qk_width=qd, v_width=qd)
-
-
-@dataclass(frozen=True)
 class Architecture:
     """What one model family's decoder layer differs in; everything else (the MoE block, norms, losses, expert
     parallelism) is shared. Module classes are transformers' own, so parameter names and numerics follow upstream."""
@@ -77,11 +61,6 @@ class Architecture:
     moe_block: Callable[[PretrainedConfig, ModelOptions], MoEBlock] | None = None
     # the attention implementations its attention module computes correctly with (attention.py SUPPORTED_ATTENTION)
     attention_implementations: tuple[str, ...] = SUPPORTED_ATTENTION
-    # its attention's projections and score widths, for the FLOPs count (framework/train/flops.py)
-    attention_shape: Callable[[PretrainedConfig], AttentionShape] = grouped_query_shape
-    # matmul parameters every token of a MoE layer passes through besides the routed experts and the router (shared
-    # experts and their gates), for the FLOPs count (framework/train/flops.py); None: the family has none
-    shared_expert_params: Callable[[PretrainedConfig], int] | None = None
     # its routers select experts on scores + a bias buffer (e_score_correction_bias) that auxiliary-loss-free
     # balancing moves (ModelOptions.router_bias_update_rate)
     router_selection_bias: bool = False

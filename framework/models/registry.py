@@ -1,13 +1,16 @@
 """The supported model families, by config.json model_type: adding one is its folder plus one line here.
 
-Owns: `FAMILIES`, `family_for` (which family a checkpoint directory / config.json / dict / config object is) and
-`architecture_for` / `moe_shape` (what the trainer needs to know of a family's layers without building the model).
+Owns: `FAMILIES`, `family_for` (which family a checkpoint directory / config.json / dict / config object is),
+`architecture_for` / `moe_shape` (what the trainer needs to know of a family's layers without building the model) and
+`meta_model` (the family's model with shapes only, for counting parameters and FLOPs).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 from framework.models.deepseek_v3.config import is_mtp_key, load_deepseek_v3_config
@@ -21,7 +24,7 @@ from framework.models.olmoe.model import OlmoeCausalLM
 from framework.models.qwen2_moe.config import load_qwen2_moe_config
 from framework.models.qwen2_moe.model import Qwen2MoeCausalLM
 from framework.models.qwen3_moe.config import load_hf_config
-from framework.models.decoder import Architecture
+from framework.models.decoder import Architecture, MoECausalLM
 from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
 
 FAMILIES: dict[str, Family] = {
@@ -65,6 +68,16 @@ def moe_shape(config: PretrainedConfig) -> tuple[int, int, int, bool]:
 
 def head_dim(config: PretrainedConfig) -> int:
     """Attention head width: Mixtral configs may leave head_dim None (transformers then uses hidden / heads). MLA
-    (deepseek_v3) sets head_dim to the rotary width qk_rope_head_dim: its projection sizes are in
-    `architecture_for(config).attention_shape`."""
+    (deepseek_v3) sets head_dim to the rotary width qk_rope_head_dim (its query/key heads are qk_head_dim wide, its
+    value heads v_head_dim)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def meta_model(config: PretrainedConfig) -> MoECausalLM:
+    """The family's causal LM of a loaded config on the meta device: every parameter's name and shape, no memory,
+    whatever the family adds (shared experts, dense layers, latent attention). All experts are local (no EP)."""
+    from framework.models.options import ModelOptions  # noqa: PLC0415
+
+    config = copy.deepcopy(config)  # the model sets its attention implementation on the config it is given
+    with torch.device("meta"):
+        return family_for(config).causal_lm(config, ModelOptions(backend="eager"))

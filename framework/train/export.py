@@ -55,7 +55,7 @@ def export_live(model: nn.Module, groups: ParallelGroups, out: str, fmt: str, dt
     tensors = iter_full_parameters(model, groups, dtype)
     if dist.get_rank() == 0:
         write_hf_directory(out, tensors, hf_config_dict(model.config), fmt, tokenizer_dir, max_shard_size,
-                           overwrite=overwrite, hub_key=family_for(model.config).hub_key)
+                           overwrite=overwrite, family=family_for(model.config))
     else:
         for _ in tensors:
             pass

@@ -1,10 +1,12 @@
-"""Activation memory of one training step of our Qwen3-MoE, from the tensors autograd keeps (bf16 model).
+"""Activation memory of one training step of our decoder (any registered family's widths, framework/tuning/params.py
+ModelShape), from the tensors autograd keeps (bf16 model).
 
 Legend: B micro batch, S sequence, T = B*S tokens, H hidden, Q = heads x head_dim, KV = kv_heads x head_dim,
 I expert FFN, Id dense FFN, E experts, K top-k, V vocabulary, L layers.
 Owns: bytes per token of every tensor saved for backward, layer by layer (framework/models/decoder.py with
-transformers' Qwen3MoeAttention, torch's fused rms_norm, framework/moe/: router, torch dispatch, grouped-GEMM SwiGLU experts,
-bmm combine), the loss (cross-entropy on logits.float()), and the peaks of three moments of a step:
+transformers' attention of the family (Qwen3-MoE's with q/k norms), torch's fused rms_norm, framework/moe/: router,
+torch dispatch, grouped-GEMM SwiGLU experts, bmm combine), the loss (cross-entropy on logits.float()), and the peaks
+of three moments of a step:
   loss            the LM head's backward: fp32 log-probabilities and their gradients, the largest transient;
   layer_backward  one decoder layer's backward (with checkpointing: recomputed, so all of its activations at once);
   optimizer_step  the trainer still holds the step's output, so the bf16 logits live through engine.step().
@@ -46,7 +48,8 @@ def _kv_width_at_kernel(s: ModelShape, attention: str) -> int:
 def attention_saved(s: ModelShape, attention: str, seq: int) -> int:
     """Bytes per token kept by one attention block."""
     per_token = rmsnorm_saved(s.hidden) + BF16 * s.hidden  # input norm; its output is saved by q/k/v projections
-    per_token += s.heads * rmsnorm_saved(s.head_dim) + s.kv_heads * rmsnorm_saved(s.head_dim)  # q_norm, k_norm
+    if s.qk_norm:
+        per_token += s.heads * rmsnorm_saved(s.head_dim) + s.kv_heads * rmsnorm_saved(s.head_dim)  # q_norm, k_norm
     # The kernel keeps q, k, v and its output, which o_proj also keeps (same storage). k and v come repeated to all
     # heads (repeat_kv materialises them) except for varlen on a torch whose kernel takes GQA. RoPE keeps nothing:
     # cos/sin need no gradient, so q * cos saves only cos.

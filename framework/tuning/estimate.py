@@ -326,19 +326,20 @@ def estimate_memory(hf_config, num_gpus: int, ep_size: int = 1, zero_stage: int 
                     seq_len: int = 4096, activation_checkpointing: bool | str = True, offload: bool = False,
                     ds_config: dict[str, Any] | None = None, attention: str = "varlen",
                     loss_chunk_tokens: int = 0) -> MemoryEstimate:
-    """Per-GPU memory of a bf16 training run of `hf_config` (a Qwen3MoeConfig or a config.json dict).
+    """Per-GPU memory of a bf16 training run of `hf_config` (a config of any registered family, a config.json dict or
+    a checkpoint directory; model_type picks the family).
 
     `ds_config`: the run's DeepSpeed JSON (framework.config.deepspeed.build_ds_config); None: the framework's
     defaults for `zero_stage`. Its stage and offload_optimizer must agree with `zero_stage` and `offload`.
     `attention`: varlen (flash over packed documents), sdpa (with the [B,1,S,S] document mask) or eager."""
-    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
-    from framework.config.plan import check_parallel  # noqa: PLC0415
+    from framework.config.plan import check_model_parallel  # noqa: PLC0415
+    from framework.models.registry import family_for  # noqa: PLC0415
 
-    config = load_hf_config(hf_config)
+    config = family_for(hf_config).load_config(hf_config)
     _check_setup(num_gpus, zero_stage, offload, micro_batch_size, seq_len)
-    check_parallel(ep_size, num_gpus, config.num_experts, config.num_experts_per_tok)
+    check_model_parallel(ep_size, num_gpus, config)
     shape = model_shape(config)
-    params = param_inventory(shape)
+    params = param_inventory(config)
     z = zero_settings(ds_config, zero_stage, offload, config, ep_size)
     state = (zero3_state if zero_stage == 3 else zero12_state)(params, num_gpus, ep_size, z)
     if activation_checkpointing not in CHECKPOINTING_MODES:

@@ -1,16 +1,22 @@
-"""The model's shapes and parameter tensors, as the memory estimate needs them (no model is built).
+"""The model's shapes and parameter tensors, as the memory estimate needs them (no memory is allocated).
 
 Legend: H hidden, Q = heads x head_dim (query width), KV = kv_heads x head_dim, I expert FFN, Id dense FFN,
 E experts, K top-k, V vocabulary, L layers.
-Owns: `ModelShape` (the widths the activation formulas use) and `param_inventory`, every parameter tensor of
-`Qwen3MoeCausalLM` in `named_parameters()` order (the order DeepSpeed fills optimizer groups and ZeRO-3 sub-groups
-in), each marked dense or expert. A test checks the inventory against a model built on the meta device.
+Owns: `ModelShape` (the widths the activation formulas use) and `param_inventory`, every parameter tensor of the
+family's causal LM (framework/models/registry.py) in `named_parameters()` order (the order DeepSpeed fills optimizer
+groups and ZeRO-3 sub-groups in), each marked dense or expert, taken from the model built on the meta device. A test
+checks the total against stock transformers' model of the same config.
 Does not own: how ZeRO splits them (framework/tuning/estimate.py).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class ModelShape:
     dense_intermediate: int  # Id (0 when every layer is MoE)
     attention_bias: bool
     tied_embeddings: bool
+    qk_norm: bool  # per-head RMSNorm on queries and keys (Qwen3-MoE; not Mixtral): its saved activations
 
     @property
     def q_width(self) -> int:
@@ -42,21 +49,22 @@ class ModelShape:
         return sum(self.moe_layers)
 
 
-def model_shape(hf_config) -> ModelShape:
-    """Widths of a checked `Qwen3MoeConfig` (framework.models.qwen3_moe.config.load_hf_config)."""
-    from framework.models.qwen3_moe.config import is_moe_layer  # noqa: PLC0415
+def model_shape(hf_config: PretrainedConfig) -> ModelShape:
+    """Widths of a checked config of any registered family (registry `family_for(...).load_config`), under the
+    family's own field names (registry.moe_shape, head_dim, Architecture.is_moe_layer)."""
+    from framework.models.registry import architecture_for, head_dim, moe_shape  # noqa: PLC0415
 
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    moe = tuple(is_moe_layer(hf_config, i) for i in range(hf_config.num_hidden_layers))
+    arch = architecture_for(hf_config)
+    is_moe = arch.is_moe_layer
+    moe = tuple(is_moe(hf_config, i) for i in range(hf_config.num_hidden_layers))
+    expert_width, num_experts, top_k, _ = moe_shape(hf_config)
     return ModelShape(
-        hidden=hf_config.hidden_size, heads=heads, kv_heads=hf_config.num_key_value_heads, head_dim=head_dim,
-        vocab=hf_config.vocab_size, num_layers=hf_config.num_hidden_layers, moe_layers=moe,
-        num_experts=hf_config.num_experts, top_k=hf_config.num_experts_per_tok,
-        moe_intermediate=hf_config.moe_intermediate_size,
+        hidden=hf_config.hidden_size, heads=hf_config.num_attention_heads, kv_heads=hf_config.num_key_value_heads,
+        head_dim=head_dim(hf_config), vocab=hf_config.vocab_size, num_layers=hf_config.num_hidden_layers,
+        moe_layers=moe, num_experts=num_experts, top_k=top_k, moe_intermediate=expert_width,
         dense_intermediate=hf_config.intermediate_size if not all(moe) else 0,
         attention_bias=bool(getattr(hf_config, "attention_bias", False)),
-        tied_embeddings=bool(hf_config.tie_word_embeddings))
+        tied_embeddings=bool(hf_config.tie_word_embeddings), qk_norm=arch.qk_norm)
 
 
 @dataclass(frozen=True)
@@ -67,42 +75,19 @@ class ParamSpec:
     layer: int | None = None  # decoder layer index; None for embeddings, final norm, LM head
 
 
-def _linear(name: str, n_in: int, n_out: int, bias: bool, layer: int) -> list[ParamSpec]:
-    out = [ParamSpec(f"{name}.weight", n_in * n_out, False, layer)]
-    return out + ([ParamSpec(f"{name}.bias", n_out, False, layer)] if bias else [])
+def param_inventory(hf_config: PretrainedConfig) -> list[ParamSpec]:
+    """Every trainable tensor of the family's causal LM, in `named_parameters()` order (a tied LM head is named once),
+    read off the model built on the meta device: whatever the family adds (q/k norms, biases, shared experts, dense
+    layers, latent attention) is counted by construction. Expert tensors are those of each MoE block's `experts`
+    child (all E experts: the meta model is built without expert parallelism)."""
+    from framework.models.registry import meta_model  # noqa: PLC0415
 
-
-def _layer_params(s: ModelShape, i: int) -> list[ParamSpec]:
-    """One decoder layer, in module registration order: self_attn, mlp, input_layernorm, post_attention_layernorm."""
-    pre = f"model.layers.{i}"
-    h, q, kv = s.hidden, s.q_width, s.kv_width
-    params = (_linear(f"{pre}.self_attn.q_proj", h, q, s.attention_bias, i)
-              + _linear(f"{pre}.self_attn.k_proj", h, kv, s.attention_bias, i)
-              + _linear(f"{pre}.self_attn.v_proj", h, kv, s.attention_bias, i)
-              + _linear(f"{pre}.self_attn.o_proj", q, h, s.attention_bias, i)
-              + [ParamSpec(f"{pre}.self_attn.q_norm.weight", s.head_dim, False, i),
-                 ParamSpec(f"{pre}.self_attn.k_norm.weight", s.head_dim, False, i)])
-    if s.moe_layers[i]:
-        e, inter = s.num_experts, s.moe_intermediate
-        params += [ParamSpec(f"{pre}.mlp.gate.weight", e * h, False, i),  # the router stays dense (replicated)
-                   ParamSpec(f"{pre}.mlp.experts.gate_up_proj", e * 2 * inter * h, True, i),
-                   ParamSpec(f"{pre}.mlp.experts.down_proj", e * h * inter, True, i)]
-    else:
-        d = s.dense_intermediate
-        params += (_linear(f"{pre}.mlp.gate_proj", h, d, False, i) + _linear(f"{pre}.mlp.up_proj", h, d, False, i)
-                   + _linear(f"{pre}.mlp.down_proj", d, h, False, i))
-    return params + [ParamSpec(f"{pre}.input_layernorm.weight", h, False, i),
-                     ParamSpec(f"{pre}.post_attention_layernorm.weight", h, False, i)]
-
-
-def param_inventory(s: ModelShape) -> list[ParamSpec]:
-    """Every trainable tensor, in `Qwen3MoeCausalLM.named_parameters()` order (a tied LM head is not repeated)."""
-    params = [ParamSpec("model.embed_tokens.weight", s.vocab * s.hidden, False)]
-    for i in range(s.num_layers):
-        params += _layer_params(s, i)
-    params.append(ParamSpec("model.norm.weight", s.hidden, False))
-    if not s.tied_embeddings:
-        params.append(ParamSpec("lm_head.weight", s.vocab * s.hidden, False))
+    model = meta_model(hf_config)
+    experts = {id(p) for block in model.moe_blocks() for p in block.experts.parameters()}
+    params = []
+    for name, p in model.named_parameters():
+        layer = _LAYER_RE.search(name)
+        params.append(ParamSpec(name, p.numel(), id(p) in experts, int(layer[1]) if layer else None))
     return params
 
 

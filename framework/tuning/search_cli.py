@@ -66,23 +66,28 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
 def run_search_command(args: argparse.Namespace) -> int:
     from framework.config import load_run_config  # noqa: PLC0415
     from framework.config.deepspeed import auto_sizes  # noqa: PLC0415
-    from framework.models.qwen3_moe.config import load_hf_config  # noqa: PLC0415
     from framework.config.load import ConfigError  # noqa: PLC0415
-    from framework.config.plan import accumulation_steps, check_parallel, global_batch, model_source  # noqa: PLC0415
+    from framework.config.plan import (  # noqa: PLC0415
+        accumulation_steps, check_model_parallel, global_batch, resolve_model)
     from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
 
     from framework.models.attention import resolve_attention  # noqa: PLC0415
 
     cfg = load_run_config(args.config, args.overrides)
-    hf_config = load_hf_config(model_source(cfg))
+    _, hf_config = resolve_model(cfg)  # the family's checked config, as the trainer gets it
     # the trials run on the GPU machine: "auto" there means flash varlen (no S x S mask)
     attention = "varlen" if cfg.model.attn_implementation == "auto" else resolve_attention(cfg.model.attn_implementation)
     world = args.num_gpus or 1
     if args.hostfile:
         from framework.cluster import parse_hostfile  # noqa: PLC0415
+        from framework.cluster.world import select_gpus  # noqa: PLC0415
 
-        hosts = parse_hostfile(args.hostfile)
-        world = sum(min(s, args.num_gpus or s) for s in hosts.values())
+        # the processes DeepSpeed's runner will start for the trials: --num_gpus on every host, never fewer
+        errors: list[str] = []
+        gpus = select_gpus(parse_hostfile(args.hostfile), args.num_gpus, None, args.hostfile, errors)
+        if errors:
+            raise ConfigError(errors[0])
+        world = sum(gpus.values())
     trials = grid(args.micro_batch_sizes, args.zero_stages, args.ep_sizes or [cfg.parallel.ep_size],
                   args.bucket_scales, args.activation_checkpointing, args.offload)
 
@@ -90,7 +95,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         # the run plan's own checks, so a trial is skipped exactly when its real run would stop on the config
         train = cfg.train.model_copy(update={"micro_batch_size": trial.micro_batch_size})
         try:
-            check_parallel(trial.ep_size, world, hf_config.num_experts, hf_config.num_experts_per_tok)
+            check_model_parallel(trial.ep_size, world, hf_config)
             accumulation_steps(global_batch(cfg.model_copy(update={"train": train}), world)[0],
                                trial.micro_batch_size, world)
         except ConfigError as e:

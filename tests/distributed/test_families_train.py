@@ -1,12 +1,13 @@
 """launch/pretrain.py with a Mixtral, Qwen2-MoE, OLMoE or DeepSeek-V3 model.hf_config on CPU: the exported directory
 is the family's stock transformers model (strict load) with the logits of framework.load_model, EP=2 over two
-processes trains the same losses as one process, and a run saved by one process resumes with EP=2.
+processes trains the same losses as one process, a run saved by one process resumes with EP=2, and tools/ds_to_hf.py
+turns a (tied-embedding) Mixtral training checkpoint into directories stock transformers loads strictly.
 
 Runtime (~40 s a run) keeps the matrix small: export and EP=2 for every family (Qwen2-MoE's EP=2 under ZeRO-2,
 where MoE blocks are re-classed as DeepSpeed MoE layers and its shared expert must survive that), resume for Mixtral
 and Qwen2-MoE (whose shared expert adds dense parameters inside the MoE block to the resharding load). DeepSeek-V3
 runs with auxiliary-loss-free balancing on, so its routers' selection biases move every step and must be the same on
-every rank, saved, restored and exported; one 4-step run serves its three checks."""
+every rank, saved, restored and exported; one 4-step run serves its checks."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ STOCK_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausa
 
 
 def _train(tmp_path, train: str, name: str, family: str = "mixtral", ep_size: int = 1, steps: int = STEPS,
-           extra: tuple = (), config: str | None = None) -> str:
+           extra: tuple = (), config: str | None = None, **hf_overrides) -> str:
     """`config`: a run YAML of its own (default: model_configs/tiny.yaml with the family's tiny model)."""
-    config = config or write_family_run_yaml(str(tmp_path / f"{family}.yaml"), family)
+    config = config or write_family_run_yaml(str(tmp_path / f"{name}.yaml"), family, **hf_overrides)
     out = str(tmp_path / name)
     launcher = None
     if ep_size > 1:
@@ -84,6 +85,36 @@ def test_family_resumes_at_another_ep_size(tmp_path, corpus, family):  # noqa: F
     for step in (3, 4):
         for key in ("loss", "aux_loss", "grad_norm", "lr"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4), (step, key)
+
+
+def test_mixtral_checkpoint_exports_offline_tied(tmp_path, corpus):  # noqa: F811
+    """ds_to_hf on a tied Mixtral training checkpoint: --format hf writes the hub's block_sparse_moe.experts.{e}.w1 /
+    w3 / w2 names (the same tensors as the trainer's live export), --format merged the fused ones; both load strictly
+    in stock transformers, tied, with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    out = _train(tmp_path, corpus[0], "tied", steps=1, tie_word_embeddings=True)
+    exported = {}
+    for fmt in ("hf", "merged"):
+        exported[fmt] = str(tmp_path / f"offline_{fmt}")
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ds_to_hf.py"), "--checkpoint",
+                               os.path.join(out, "checkpoints"), "--output", exported[fmt], "--format", fmt,
+                               "--quiet"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    hub, live = read_safetensors_dir(exported["hf"]), read_safetensors_dir(os.path.join(out, "hf"))
+    assert "model.layers.0.block_sparse_moe.experts.7.w2.weight" in hub and "lm_head.weight" not in hub
+    assert set(hub) == set(live) and all(torch.equal(hub[k], live[k]) for k in live)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in read_safetensors_dir(exported["merged"])
+    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for path in exported.values():
+        stock, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                           output_loading_info=True)
+        assert not any(info.values()), info  # strict: no missing, unexpected or mismatched tensors
+        assert stock.lm_head.weight.data_ptr() == stock.model.embed_tokens.weight.data_ptr()
+        with torch.no_grad():
+            results.append(stock.eval()(ids).logits)
+    assert torch.equal(results[0], results[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -58,7 +58,9 @@ def test_resume_on_one_gpu_at_another_zero_stage(tmp_path):
     """A ZeRO-3 checkpoint resumed at ZeRO-2 on the GPU (framework/zero/reshard.py with CUDA tensors; the resharded
     path also runs when the number of GPUs changes), and a halved lr takes effect."""
     train = write_text_corpus(str(tmp_path / "train"), 300, 0)
-    common = [f"data.paths=[{train}]", "train.max_steps=6", "train.save_steps=2", "export.at_end=false"]
+    # keep_last=3: the run saves steps 2, 4 and 6, and step 2 is where the ZeRO-2 run resumes
+    common = [f"data.paths=[{train}]", "train.max_steps=6", "train.save_steps=2", "train.keep_last=3",
+              "export.at_end=false"]
     full = run(common + [f"train.output_dir={tmp_path / 'a'}", "parallel.zero_stage=3"])
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     start = str(tmp_path / "a" / "checkpoints" / "step_00000002")

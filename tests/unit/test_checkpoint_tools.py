@@ -299,8 +299,12 @@ ERROR_CASES = {
                        r"unknown expert layout: model.layers.0.mlp.experts.0.w1.weight"),
     "mixed_layouts": (lambda t: t.update({"model.layers.2.mlp.experts.gate_up_proj": torch.zeros(8, 48, 32)}), None,
                       r"mixes expert layouts"),
+    "config_expert_counts_disagree": (None, lambda c: c.update(num_experts=8, num_local_experts=6),
+                                      r"config.json: num_experts=8 and num_local_experts=6 disagree$"),
+    "config_unsupported_family": (None, lambda c: c.update(model_type="llama"),
+                                  r"config.json: model_type is 'llama', which is not supported; supported: \w+"),
     "config_missing_fields": (None, lambda c: [c.pop(k) for k in ("hidden_size", "num_local_experts")],
-                              r"config.json: missing field\(s\) hidden_size, num_experts \(or num_local_experts\)$"),
+                              r"config.json: missing required Qwen3-MoE field\(s\) hidden_size, num_experts$"),
 }
 
 

@@ -164,3 +164,5 @@ def test_flops_per_token_mixtral_by_hand(head_dim):
     expected = 6 * (layers * per_layer + h * vocab) + 6 * layers * seq * qd
     assert expected == 119808
     assert flops_per_token(config, seq) == expected
+    tied = load_mixtral_config({**TINY_MIXTRAL, "head_dim": head_dim, "tie_word_embeddings": True})
+    assert flops_per_token(tied, seq) == expected  # a tied LM head is still a matmul per token

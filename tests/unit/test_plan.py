@@ -135,3 +135,30 @@ def test_resolve_plan_accepts_mixtral_and_checks_its_expert_fields(tmp_path):
         assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
         if "llama" in message:
             assert "qwen3_moe, mixtral" in str(info.value)
+
+
+def test_search_counts_the_processes_the_runner_starts(tmp_path, monkeypatch):
+    """tune_zero search over a hostfile: --num_gpus G starts G processes on every host (DeepSpeed's runner), so 2 hosts
+    of 4 slots with --num_gpus 2 are 4 processes; more GPUs than a host's slots is the runner's one-line error."""
+    worlds = []
+
+    def fake_run_search(config, out, trials, launcher, overrides, steps, warmup, auto, fits):
+        worlds.extend(fits(trial)[2] for trial in trials)
+        with open(os.path.join(out, "trials.csv"), "w", newline="") as f:
+            csv.DictWriter(f, FIELDS).writeheader()
+
+    monkeypatch.setattr(search_cli, "run_search", fake_run_search)
+    hostfile = str(tmp_path / "hostfile")
+    with open(hostfile, "w") as f:
+        f.write("node-a slots=4\nnode-b slots=4\n")
+    parser = argparse.ArgumentParser()
+    search_cli.add_search_args(parser)
+    out = tmp_path / "search"
+    out.mkdir()
+    args = parser.parse_args(["--config", TINY, "--hostfile", hostfile, "--num_gpus", "2", "--out", str(out),
+                              "--micro_batch_sizes", "1", "--ep_sizes", "3", "data.synthetic=true"])
+    search_cli.run_search_command(args)
+    assert worlds == ["parallel.ep_size (3) must divide the number of processes (4); choose one of [1, 2, 4]"]
+    args.num_gpus = 8
+    with pytest.raises(ConfigError, match=r"--num_gpus \(8\) exceeds slots=4 of"):
+        search_cli.run_search_command(args)

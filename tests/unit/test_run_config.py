@@ -127,6 +127,18 @@ def test_flops_per_token_qwen3_30b_a3b():
     assert 3.0e9 < (expected - 6 * layers * seq * qd) / 6 < 3.5e9
 
 
+def test_flops_per_token_with_a_dense_layer_and_tied_head_by_hand():
+    """tests/helpers.TINY: layer 1 is a dense SwiGLU MLP (mlp_only_layers), the rest MoE; tying changes nothing."""
+    from tests.helpers import tiny_config
+
+    h, qd, kvd, inter, dense, k, e, vocab, seq = 32, 32, 16, 24, 40, 2, 8, 96, 16
+    attention = h * qd + 2 * h * kvd + qd * h
+    matmuls = 2 * (attention + k * 3 * h * inter + h * e) + attention + 3 * h * dense + h * vocab
+    expected = 6 * matmuls + 6 * 3 * seq * qd
+    assert flops_per_token(tiny_config(), seq) == expected == 164352
+    assert flops_per_token(tiny_config(tie_word_embeddings=True), seq) == expected
+
+
 def test_cli_bad_config_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  hf_config: {vocab_size: 8}\ntrain:\n  max_step: 3\n")

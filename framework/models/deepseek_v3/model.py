@@ -18,7 +18,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3RotaryEmbedding,
 )
 
-from framework.models.decoder import Architecture, AttentionShape, MoECausalLM
+from framework.models.decoder import Architecture, MoECausalLM
 from framework.models.deepseek_v3.config import is_moe_layer
 from framework.models.options import ModelOptions
 from framework.moe.layer import MoEBlock
@@ -44,28 +44,14 @@ def shared_expert_width(config: DeepseekV3Config) -> int:
     return config.moe_intermediate_size * config.n_shared_experts
 
 
-def mla_shape(config: DeepseekV3Config) -> AttentionShape:
-    """MLA's projections (transformers' DeepseekV3Attention): queries through q_a_proj -> q_b_proj when q_lora_rank is
-    set, else q_proj; keys and values through kv_a_proj_with_mqa (latent + shared rotary key) -> kv_b_proj; o_proj.
-    Scores use qk_nope + qk_rope per head, the values v_head_dim."""
-    h, heads = config.hidden_size, config.num_attention_heads
-    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    rank = config.q_lora_rank
-    query = h * heads * qk if rank is None else h * rank + rank * heads * qk
-    kv = h * (config.kv_lora_rank + config.qk_rope_head_dim) + config.kv_lora_rank * heads * (
-        config.qk_nope_head_dim + config.v_head_dim)
-    out = heads * config.v_head_dim * h
-    return AttentionShape(matmul_params=query + kv + out, qk_width=heads * qk, v_width=heads * config.v_head_dim)
-
-
 DEEPSEEK_V3 = Architecture(
     attention=DeepseekV3Attention, rotary=DeepseekV3RotaryEmbedding, qk_norm=False, is_moe_layer=is_moe_layer,
     moe_shape=lambda c: (c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok, c.norm_topk_prob),
     dense_mlp=lambda c: DeepseekV3MLP(c, intermediate_size=c.intermediate_size),
-    experts_field="n_routed_experts", moe_block=DeepseekV3MoEBlock, attention_shape=mla_shape,
+    experts_field="n_routed_experts", moe_block=DeepseekV3MoEBlock,
     # varlen too: the flash varlen path zero-pads MLA's narrower value heads (framework/models/attention.py)
     attention_implementations=("sdpa", "eager", "varlen"),
-    shared_expert_params=lambda c: 3 * c.hidden_size * shared_expert_width(c), router_selection_bias=True)
+    router_selection_bias=True)
 
 
 class DeepseekV3CausalLM(MoECausalLM):

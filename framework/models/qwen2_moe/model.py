@@ -44,9 +44,7 @@ QWEN2_MOE = Architecture(
     attention=Qwen2MoeAttention, rotary=Qwen2MoeRotaryEmbedding, qk_norm=False, is_moe_layer=is_moe_layer,
     moe_shape=lambda c: (c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob),
     dense_mlp=lambda c: Qwen2MoeMLP(c, intermediate_size=c.intermediate_size),
-    moe_block=Qwen2MoeBlock,
-    # the shared expert's three SwiGLU matrices and its [1, H] gate
-    shared_expert_params=lambda c: 3 * c.hidden_size * c.shared_expert_intermediate_size + c.hidden_size)
+    moe_block=Qwen2MoeBlock)
 
 
 class Qwen2MoeCausalLM(MoECausalLM):

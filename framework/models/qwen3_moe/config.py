@@ -28,6 +28,10 @@ def check_config_dict(raw: dict[str, Any], source: str) -> None:
         missing.append("num_experts")
     if missing:
         raise ValueError(f"{source}: missing required Qwen3-MoE field(s) {', '.join(missing)}")
+    if raw.get("num_experts", raw.get("num_local_experts")) != raw.get("num_local_experts", raw.get("num_experts")):
+        # both spellings name one field; Qwen3MoeConfig would keep one of them silently
+        raise ValueError(f"{source}: num_experts={raw['num_experts']} and num_local_experts={raw['num_local_experts']} "
+                         "disagree")
     if raw.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act is {raw['hidden_act']!r}; Qwen3-MoE experts are SwiGLU ('silu')")
 
