@@ -3,6 +3,8 @@
     python benchmarks/e2e.py --num_gpus 4 --ep 4 [--layers 8] [--seq 4096] [--cases 1:1,4:0] [--steps 12]
         [--backends grouped_mm,megablocks] [--zero_stages 3,2] [--anchors autoep,leaf] [--anchor_script PATH]
         [--data random|demo] [--repeats N] [--override section.key=value ...] [--out DIR]
+    python benchmarks/e2e.py --config model_configs/moonlight-16b-a3b.yaml --num_gpus 1 --ep 1 --layers 4 \
+        --anchors family          # another family: the plain ZeRO-3 anchor on its stock model (anchor_family.py)
 
 Each row is a separate launch (DeepSpeed's runner, --num_gpus N) of the same model: Qwen3-30B-A3B widths
 (model_configs/qwen3-30b-a3b-8l.yaml) at --layers depth, seq --seq, for each --cases entry MBS:GC (micro batch per
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.launching import REPO, Failure, free_port, run_logged, runner  # noqa: E402
 
 CONFIG = os.path.join(REPO, "model_configs", "qwen3-30b-a3b-8l.yaml")
+FAMILY_ANCHOR = os.path.join(REPO, "benchmarks", "anchor_family.py")
 # --cases GC: ours recomputes whole layers (1), only the MoE or attention half (moe, attention) or nothing (0); the
 # anchors recompute whole layers for any GC but 0
 CHECKPOINTING = {"1": "true", "0": "false", "moe": "moe", "attention": "attention"}
@@ -85,8 +88,10 @@ def demo_text_folder(out: str) -> str:
 
 def run_anchor(args, mode: str, out: str, port: int) -> dict:
     env = {"MODE": mode, "LAYERS": str(args.layers), "SEQ": str(args.seq), "MBS": str(args.mbs),
-           "GC": "0" if args.gc == "0" else "1", "ADAM": args.anchor_adam}
-    log = run_logged(runner(args.num_gpus, port) + [args.anchor_script], out + ".log", env=env)
+           "GC": "0" if args.gc == "0" else "1", "ADAM": args.anchor_adam, "CONFIG": args.config}
+    # "family": plain ZeRO-3 on the stock model of --config, whatever its family (benchmarks/anchor_family.py)
+    script = FAMILY_ANCHOR if mode == "family" else args.anchor_script
+    log = run_logged(runner(args.num_gpus, port) + [script], out + ".log", env=env)
     with open(log) as f:
         lines = [line for line in f if line.startswith("RESULT ")]
     if not lines:
@@ -124,7 +129,8 @@ def main() -> None:
                    help="run this many more steps under torch.profiler (OUT/<row>/profile), untimed")
     p.add_argument("--backends", default="grouped_mm")
     p.add_argument("--zero_stages", default="3")
-    p.add_argument("--anchors", default="autoep")
+    p.add_argument("--anchors", default="autoep",
+                   help="autoep, leaf (the shared anchor: Qwen3-30B-A3B widths only), family (--config's model)")
     p.add_argument("--anchor_adam", default="torch", choices=["torch", "fused"])
     p.add_argument("--anchor_script", default=os.path.join(REPO, "..", "shared", "anchors", "deepspeed_e2e.py"))
     p.add_argument("--data", default="random", choices=["random", "demo"],

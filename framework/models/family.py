@@ -1,14 +1,15 @@
 """What a model family is to the rest of the framework, and reading the raw config a family is chosen from.
 
-Owns: `Family` (one per supported model_type, listed in registry.py) and `read_raw_config`. Does not own model code:
-a family's folder (framework/models/<family>/) holds its config checks, `Architecture` and causal-LM class.
+Owns: `Family` (one per supported model_type, listed in registry.py), `read_raw_config` and `load_family_config`
+(the steps every family's config loader shares). Does not own model code: a family's folder
+(framework/models/<family>/) holds its own config checks, `Architecture` and causal-LM class.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,3 +40,29 @@ def read_raw_config(source: str | dict) -> tuple[dict[str, Any], str]:
         raise FileNotFoundError(f"no config.json at {where}")
     with open(where) as f:
         return json.load(f), where
+
+
+def load_family_config(source: Any, config_class: type[PretrainedConfig], model_type: str, name: str,
+                       required: Sequence[str], spellings: Sequence[tuple[str, ...]] = ()
+                       ) -> tuple[PretrainedConfig, dict[str, Any] | None, str]:
+    """(config, its raw dict (None for a config object), where it came from) for a family's config source.
+
+    The fields in `required` must be present, and one name of each tuple in `spellings` (one field spelt two ways,
+    e.g. ("num_experts", "num_local_experts")): transformers' config classes fill a missing field with a default
+    (128 experts, hidden 4096, ...) that would build a model unlike the checkpoint. Errors are one line naming the file.
+    """
+    if isinstance(source, config_class):
+        return source, None, "config"
+    raw, where = read_raw_config(source)
+    if raw.get("model_type", model_type) != model_type:
+        raise ValueError(f"{where}: model_type is {raw['model_type']!r}, expected {model_type!r}")
+    missing = [k for k in required if k not in raw] + [names[0] for names in spellings
+                                                        if not any(n in raw for n in names)]
+    if missing:
+        raise ValueError(f"{where}: missing required {name} field(s) {', '.join(missing)}")
+    for names in spellings:
+        values = {n: raw[n] for n in names if raw.get(n) is not None}
+        if len(set(map(str, values.values()))) > 1:  # the config class would keep one of them silently
+            raise ValueError(f"{where}: {' and '.join(f'{n}={v}' for n, v in values.items())} disagree")
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
+    return config_class(**fields), raw, where

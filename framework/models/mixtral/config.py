@@ -6,11 +6,10 @@ because MixtralConfig's silent defaults (8 experts, hidden 4096, ...) would buil
 
 from __future__ import annotations
 
-from typing import Any
 
 from transformers import MixtralConfig
 
-from framework.models.family import read_raw_config
+from framework.models.family import load_family_config
 
 # intermediate_size is the expert FFN width: every Mixtral layer is MoE
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -30,16 +29,6 @@ def check_config(config: MixtralConfig, source: str) -> None:
 
 def load_mixtral_config(source: str | dict | MixtralConfig) -> MixtralConfig:
     """A checked MixtralConfig from a checkpoint directory, a config.json path, a dict or a config object."""
-    if isinstance(source, MixtralConfig):
-        check_config(source, "config")
-        return source
-    raw, where = read_raw_config(source)
-    if raw.get("model_type", "mixtral") != "mixtral":
-        raise ValueError(f"{where}: model_type is {raw['model_type']!r}, expected 'mixtral'")
-    missing = [k for k in REQUIRED_FIELDS if k not in raw]
-    if missing:
-        raise ValueError(f"{where}: missing required Mixtral field(s) {', '.join(missing)}")
-    fields: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
-    config = MixtralConfig(**fields)
+    config, _, where = load_family_config(source, MixtralConfig, "mixtral", "Mixtral", REQUIRED_FIELDS)
     check_config(config, where)
     return config

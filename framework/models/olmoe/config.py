@@ -8,11 +8,10 @@ The expert count may be spelt num_experts or num_local_experts (OlmoeConfig maps
 
 from __future__ import annotations
 
-from typing import Any
 
 from transformers import OlmoeConfig
 
-from framework.models.family import read_raw_config
+from framework.models.family import load_family_config
 
 # intermediate_size is the expert FFN width: every OLMoE layer is MoE
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -35,18 +34,7 @@ def check_config(config: OlmoeConfig, source: str) -> None:
 
 def load_olmoe_config(source: str | dict | OlmoeConfig) -> OlmoeConfig:
     """A checked OlmoeConfig from a checkpoint directory, a config.json path, a dict or a config object."""
-    if isinstance(source, OlmoeConfig):
-        check_config(source, "config")
-        return source
-    raw, where = read_raw_config(source)
-    if raw.get("model_type", "olmoe") != "olmoe":
-        raise ValueError(f"{where}: model_type is {raw['model_type']!r}, expected 'olmoe'")
-    missing = [k for k in REQUIRED_FIELDS if k not in raw]
-    if "num_experts" not in raw and "num_local_experts" not in raw:
-        missing.append("num_experts")
-    if missing:
-        raise ValueError(f"{where}: missing required OLMoE field(s) {', '.join(missing)}")
-    fields: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
-    config = OlmoeConfig(**fields)
+    config, _, where = load_family_config(source, OlmoeConfig, "olmoe", "OLMoE", REQUIRED_FIELDS,
+                                          [("num_experts", "num_local_experts")])
     check_config(config, where)
     return config

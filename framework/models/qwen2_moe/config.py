@@ -7,11 +7,10 @@ model unlike the checkpoint; intermediate_size (the dense layers' width) only wh
 
 from __future__ import annotations
 
-from typing import Any
 
 from transformers import Qwen2MoeConfig
 
-from framework.models.family import read_raw_config
+from framework.models.family import load_family_config
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts", "num_experts_per_tok")
@@ -34,20 +33,10 @@ def check_config(config: Qwen2MoeConfig, source: str) -> None:
 
 def load_qwen2_moe_config(source: str | dict | Qwen2MoeConfig) -> Qwen2MoeConfig:
     """A checked Qwen2MoeConfig from a checkpoint directory, a config.json path, a dict or a config object."""
-    if isinstance(source, Qwen2MoeConfig):
-        config, where = source, "config"
-    else:
-        raw, where = read_raw_config(source)
-        if raw.get("model_type", "qwen2_moe") != "qwen2_moe":
-            raise ValueError(f"{where}: model_type is {raw['model_type']!r}, expected 'qwen2_moe'")
-        missing = [k for k in REQUIRED_FIELDS if k not in raw]
-        if missing:
-            raise ValueError(f"{where}: missing required Qwen2-MoE field(s) {', '.join(missing)}")
-        fields: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
-        config = Qwen2MoeConfig(**fields)
-        has_dense = any(not is_moe_layer(config, i) for i in range(config.num_hidden_layers))
-        if has_dense and "intermediate_size" not in raw:
-            raise ValueError(f"{where}: dense layers exist (mlp_only_layers / decoder_sparse_step) but "
-                             "intermediate_size is not set")
+    config, raw, where = load_family_config(source, Qwen2MoeConfig, "qwen2_moe", "Qwen2-MoE", REQUIRED_FIELDS)
+    has_dense = any(not is_moe_layer(config, i) for i in range(config.num_hidden_layers))
+    if raw is not None and has_dense and "intermediate_size" not in raw:
+        raise ValueError(f"{where}: dense layers exist (mlp_only_layers / decoder_sparse_step) but "
+                         "intermediate_size is not set")
     check_config(config, where)
     return config

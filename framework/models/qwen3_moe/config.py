@@ -8,48 +8,23 @@ defaults (128 experts, hidden 2048, ...) would otherwise build a model unlike th
 
 from __future__ import annotations
 
-from typing import Any
 
 from transformers import Qwen3MoeConfig
 
-from framework.models.family import read_raw_config
+from framework.models.family import load_family_config
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "moe_intermediate_size", "num_experts_per_tok")
 
 
-def check_config_dict(raw: dict[str, Any], source: str) -> None:
-    """One-line errors for a config dict that cannot describe a Qwen3-MoE model."""
-    model_type = raw.get("model_type", "qwen3_moe")
-    if model_type != "qwen3_moe":
-        raise ValueError(f"{source}: model_type is {model_type!r}, expected 'qwen3_moe'")
-    missing = [k for k in REQUIRED_FIELDS if k not in raw]
-    if "num_experts" not in raw and "num_local_experts" not in raw:
-        missing.append("num_experts")
-    if missing:
-        raise ValueError(f"{source}: missing required Qwen3-MoE field(s) {', '.join(missing)}")
-    if raw.get("num_experts", raw.get("num_local_experts")) != raw.get("num_local_experts", raw.get("num_experts")):
-        # both spellings name one field; Qwen3MoeConfig would keep one of them silently
-        raise ValueError(f"{source}: num_experts={raw['num_experts']} and num_local_experts={raw['num_local_experts']} "
-                         "disagree")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act is {raw['hidden_act']!r}; Qwen3-MoE experts are SwiGLU ('silu')")
-
-
 def load_hf_config(source: str | dict | Qwen3MoeConfig) -> Qwen3MoeConfig:
     """A checked Qwen3MoeConfig from a checkpoint directory, a config.json path, a dict or a config object."""
-    if isinstance(source, Qwen3MoeConfig):
-        config = source
-    else:
-        raw, where = read_raw_config(source)
-        check_config_dict(raw, where)
-        raw.pop("model_type", None)
-        raw.pop("architectures", None)
-        config = Qwen3MoeConfig(**raw)
-    n_dense = config.intermediate_size if any(not is_moe_layer(config, i) for i in range(config.num_hidden_layers)) \
-        else None
-    if n_dense is not None and not n_dense:
-        raise ValueError("config: dense layers exist (mlp_only_layers / decoder_sparse_step) but intermediate_size "
+    config, _, where = load_family_config(source, Qwen3MoeConfig, "qwen3_moe", "Qwen3-MoE", REQUIRED_FIELDS,
+                                          [("num_experts", "num_local_experts")])
+    if config.hidden_act != "silu":
+        raise ValueError(f"{where}: hidden_act is {config.hidden_act!r}; Qwen3-MoE experts are SwiGLU ('silu')")
+    if any(not is_moe_layer(config, i) for i in range(config.num_hidden_layers)) and not config.intermediate_size:
+        raise ValueError(f"{where}: dense layers exist (mlp_only_layers / decoder_sparse_step) but intermediate_size "
                          "is not set")
     return config
 
