@@ -241,6 +241,8 @@ def test_missing_fields_are_named():
     ours = framework.load_model({**{k: v for k, v in TINY_DEEPSEEK.items() if k != "n_routed_experts"},
                                  "model_type": "deepseek_v3", "num_local_experts": 8})
     assert ours.config.n_routed_experts == 8
+    with pytest.raises(ValueError, match="n_routed_experts=8 and num_local_experts=6 disagree"):
+        framework.load_model({**TINY_DEEPSEEK, "model_type": "deepseek_v3", "num_local_experts": 6})
 
 
 @pytest.mark.parametrize("q_lora_rank, expected", [(24, 316416), (8, 279552), (None, 316416)])

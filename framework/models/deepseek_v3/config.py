@@ -11,11 +11,10 @@ default turns the low-rank query path on. The expert count may be spelled `n_rou
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from transformers import DeepseekV3Config
 
-from framework.models.family import read_raw_config
+from framework.models.family import load_family_config
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
@@ -74,23 +73,7 @@ def check_config(config: DeepseekV3Config, source: str) -> None:
 
 def load_deepseek_v3_config(source: str | dict | DeepseekV3Config) -> DeepseekV3Config:
     """A checked DeepseekV3Config from a checkpoint directory, a config.json path, a dict or a config object."""
-    if isinstance(source, DeepseekV3Config):
-        check_config(source, "config")
-        return source
-    raw, where = read_raw_config(source)
-    if raw.get("model_type", "deepseek_v3") != "deepseek_v3":
-        raise ValueError(f"{where}: model_type is {raw['model_type']!r}, expected 'deepseek_v3'")
-    missing = [k for k in REQUIRED_FIELDS if k not in raw]
-    if "n_routed_experts" not in raw and "num_local_experts" not in raw:
-        missing.append("n_routed_experts")
-    if missing:
-        raise ValueError(f"{where}: missing required DeepSeek-V3 field(s) {', '.join(missing)}")
-    counts = {raw[k] for k in ("n_routed_experts", "num_local_experts") if k in raw}
-    if len(counts) > 1:
-        raise ValueError(f"{where}: n_routed_experts and num_local_experts disagree ({sorted(counts)})")
-    fields: dict[str, Any] = {k: v for k, v in raw.items()
-                              if k not in ("model_type", "architectures", "num_local_experts")}
-    fields["n_routed_experts"] = counts.pop()
-    config = DeepseekV3Config(**fields)
+    config, _, where = load_family_config(source, DeepseekV3Config, "deepseek_v3", "DeepSeek-V3", REQUIRED_FIELDS,
+                                          spellings=[("n_routed_experts", "num_local_experts")])
     check_config(config, where)
     return config
