@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from framework.data.chat_rows import ChatRows
 from framework.data.packing import make_batch, pack_row
 from framework.data.sources import Corpus
 from framework.data.stream import DocumentStream
@@ -133,10 +134,10 @@ class StepBatchLoader:
     """This rank's micro-batches, `gradient_accumulation` of them per optimizer step, in step order.
 
     Yields dicts of int64 CPU tensors [micro_batch_size, seq_len]: input_ids, labels, position_ids (packing.py's
-    row layout; random rows predict every token).
+    row layout; random rows predict every token; chat rows (framework/data/chat_rows.py) bring their own labels).
     """
 
-    def __init__(self, rows: PackedRows | RandomRows, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+    def __init__(self, rows: PackedRows | RandomRows | ChatRows, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_world: int, next_sample: int = 0):
         per_step = micro_batch_size * dp_world
         if global_batch_size % per_step:
