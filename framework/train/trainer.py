@@ -1,4 +1,4 @@
-"""The pretraining run: build everything from a RunConfig, train on the DeepSpeed engine, log, save, resume, export.
+"""The training run, pretraining or fine-tuning (RunPlan.task): build everything from a RunConfig, train on the DeepSpeed engine, log, save, resume, export.
 
 Owns: the order of start-up (distributed, groups, tokenizer, data, model, engine, resume), the step loop with gradient
 accumulation, evaluation, and when checkpoints and the export happen. What each piece does lives in its own module:
@@ -26,6 +26,7 @@ from framework.cluster.process_group import init_deepspeed_distributed
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
 from framework.config.plan import RunPlan
+from framework.data.chat_rows import ChatRows
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
 from framework.models.registry import moe_shape
 from framework.train.checkpoint_integrity import DATA_STATE_NAME
@@ -109,14 +110,23 @@ class Trainer:
                 print(line, flush=True)
 
         self.tokenizer_dir = plan.tokenizer_dir
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        if plan.task == "finetune":
+            from framework.config.plan import chat_tokenizer  # noqa: PLC0415
+
+            self.tokenizer = chat_tokenizer(cfg)  # with chat.template applied: checkpoints and the export keep it
+        else:
+            self.tokenizer = load_tokenizer(self.tokenizer_dir)
         if rt.rank == 0:
             os.makedirs(self.output_dir, exist_ok=True)
             self.ckpt.remove_stale_temporaries()
+            if plan.task == "finetune" and cfg.chat.template is not None:
+                self.tokenizer.save_pretrained(os.path.join(self.output_dir, "tokenizer"))
+        if plan.task == "finetune" and cfg.chat.template is not None:
+            self.tokenizer_dir = os.path.join(self.output_dir, "tokenizer")  # what the export copies
         dist.barrier()
         cache_dir = cfg.data.cache_dir or os.path.join(self.output_dir, "data_cache")
         paths = list(cfg.data.paths)
-        if cfg.data.use_demo_corpus:
+        if cfg.data.use_demo_corpus and plan.task == "pretrain":
             if rt.rank == 0:
                 build_demo_corpus(cache_dir)
             dist.barrier()
@@ -167,9 +177,36 @@ class Trainer:
         self.metrics = MetricsWriter(self.output_dir, rt.rank == 0, cfg.train.tensorboard,
                                      self.step if plan.resume is not None or cfg.train.resume else None)
 
+    def _chat_rows(self) -> ChatRows:
+        """The conversations (tokenised before training by each machine's first process: the plan's check)."""
+        from framework.config.plan import prepare_chat_data  # noqa: PLC0415
+        from framework.data.chat_dataset import ChatData  # noqa: PLC0415
+
+        cfg = self.cfg
+        if self.rt.local_rank == 0:  # found as built by the plan, or built now (a plan resolved without the check)
+            path, _ = prepare_chat_data(cfg, self.tokenizer)
+        dist.barrier()
+        if self.rt.local_rank != 0:
+            path, _ = prepare_chat_data(cfg, self.tokenizer)  # finds it: the same key on every process
+        data = ChatData(path)
+        saved = self.data_state
+        streams = saved["num_streams"] if saved and "num_streams" in saved else \
+            default_num_streams(cfg.train.global_batch_size, data.num_conversations)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        try:
+            rows = ChatRows(data, cfg.data.seq_len, streams, cfg.train.seed, cfg.data.shuffle, pad_id,
+                            cfg.chat.overlong)
+        except ValueError as e:
+            raise ConfigError(f"data.paths: {e}") from None
+        if self.rt.rank == 0:
+            print(f"chat data: {rows.summary()}", flush=True)
+        return rows
+
     def _train_loader(self, paths: list[str], cache_dir: str, vocab_size: int) -> StepBatchLoader:
         cfg, rt = self.cfg, self.rt
-        if cfg.data.synthetic:
+        if self.plan.task == "finetune":
+            rows = self._chat_rows()
+        elif cfg.data.synthetic:
             rows = RandomRows(vocab_size, cfg.data.seq_len, cfg.train.seed)
         else:
             from framework.data.sources import open_corpus  # noqa: PLC0415
@@ -283,16 +320,17 @@ class Trainer:
                 profiler.step_begin(self.step + 1)
             self.step_lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on after it)
             skip = any(first <= self.step + 1 <= last for first, last in cfg.train.skip_data_steps)
-            for _ in range(self.gas):
-                b = self._batch(self.loader)
-                if skip:
-                    continue
+            batches = [self._batch(self.loader) for _ in range(self.gas)]  # the whole step's, to count its labels
+            weights = [] if skip else self._token_weights(batches)
+            for b, weight in zip(batches, weights):
                 out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
-                out.loss = _fault_loss(out.loss, self.step + 1)
-                self.engine.backward(out.loss)
+                # the micro batch's summed token loss over the step's labelled tokens (see _token_weights)
+                lm_loss = out.lm_loss * weight
+                loss = _fault_loss(out.loss + (lm_loss - out.lm_loss), self.step + 1)
+                self.engine.backward(loss)
                 self.engine.step()
-                meter.add_micro_batch(out.loss, out.lm_loss, out.aux_loss, out.router_stats, tokens_per_micro)
-                nonfinite |= ~torch.isfinite(out.loss.detach())  # no host sync here: checked at logs and saves
+                meter.add_micro_batch(loss, lm_loss, out.aux_loss, out.router_stats, tokens_per_micro)
+                nonfinite |= ~torch.isfinite(loss.detach())  # no host sync here: checked at logs and saves
             self.step += 1
             if profiler is not None and (written := profiler.step_end(self.step)):
                 self._print(bar, f"step {self.step}: profile of steps {cfg.train.profile_steps} written to {written}")
@@ -322,6 +360,21 @@ class Trainer:
             self.export(os.path.join(self.output_dir, "hf"))
         self.metrics.close()
         dist.barrier()  # every rank leaves together: none exits while a peer still talks to it
+
+    def _token_weights(self, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per-token loss normalisation over the whole global batch (README "Loss normalisation"), for pretraining
+        and fine-tuning alike: the model's lm_loss is the mean over one micro batch's n_k labelled tokens; the step
+        must minimise the sum over every labelled token of the global batch divided by their number N (all ranks,
+        all micro batches). DeepSpeed divides each backward by the accumulation steps and averages gradients over
+        the ranks, so micro batch k's mean is weighted by n_k x gas x world / N. (A mean of per-micro-batch means
+        would weight a token of a micro batch with few assistant tokens more than one of a full one.) One small
+        all-reduce per step, of counts known before any forward."""
+        counts = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).to(torch.float64)
+        total = counts.sum()
+        if self.rt.world_size > 1:
+            dist.all_reduce(total)
+        scale = self.gas * self.rt.world_size / total.clamp_min(1)
+        return [(n * scale).to(torch.float32) for n in counts]
 
     def _stop_if_nonfinite(self, nonfinite: torch.Tensor) -> None:
         """Raise NonFiniteLoss if any rank saw a nan/inf training loss since the run started (one small collective)."""
