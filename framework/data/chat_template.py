@@ -8,14 +8,17 @@ What the assistant writes, for assistant message i: the rendered text from the e
 messages[:i] (what `apply_chat_template(messages[:i], add_generation_prompt=True)` renders: the text a model is given at
 inference) up to and including the template's end-of-turn marker (found once per template by rendering a probe
 conversation and reading what follows the assistant's content, e.g. `<|im_end|>`). Released templates are not always
-prefix-stable (Qwen3 drops the thinking of assistant turns before the last user message), so when the rendering of
-messages[:i] is not a prefix of the whole conversation's, the turn starts after the next assistant header (the part
-the generation prompt adds) following the previous assistant turn. Tokens are labelled when they start inside such a
+prefix-stable, so when the rendering of messages[:i] is not a prefix of the whole conversation's: if the history
+renders the same and only the generation prompt differs (Qwen3 with enable_thinking=false prompts with an empty think
+block that earlier turns lack), the turn starts where the two part; if the history itself differs (Qwen3 drops the
+thinking of assistant turns before the last user message), it starts after the first line of the assistant header
+(e.g. `<|im_start|>assistant\n`) following the previous assistant turn. Tokens are labelled when they start inside such a
 span (character offsets of a fast tokenizer). Templates with `{% generation %}` markers need nothing else.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,10 +99,17 @@ class ChatRenderer:
         prompt = _render(self.tokenizer, messages[:i], True, self.kwargs)
         if text.startswith(prompt) and len(prompt) >= cursor:
             return len(prompt)
-        # not prefix-stable (e.g. Qwen3 renders earlier thinking only while it follows the last user message): the
-        # turn begins after the first assistant header past the previous assistant turn
         before = _render(self.tokenizer, messages[:i], False, self.kwargs) if i else ""
+        common = len(os.path.commonprefix([prompt, text]))
+        if text.startswith(before) and prompt.startswith(before) and common >= max(len(before), cursor):
+            # the history renders as in context, the generation prompt does not all appear (Qwen3 with
+            # enable_thinking=false prompts with an empty think block that earlier turns lack): the turn starts
+            # where the two part
+            return common
+        # the history itself renders otherwise (Qwen3 keeps an earlier turn's thinking only while it follows the
+        # last user message): the turn starts after the first line of the assistant header past the previous turn
         header = prompt[len(before):] if prompt.startswith(before) else ""
+        header = header[:header.index("\n") + 1] if "\n" in header else header
         at = text.find(header, cursor) if header else -1
         if at < 0:
             raise TemplateError(f"message {i} (assistant): the template renders it differently inside the "
