@@ -23,8 +23,9 @@ FINETUNE = os.path.join(REPO, "launch", "finetune.py")
 TINY_YAML = os.path.join(REPO, "model_configs", "tiny.yaml")
 
 
-def run(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(args: list[str], launcher: list[str] | None = None, timeout: int = 300,
+        env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run((launcher or [sys.executable]) + [FINETUNE, *args], capture_output=True, text=True,
@@ -135,3 +136,32 @@ def test_loss_is_normalised_per_token_over_the_global_batch(tmp_path):
         means = [model(batch["input_ids"][i:i + 1], labels=batch["labels"][i:i + 1],
                        position_ids=batch["position_ids"][i:i + 1]).lm_loss.item() for i in range(4)]
     assert abs(sum(means) / 4 - out_all.lm_loss.item()) > 1e-3
+
+
+def test_from_hf_checkpoint_resume_equals_uninterrupted(tmp_path):
+    """Initialised from an HF checkpoint directory holding its tokenizer and chat template (as a released one does):
+    a run killed right after its step-2 save and resumed with --resume auto logs the uninterrupted run's steps 3-4."""
+    import shutil
+
+    from tests.helpers import stock_model
+
+    ckpt = tmp_path / "released"
+    stock_model(seed=1, vocab_size=4096, max_position_embeddings=256).save_pretrained(str(ckpt))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(os.path.join(REPO, "framework", "assets", "tokenizer", name), ckpt / name)
+    data = write_jsonl(tmp_path / "chat.jsonl", [
+        {"conversations": [{"from": "human", "value": f"Spell {w}."}, {"from": "gpt", "value": " ".join(w)}]}
+        for w in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda")])
+    common = ["--config", TINY_YAML, "model.hf_config=", f"model.path={ckpt}", f"data.paths=[{data}]",
+              "data.seq_len=48", "train.max_steps=4", "train.save_steps=2", "export.at_end=false"]
+    full = run([*common, f"train.output_dir={tmp_path / 'a'}"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run([*common, f"train.output_dir={tmp_path / 'b'}"], env_extra={"FRAMEWORK_FAULT": "after_save:2"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = run([*common, f"train.output_dir={tmp_path / 'b'}", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stdout
+    want, got = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    for step in (3, 4):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6), (step, key)
