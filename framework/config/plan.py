@@ -212,7 +212,8 @@ def check_data(cfg: RunConfig) -> None:
 def check_task(cfg: RunConfig, task: str) -> None:
     """What one task's data needs that the other's does not have."""
     if task == "pretrain":
-        if "chat" in cfg.model_fields_set:
+        # a run_config.yaml written by any run holds the section with its defaults: only settings are refused
+        if cfg.chat.model_dump() != type(cfg.chat)().model_dump():
             raise ConfigError("the chat section configures chat data for launch/finetune.py; launch/pretrain.py trains "
                               "on documents: remove it, or fine-tune with launch/finetune.py")
         return

@@ -251,3 +251,39 @@ def test_rows_resume_and_world_size_independence(chat_data):
     for k in range(4):  # step 3 of the single-process run, after a 2-process run saved at step 2
         b = next(resumed)
         assert all(np.array_equal(b[key], steps[2][k][key]) for key in b)
+
+
+# ---- the plan: what each task refuses
+
+
+@pytest.mark.parametrize("task, overrides, needle", [
+    ("pretrain", ["chat.loss_on=last"], "the chat section configures chat data for launch/finetune.py"),
+    ("finetune", ["data.synthetic=true"], "data.synthetic=true is for pretraining"),
+    ("finetune", ["data.eval_paths=[x.jsonl]"], "evaluation on chat data is not supported"),
+    ("finetune", ["chat.template=/nonexistent.jinja"], "chat.template /nonexistent.jinja is not a file"),
+])
+def test_plan_refuses_what_the_task_cannot_use(task, overrides, needle):
+    from framework.config import load_run_config
+    from framework.config.plan import check_task
+
+    cfg = load_run_config(os.path.join(os.path.dirname(FIXTURES), "..", "..", "model_configs", "tiny.yaml"),
+                          overrides)
+    with pytest.raises(ConfigError, match=needle):
+        check_task(cfg, task)
+
+
+def test_plan_tokenises_the_chat_data_before_any_work(tmp_path):
+    from framework.config import load_run_config
+    from framework.config.plan import resolve_plan
+
+    data = write_jsonl(tmp_path / "c.jsonl", [conversation(k) for k in range(8)])
+    cfg = load_run_config(os.path.join(os.path.dirname(FIXTURES), "..", "..", "model_configs", "tiny.yaml"),
+                          [f"data.paths=[{data}]", f"train.output_dir={tmp_path / 'out'}"])
+    plan = resolve_plan(cfg, 1, check_corpus=True, task="finetune")
+    assert plan.task == "finetune"
+    assert any("8 conversations" in line and "assistant tokens" in line for line in plan.notes)
+    assert len(os.listdir(tmp_path / "out" / "data_cache" / "chat")) == 1
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "?"}]}])
+    with pytest.raises(ConfigError, match=f"data.paths: {bad}:1: no conversation has an assistant message"):
+        resolve_plan(cfg.model_copy(update={"data": cfg.data.model_copy(update={"paths": [bad]})}), 1,
+                     check_corpus=True, task="finetune")
