@@ -171,7 +171,8 @@ class ChatSection(Section):
     overlong: Literal["truncate", "drop"] = "truncate"
     # a .jinja file used instead of the tokenizer's own chat template (saved with the checkpoints and the export)
     template: str | None = None
-    template_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the template, e.g. {enable_thinking: false}
+    # passed to the template, e.g. {enable_thinking: false} for Qwen3
+    template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExportSection(Section):

@@ -12,8 +12,8 @@ prefix-stable, so when the rendering of messages[:i] is not a prefix of the whol
 renders the same and only the generation prompt differs (Qwen3 with enable_thinking=false prompts with an empty think
 block that earlier turns lack), the turn starts where the two part; if the history itself differs (Qwen3 drops the
 thinking of assistant turns before the last user message), it starts after the first line of the assistant header
-(e.g. `<|im_start|>assistant\n`) following the previous assistant turn. Tokens are labelled when they start inside such a
-span (character offsets of a fast tokenizer). Templates with `{% generation %}` markers need nothing else.
+(e.g. `<|im_start|>assistant\n`) following the previous assistant turn. Tokens are labelled when they start inside
+such a span (character offsets of a fast tokenizer). Templates with `{% generation %}` markers need nothing else.
 """
 
 from __future__ import annotations

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from framework.data.chat_rows import ChatRows
 from framework.data.packing import make_batch, pack_row
 from framework.data.sources import Corpus
 from framework.data.stream import DocumentStream
+
+if TYPE_CHECKING:
+    from framework.data.chat_rows import ChatRows
 
 STATE_FORMAT = 2
 MEMO_TOKENS = 1 << 24  # tokenised documents kept in memory, over all streams of a rank
@@ -137,8 +140,8 @@ class StepBatchLoader:
     row layout; random rows predict every token; chat rows (framework/data/chat_rows.py) bring their own labels).
     """
 
-    def __init__(self, rows: PackedRows | RandomRows | ChatRows, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_world: int, next_sample: int = 0):
+    def __init__(self, rows: PackedRows | RandomRows | ChatRows, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_world: int, next_sample: int = 0):
         per_step = micro_batch_size * dp_world
         if global_batch_size % per_step:
             raise ValueError(f"global batch {global_batch_size} is not a multiple of micro batch {micro_batch_size} "

@@ -1,4 +1,5 @@
-"""The training run, pretraining or fine-tuning (RunPlan.task): build everything from a RunConfig, train on the DeepSpeed engine, log, save, resume, export.
+"""The training run, pretraining or fine-tuning (RunPlan.task): build everything from a RunConfig, train on the
+DeepSpeed engine, log, save, resume, export.
 
 Owns: the order of start-up (distributed, groups, tokenizer, data, model, engine, resume), the step loop with gradient
 accumulation, evaluation, and when checkpoints and the export happen. What each piece does lives in its own module:

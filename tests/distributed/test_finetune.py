@@ -102,8 +102,10 @@ def test_loss_is_normalised_per_token_over_the_global_batch(tmp_path):
 
     rng = random.Random(0)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    conversations = [{"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 30)))},
-                                   {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 40)))}]}
+    def say(low: int, high: int) -> str:
+        return " ".join(rng.choices(words, k=rng.randint(low, high)))
+
+    conversations = [{"messages": [{"role": "user", "content": say(2, 30)}, {"role": "assistant", "content": say(1, 40)}]}
                      for _ in range(16)]
     data = write_jsonl(tmp_path / "chat.jsonl", conversations)
     out = tmp_path / "run"

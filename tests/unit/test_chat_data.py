@@ -168,7 +168,8 @@ def test_cache_reads_every_format_and_is_reused(tmp_path, shipped_tokenizer):
 
     msgs = write_jsonl(tmp_path / "a.jsonl", [conversation(k) for k in range(5)])
     share = tmp_path / "b.json"
-    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]))
+    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"},
+                                                    {"from": "gpt", "value": "yo"}]}]))
     datasets.Dataset.from_list([{"instruction": "Say x", "input": "", "output": "x"}] * 2).to_parquet(
         str(tmp_path / "c.parquet"))
     datasets.Dataset.from_list([conversation(7, 2)]).save_to_disk(str(tmp_path / "saved"))
