@@ -222,9 +222,6 @@ def check_task(cfg: RunConfig, task: str) -> None:
     if cfg.data.synthetic:
         raise ConfigError("data.synthetic=true is for pretraining throughput runs; fine-tuning reads conversations "
                           "(data.paths, or data.use_demo_corpus=true for the demo chat dataset)")
-    if cfg.data.eval_paths or cfg.train.eval_steps:
-        raise ConfigError("data.eval_paths / train.eval_steps: evaluation on chat data is not supported by "
-                          "launch/finetune.py yet; remove them")
     if cfg.chat.template is not None and not os.path.isfile(cfg.chat.template):
         raise ConfigError(f"chat.template {cfg.chat.template} is not a file (expected a .jinja chat template)")
 
@@ -345,8 +342,12 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
     if check_corpus and task == "finetune":
         from framework.data.chat_dataset import summary_lines  # noqa: PLC0415
 
-        _, summary = prepare_chat_data(cfg)
+        tokenizer = chat_tokenizer(cfg)
+        _, summary = prepare_chat_data(cfg, tokenizer)
         chat_notes = summary_lines(summary)
+        if cfg.data.eval_paths:
+            _, summary = prepare_chat_data(cfg, tokenizer, list(cfg.data.eval_paths), "data.eval_paths")
+            chat_notes += summary_lines(summary, "data.eval_paths")
     elif check_corpus:
         from framework.data.sources import check_corpus as scan  # noqa: PLC0415
 
@@ -447,9 +448,12 @@ def chat_settings(cfg: RunConfig):
     return ChatSettings(fields, c.loss_on, dict(c.template_kwargs))
 
 
-def prepare_chat_data(cfg: RunConfig, tokenizer=None) -> tuple[str, dict]:
-    """Check and tokenise the chat data into its cache (reused when unchanged); (cache directory, summary)."""
+def prepare_chat_data(cfg: RunConfig, tokenizer=None, paths: list[str] | None = None,
+                      key: str = "data.paths") -> tuple[str, dict]:
+    """Check and tokenise chat data (`paths`, default the training data: `chat_paths`) into its cache, reused when
+    unchanged; (cache directory, summary). Errors name `key`."""
     from framework.data.chat_dataset import build_chat_cache  # noqa: PLC0415
 
     tokenizer = tokenizer or chat_tokenizer(cfg)
-    return build_chat_cache(chat_paths(cfg), tokenizer, chat_settings(cfg), chat_cache_dir(cfg))
+    return build_chat_cache(chat_paths(cfg) if paths is None else paths, tokenizer, chat_settings(cfg),
+                            chat_cache_dir(cfg), key)

@@ -27,6 +27,7 @@ from framework.cluster.process_group import init_deepspeed_distributed
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
 from framework.config.plan import RunPlan
+from framework.data.chat_dataset import ChatData
 from framework.data.chat_rows import ChatRows
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
 from framework.models.registry import moe_shape
@@ -140,7 +141,9 @@ class Trainer:
         self.data_state = None if plan.resume is None or plan.restart_data else plan.resume.data_state
         self.loader = self._train_loader(paths, cache_dir, hf_config.vocab_size)
         self.eval_loader = None
-        if cfg.data.eval_paths:
+        if cfg.data.eval_paths and plan.task == "finetune":
+            self.eval_chat = self._chat_data(list(cfg.data.eval_paths), "data.eval_paths")
+        elif cfg.data.eval_paths:
             self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), self.tokenizer, seq_len=cfg.data.seq_len,
                                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=rt.rank,
                                                 dp_world=rt.world_size, seed=0, shuffle=False,
@@ -178,18 +181,20 @@ class Trainer:
         self.metrics = MetricsWriter(self.output_dir, rt.rank == 0, cfg.train.tensorboard,
                                      self.step if plan.resume is not None or cfg.train.resume else None)
 
-    def _chat_rows(self) -> ChatRows:
-        """The conversations (tokenised before training by each machine's first process: the plan's check)."""
+    def _chat_data(self, paths: list[str] | None = None, key: str = "data.paths") -> ChatData:
+        """Tokenised conversations (built before training by each machine's first process: the plan's check)."""
         from framework.config.plan import prepare_chat_data  # noqa: PLC0415
-        from framework.data.chat_dataset import ChatData  # noqa: PLC0415
 
-        cfg = self.cfg
         if self.rt.local_rank == 0:  # found as built by the plan, or built now (a plan resolved without the check)
-            path, _ = prepare_chat_data(cfg, self.tokenizer)
+            path, _ = prepare_chat_data(self.cfg, self.tokenizer, paths, key)
         dist.barrier()
         if self.rt.local_rank != 0:
-            path, _ = prepare_chat_data(cfg, self.tokenizer)  # finds it: the same key on every process
-        data = ChatData(path)
+            path, _ = prepare_chat_data(self.cfg, self.tokenizer, paths, key)  # finds it: the same key everywhere
+        return ChatData(path)
+
+    def _chat_rows(self) -> ChatRows:
+        cfg = self.cfg
+        data = self._chat_data()
         saved = self.data_state
         streams = saved["num_streams"] if saved and "num_streams" in saved else \
             default_num_streams(cfg.train.global_batch_size, data.num_conversations)
@@ -288,6 +293,8 @@ class Trainer:
         return {k: v.to(self.rt.device, non_blocking=True) for k, v in next(loader).items()}
 
     def evaluate(self) -> dict[str, float]:
+        if self.plan.task == "finetune":
+            return self._evaluate_chat()
         self.eval_loader.load_state_dict(self.eval_start)  # the same batches every evaluation
         self.engine.eval()
         total = torch.zeros((), device=self.rt.device)
@@ -299,6 +306,28 @@ class Trainer:
         self.engine.train()
         dist.all_reduce(total)
         loss = total.item() / (self.cfg.train.eval_batches * self.rt.world_size)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def _evaluate_chat(self) -> dict[str, float]:
+        """Mean loss per assistant token over the first train.eval_batches x micro_batch_size x processes packed rows
+        of data.eval_paths, in file order: one stream (so the rows do not depend on the number of processes), the same
+        rows every evaluation."""
+        cfg, rt = self.cfg, self.rt
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        rows = ChatRows(self.eval_chat, cfg.data.seq_len, 1, 0, False, pad_id, cfg.chat.overlong)
+        per_step = cfg.train.micro_batch_size * rt.world_size
+        loader = StepBatchLoader(rows, per_step, cfg.train.micro_batch_size, rt.rank, rt.world_size)
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # summed token loss, labelled tokens
+        with torch.no_grad():
+            for _ in range(cfg.train.eval_batches):
+                b = self._batch(loader)
+                count = (b["labels"][:, 1:] != -100).sum()
+                out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+                total += torch.stack([out.lm_loss.double() * count, count.double()])
+        self.engine.train()
+        dist.all_reduce(total)
+        loss = (total[0] / total[1].clamp_min(1)).item()
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def train(self) -> None:

@@ -142,7 +142,8 @@ def test_loss_is_normalised_per_token_over_the_global_batch(tmp_path):
 
 def test_from_hf_checkpoint_resume_equals_uninterrupted(tmp_path):
     """Initialised from an HF checkpoint directory holding its tokenizer and chat template (as a released one does):
-    a run killed right after its step-2 save and resumed with --resume auto logs the uninterrupted run's steps 3-4."""
+    a run killed right after its step-2 save and resumed with --resume auto logs the uninterrupted run's steps 3-4,
+    and its evaluation on chat data (data.eval_paths) too."""
     import shutil
 
     from tests.helpers import stock_model
@@ -155,7 +156,8 @@ def test_from_hf_checkpoint_resume_equals_uninterrupted(tmp_path):
         {"conversations": [{"from": "human", "value": f"Spell {w}."}, {"from": "gpt", "value": " ".join(w)}]}
         for w in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda")])
     common = ["--config", TINY_YAML, "model.hf_config=", f"model.path={ckpt}", f"data.paths=[{data}]",
-              "data.seq_len=48", "train.max_steps=4", "train.save_steps=2", "export.at_end=false"]
+              f"data.eval_paths=[{data}]", "train.eval_steps=2", "train.eval_batches=2", "data.seq_len=48",
+              "train.max_steps=4", "train.save_steps=2", "export.at_end=false"]
     full = run([*common, f"train.output_dir={tmp_path / 'a'}"])
     assert full.returncode == 0, full.stderr[-3000:]
     killed = run([*common, f"train.output_dir={tmp_path / 'b'}"], env_extra={"FRAMEWORK_FAULT": "after_save:2"})
@@ -167,3 +169,8 @@ def test_from_hf_checkpoint_resume_equals_uninterrupted(tmp_path):
     for step in (3, 4):
         for key in ("loss", "lm_loss", "grad_norm"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6), (step, key)
+    evals = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl") if "eval_loss" in line]
+    want_evals = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl") if "eval_loss" in line]
+    assert [e["step"] for e in want_evals] == [2, 4] and evals[-1]["step"] == 4
+    assert evals[-1]["eval_loss"] == pytest.approx(want_evals[-1]["eval_loss"], rel=1e-6)
+    assert want_evals[-1]["eval_loss"] < want_evals[0]["eval_loss"]

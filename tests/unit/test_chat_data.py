@@ -260,7 +260,6 @@ def test_rows_resume_and_world_size_independence(chat_data):
 @pytest.mark.parametrize("task, overrides, needle", [
     ("pretrain", ["chat.loss_on=last"], "the chat section configures chat data for launch/finetune.py"),
     ("finetune", ["data.synthetic=true"], "data.synthetic=true is for pretraining"),
-    ("finetune", ["data.eval_paths=[x.jsonl]"], "evaluation on chat data is not supported"),
     ("finetune", ["chat.template=/nonexistent.jinja"], "chat.template /nonexistent.jinja is not a file"),
 ])
 def test_plan_refuses_what_the_task_cannot_use(task, overrides, needle):
