@@ -192,6 +192,13 @@ def test_cache_errors_name_file_and_line(tmp_path, shipped_tokenizer):
     none = write_jsonl(tmp_path / "none.jsonl", [{"messages": [{"role": "user", "content": "hello?"}]}])
     with pytest.raises(ConfigError, match=rf"^data.paths: {none}:1: no conversation has an assistant message"):
         build_chat_cache([none], shipped_tokenizer, ChatSettings(), str(tmp_path / "cache"))
+    failing = load_tokenizer(DEMO_TOKENIZER_DIR)
+    failing.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}"
+                             "{% endif %}{{ m.content + eos_token }}{% endfor %}")
+    tools = write_jsonl(tmp_path / "tools.jsonl", [conversation(1), conversation(2),
+                                                   {"messages": [{"role": "tool", "content": "x"}]}])
+    with pytest.raises(ConfigError, match=rf"^data.paths: {tools}:3: the chat template fails: no tools here$"):
+        build_chat_cache([tools], failing, ChatSettings(), str(tmp_path / "cache"))
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(ConfigError, match="a plain text file"):
