@@ -24,9 +24,10 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 DEMO_CONFIG = os.path.join(REPO, "model_configs", "demo.yaml")
 
 
-def parse_args(argv: list[str], doc: str | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str], doc: str | None = None, demo_config: str = DEMO_CONFIG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML run config (default: the demo, model_configs/demo.yaml)")
+    parser.add_argument("--config", help="YAML run config (default: the demo, "
+                        f"{os.path.relpath(demo_config, REPO)})")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON whose ZeRO/communication settings override the defaults")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in train.output_dir) or a checkpoint directory")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by DeepSpeed's launcher
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None, task: str = "pretrain", script: str = __
     run_lock = None
     try:
         # `python launch/pretrain.py --hostfile H ...`: the launcher options are ours to check, then DeepSpeed's.
-        args = parse_args(split_launcher_args(argv)[1] if launch_by_hand else argv, doc)
+        args = parse_args(split_launcher_args(argv)[1] if launch_by_hand else argv, doc, demo_config)
         overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
         config_path = args.config or demo_config
         cfg = load_run_config(config_path, overrides)
