@@ -142,7 +142,8 @@ class Trainer:
         self.loader = self._train_loader(paths, cache_dir, hf_config.vocab_size)
         self.eval_loader = None
         if cfg.data.eval_paths and plan.task == "finetune":
-            self.eval_chat = self._chat_data(list(cfg.data.eval_paths), "data.eval_paths")
+            # one stream in file order: the same rows on any number of processes, restarted for every evaluation
+            self.eval_rows = self._chat_rows(list(cfg.data.eval_paths), "data.eval_paths", 1, shuffle=False)
         elif cfg.data.eval_paths:
             self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), self.tokenizer, seq_len=cfg.data.seq_len,
                                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=rt.rank,
@@ -192,20 +193,24 @@ class Trainer:
             path, _ = prepare_chat_data(self.cfg, self.tokenizer, paths, key)  # finds it: the same key everywhere
         return ChatData(path)
 
-    def _chat_rows(self) -> ChatRows:
+    def _chat_rows(self, paths: list[str] | None = None, key: str = "data.paths", streams: int | None = None,
+                   shuffle: bool | None = None) -> ChatRows:
+        """Packed rows of the training data (default) or of `paths` (evaluation)."""
         cfg = self.cfg
-        data = self._chat_data()
-        saved = self.data_state
-        streams = saved["num_streams"] if saved and "num_streams" in saved else \
-            default_num_streams(cfg.train.global_batch_size, data.num_conversations)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        data = self._chat_data(paths, key)
+        saved = self.data_state if paths is None else None
+        if streams is None:
+            streams = saved["num_streams"] if saved and "num_streams" in saved else \
+                default_num_streams(cfg.train.global_batch_size, data.num_conversations)
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         try:
-            rows = ChatRows(data, cfg.data.seq_len, streams, cfg.train.seed, cfg.data.shuffle, pad_id,
-                            cfg.chat.overlong)
+            rows = ChatRows(data, cfg.data.seq_len, streams, cfg.train.seed,
+                            cfg.data.shuffle if shuffle is None else shuffle, pad_id, cfg.chat.overlong)
         except ValueError as e:
-            raise ConfigError(f"data.paths: {e}") from None
+            raise ConfigError(f"{key}: {e}") from None
         if self.rt.rank == 0:
-            print(f"chat data: {rows.summary()}", flush=True)
+            print(f"{key}: {rows.summary()}", flush=True)
         return rows
 
     def _train_loader(self, paths: list[str], cache_dir: str, vocab_size: int) -> StepBatchLoader:
@@ -313,10 +318,9 @@ class Trainer:
         of data.eval_paths, in file order: one stream (so the rows do not depend on the number of processes), the same
         rows every evaluation."""
         cfg, rt = self.cfg, self.rt
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        rows = ChatRows(self.eval_chat, cfg.data.seq_len, 1, 0, False, pad_id, cfg.chat.overlong)
+        self.eval_rows.seek({})  # from the start
         per_step = cfg.train.micro_batch_size * rt.world_size
-        loader = StepBatchLoader(rows, per_step, cfg.train.micro_batch_size, rt.rank, rt.world_size)
+        loader = StepBatchLoader(self.eval_rows, per_step, cfg.train.micro_batch_size, rt.rank, rt.world_size)
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # summed token loss, labelled tokens
         with torch.no_grad():
