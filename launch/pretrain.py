@@ -24,9 +24,10 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 DEMO_CONFIG = os.path.join(REPO, "model_configs", "demo.yaml")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML run config (default: the demo, model_configs/demo.yaml)")
+def parse_args(argv: list[str], doc: str | None = None, demo_config: str = DEMO_CONFIG) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (default: the demo, "
+                        f"{os.path.relpath(demo_config, REPO)})")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON whose ZeRO/communication settings override the defaults")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in train.output_dir) or a checkpoint directory")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by DeepSpeed's launcher
@@ -51,7 +52,11 @@ def launch_world(argv: list[str]) -> tuple[int, str | None]:
     return sum(gpus.values()), describe_world(hosts, gpus, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, task: str = "pretrain", script: str = __file__,
+         demo_config: str = DEMO_CONFIG, doc: str | None = None) -> int:
+    """The run of `task` ("pretrain", or "finetune" from launch/finetune.py: the same run on chat data); `script`:
+    the entry point a validated multi-node launch starts on every host; `demo_config`: the run with no --config; `doc`:
+    its --help text."""
     argv = sys.argv[1:] if argv is None else argv
     from framework.cluster import prelaunch, split_launcher_args, wants_prelaunch  # noqa: PLC0415
     from framework.config import ConfigError, load_run_config  # noqa: PLC0415
@@ -60,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
                                         NonFiniteLoss)
     from framework.train.run_lock import acquire_run_lock  # noqa: PLC0415
 
-    script = os.path.abspath(__file__)
+    script = os.path.abspath(script)
     launch_by_hand = wants_prelaunch([script, *argv])
     rank0 = os.environ.get("RANK", "0") == "0"
     run_lock = None
     try:
         # `python launch/pretrain.py --hostfile H ...`: the launcher options are ours to check, then DeepSpeed's.
-        args = parse_args(split_launcher_args(argv)[1] if launch_by_hand else argv)
+        args = parse_args(split_launcher_args(argv)[1] if launch_by_hand else argv, doc, demo_config)
         overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-        config_path = args.config or DEMO_CONFIG
+        config_path = args.config or demo_config
         cfg = load_run_config(config_path, overrides)
         world, world_desc = launch_world(argv) if launch_by_hand else (int(os.environ.get("WORLD_SIZE", "1")), None)
         if rank0 and not launch_by_hand:
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         # The corpus is scanned once per machine, by the launched local rank 0 (the launcher stops the others when
         # it fails), not by the validated launch: the launching host need not see the data, and writes nothing.
         scan = not launch_by_hand and os.environ.get("LOCAL_RANK", "0") == "0"
-        plan = resolve_plan(cfg, world, check_corpus=scan, world_desc=world_desc)
+        plan = resolve_plan(cfg, world, check_corpus=scan, world_desc=world_desc, task=task)
         from framework.config.deepspeed import build_ds_config, read_ds_json  # noqa: PLC0415
 
         ds_user = read_ds_json(args.deepspeed) if args.deepspeed else None
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         from framework.train.trainer import Trainer  # noqa: PLC0415
 
         if rank0 and not args.config:
-            print(f"no --config given: running the demo ({os.path.relpath(DEMO_CONFIG)})", flush=True)
+            print(f"no --config given: running the demo ({os.path.relpath(demo_config)})", flush=True)
         trainer = Trainer(plan, ds_user, args.deepspeed or "DeepSpeed config")
         trainer.train()
     except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as e:

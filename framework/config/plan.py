@@ -42,8 +42,12 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediat
               "mlp_only_layers", "shared_expert_intermediate_size", "qkv_bias", "attention_bias",
               "decoder_sparse_step", "tie_word_embeddings")
 # keys that keep shapes but change the run's meaning; data-order keys restart the data when allowed
+# every chat key decides which tokens a fine-tuning run reads, or which of them it learns
+CHAT_KEYS = ("chat.format", "chat.messages_field", "chat.role_field", "chat.content_field", "chat.conversations_field",
+             "chat.from_field", "chat.value_field", "chat.instruction_field", "chat.input_field", "chat.output_field",
+             "chat.system_field", "chat.loss_on", "chat.overlong", "chat.template", "chat.template_kwargs")
 DATA_ORDER_KEYS = ("data.paths", "data.text_field", "data.use_demo_corpus", "data.synthetic", "data.shuffle",
-                   "model.tokenizer", "train.seed")
+                   "model.tokenizer", "train.seed", *CHAT_KEYS)
 MEANING_KEYS = ("num_experts_per_tok", "data.seq_len", *DATA_ORDER_KEYS)
 NOT_COMPARED = ("train.resume", "train.allow_resume_changes")
 
@@ -75,6 +79,9 @@ class RunPlan:
     restart_data: bool  # resuming with another corpus / tokenizer / data order: the data starts anew
     notes: list[str] = field(default_factory=list)  # lines to print once (rank 0, stdout)
     warnings: list[str] = field(default_factory=list)  # lines to print once (rank 0, stderr)
+    # "pretrain": documents packed into rows, every token learnt; "finetune": conversations, assistant tokens learnt
+    # (framework/data/chat_*.py). Chosen by the entry point (launch/pretrain.py, launch/finetune.py).
+    task: str = "pretrain"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,6 +219,23 @@ def check_data(cfg: RunConfig) -> None:
         raise ConfigError(f"train.eval_steps={cfg.train.eval_steps} but data.eval_paths is empty")
 
 
+def check_task(cfg: RunConfig, task: str) -> None:
+    """What one task's data needs that the other's does not have."""
+    if task == "pretrain":
+        # a run_config.yaml written by any run holds the section with its defaults: only settings are refused
+        if cfg.chat.model_dump() != type(cfg.chat)().model_dump():
+            raise ConfigError("the chat section configures chat data for launch/finetune.py; launch/pretrain.py trains "
+                              "on documents: remove it, or fine-tune with launch/finetune.py")
+        return
+    if task != "finetune":
+        raise ValueError(f"unknown task {task!r}")
+    if cfg.data.synthetic:
+        raise ConfigError("data.synthetic=true is for pretraining throughput runs; fine-tuning reads conversations "
+                          "(data.paths, or data.use_demo_corpus=true for the demo chat dataset)")
+    if cfg.chat.template is not None and not os.path.isfile(cfg.chat.template):
+        raise ConfigError(f"chat.template {cfg.chat.template} is not a file (expected a .jinja chat template)")
+
+
 def check_output_dir(output_dir: str) -> None:
     """The directory (or its nearest existing parent) must be a writable directory."""
     path = os.path.abspath(output_dir)
@@ -290,7 +314,8 @@ def resume_changes(cfg: RunConfig, hf_config, dtype: torch.dtype, point: ResumeP
     saved["num_experts_per_tok"] = saved_model.get("num_experts_per_tok")
     now["num_experts_per_tok"] = now_model.get("num_experts_per_tok")
     changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-               if k not in NOT_COMPARED and saved.get(k) != now.get(k) and k != "model.hf_config"}
+               if k not in NOT_COMPARED and saved.get(k) != now.get(k) and k != "model.hf_config"
+               and not (k in CHAT_KEYS and k not in saved)}  # checkpoints from before the chat section
     if saved.get("model.hf_config") != now.get("model.hf_config"):
         # shapes are equal (checked above); report the inline model fields that differ
         old, new = saved.get("model.hf_config") or {}, now.get("model.hf_config") or {}
@@ -311,15 +336,29 @@ def resume_changes(cfg: RunConfig, hf_config, dtype: torch.dtype, point: ResumeP
 # the plan
 
 
-def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, world_desc: str | None = None) -> RunPlan:
+def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, world_desc: str | None = None,
+                 task: str = "pretrain") -> RunPlan:
     """Check `cfg` for a run of `world_size` processes and resolve everything derived from it. Pure: reads files
     (configs, checkpoint metadata, with `check_corpus` the corpus), starts nothing. Raises ConfigError (one line).
-    `world_desc` says where the processes come from (a hostfile launch: `describe_world`), for the messages."""
+    `world_desc` says where the processes come from (a hostfile launch: `describe_world`), for the messages.
+    `task`: "pretrain" or "finetune" (chat data; with `check_corpus` every conversation is checked and tokenised
+    into the cache the run reads, framework/data/chat_dataset.py)."""
     from framework.train.checkpoint_integrity import resolve_resume  # noqa: PLC0415
     from framework.train.errors import CheckpointError  # noqa: PLC0415
 
+    check_task(cfg, task)
     check_data(cfg)
-    if check_corpus:
+    chat_notes: list[str] = []
+    if check_corpus and task == "finetune":
+        from framework.data.chat_dataset import summary_lines  # noqa: PLC0415
+
+        tokenizer = chat_tokenizer(cfg)
+        _, summary = prepare_chat_data(cfg, tokenizer)
+        chat_notes = summary_lines(summary)
+        if cfg.data.eval_paths:
+            _, summary = prepare_chat_data(cfg, tokenizer, list(cfg.data.eval_paths), "data.eval_paths")
+            chat_notes += summary_lines(summary, "data.eval_paths")
+    elif check_corpus:
         from framework.data.sources import check_corpus as scan  # noqa: PLC0415
 
         # files that passed before (same size, time and text field) are not read again on a restart
@@ -339,7 +378,7 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
         raise ConfigError(f"model.router_bias_update_rate={cfg.model.router_bias_update_rate}: {hf_config.model_type} "
                           "routers have no selection bias (e_score_correction_bias); set it 0")
     dtype = resolve_dtype(cfg)
-    notes: list[str] = []
+    notes: list[str] = list(chat_notes)
     warnings: list[str] = []
     point = None
     try:  # verifies the checkpoint's files; a damaged newest one falls back with a warning
@@ -372,4 +411,60 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
                               "written before the world-size-independent data order; start a new run from its "
                               "export (tools/ds_to_hf.py)")
     return RunPlan(cfg, world_size, gas, source, hf_config, dtype, tokenizer_dir(cfg), point, restart_data, notes,
-                   warnings)
+                   warnings, task)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# chat data (fine-tuning)
+
+
+def chat_cache_dir(cfg: RunConfig) -> str:
+    return cfg.data.cache_dir or os.path.join(cfg.train.output_dir, "data_cache")
+
+
+def chat_paths(cfg: RunConfig) -> list[str]:
+    """data.paths, plus the demo chat dataset (built here if missing) with data.use_demo_corpus."""
+    paths = list(cfg.data.paths)
+    if cfg.data.use_demo_corpus:
+        from framework.data.chat_demo import build_demo_chat  # noqa: PLC0415
+
+        paths.append(build_demo_chat(chat_cache_dir(cfg)))
+    return paths
+
+
+def chat_tokenizer(cfg: RunConfig):
+    """The run's tokenizer with the chat template it renders with (chat.template replaces the tokenizer's own)."""
+    from framework.data.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    where = tokenizer_dir(cfg)
+    try:
+        tokenizer = load_tokenizer(where)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"model.tokenizer: {e}") from None
+    if cfg.chat.template is not None:
+        with open(cfg.chat.template, encoding="utf-8") as f:
+            tokenizer.chat_template = f.read()
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"tokenizer {where} has no chat template: fine-tuning renders conversations with it; give "
+                          "one with chat.template=FILE.jinja (or use the checkpoint's own tokenizer)")
+    return tokenizer
+
+
+def chat_settings(cfg: RunConfig):
+    from framework.data.chat_dataset import ChatSettings  # noqa: PLC0415
+    from framework.data.chat_formats import ChatFields  # noqa: PLC0415
+
+    c = cfg.chat
+    fields = ChatFields(**{k: getattr(c, k) for k in ChatFields.__dataclass_fields__})
+    return ChatSettings(fields, c.loss_on, dict(c.template_kwargs))
+
+
+def prepare_chat_data(cfg: RunConfig, tokenizer=None, paths: list[str] | None = None,
+                      key: str = "data.paths") -> tuple[str, dict]:
+    """Check and tokenise chat data (`paths`, default the training data: `chat_paths`) into its cache, reused when
+    unchanged; (cache directory, summary). Errors name `key`."""
+    from framework.data.chat_dataset import build_chat_cache  # noqa: PLC0415
+
+    tokenizer = tokenizer or chat_tokenizer(cfg)
+    return build_chat_cache(chat_paths(cfg) if paths is None else paths, tokenizer, chat_settings(cfg),
+                            chat_cache_dir(cfg), key)

@@ -1,4 +1,4 @@
-"""The run configuration: typed sections of the YAML that `launch/pretrain.py` reads.
+"""The run configuration: typed sections of the YAML that `launch/pretrain.py` and `launch/finetune.py` read.
 
 Owns: every key a user may write, its type, default and range. Unknown keys are errors (a typo must not silently
 train with a default). Cross-key arithmetic that needs the world size lives in framework/config/load.py.
@@ -154,6 +154,31 @@ class ParallelSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 3
 
 
+class ChatSection(Section):
+    """Chat data for launch/finetune.py (framework/data/chat_*.py); pretraining refuses it."""
+
+    # auto: per record, `messages_field` -> messages, `conversations_field` -> ShareGPT, `instruction_field` -> Alpaca
+    format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto"
+    messages_field: str = "messages"  # [{role, content, ...}], roles system, user, assistant, tool
+    role_field: str = "role"
+    content_field: str = "content"
+    conversations_field: str = "conversations"  # ShareGPT: [{from, value}], from human/gpt/system/tool...
+    from_field: str = "from"
+    value_field: str = "value"
+    instruction_field: str = "instruction"  # Alpaca: instruction (+ input) -> user, output -> assistant
+    input_field: str = "input"
+    output_field: str = "output"
+    system_field: str = "system"  # ShareGPT / Alpaca: an optional system prompt beside the turns
+    # which assistant tokens the loss is on: every assistant turn, or only each conversation's last one
+    loss_on: Literal["all", "last"] = "all"
+    # conversations longer than data.seq_len: keep their first seq_len tokens, or leave them out
+    overlong: Literal["truncate", "drop"] = "truncate"
+    # a .jinja file used instead of the tokenizer's own chat template (saved with the checkpoints and the export)
+    template: str | None = None
+    # passed to the template, e.g. {enable_thinking: false} for Qwen3
+    template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class ExportSection(Section):
     at_end: bool = True  # write an HF directory to OUTPUT_DIR/hf when training finishes
     format: Literal["hf", "merged"] = "hf"  # hf: per-expert tensors as on the hub; merged: fused gate_up_proj/down_proj
@@ -166,4 +191,5 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     moe: MoESection = Field(default_factory=MoESection)
     parallel: ParallelSection = Field(default_factory=ParallelSection)
+    chat: ChatSection = Field(default_factory=ChatSection)
     export: ExportSection = Field(default_factory=ExportSection)

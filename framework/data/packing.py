@@ -31,10 +31,13 @@ def labels_for(input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
     return np.where(position_ids == 0, IGNORE_INDEX, input_ids)
 
 
-def make_batch(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack rows into int64 CPU tensors [micro_batch_size, seq_len]: input_ids, labels, position_ids."""
-    input_ids = np.stack([ids for ids, _ in rows])
-    position_ids = np.stack([pos for _, pos in rows])
+def make_batch(rows: Sequence[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
+    """Stack rows into int64 CPU tensors [micro_batch_size, seq_len]: input_ids, labels, position_ids. A row is
+    (input_ids, position_ids), labelled by `labels_for`, or (input_ids, position_ids, labels) when its source decides
+    what is learnt (chat data: assistant tokens only, framework/data/chat_rows.py)."""
+    input_ids = np.stack([row[0] for row in rows])
+    position_ids = np.stack([row[1] for row in rows])
+    labels = (np.stack([row[2] for row in rows]) if len(rows[0]) == 3 else labels_for(input_ids, position_ids))
     return {"input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels_for(input_ids, position_ids)),
+            "labels": torch.from_numpy(labels.astype(np.int64)),
             "position_ids": torch.from_numpy(position_ids)}

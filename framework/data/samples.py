@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ import torch
 from framework.data.packing import make_batch, pack_row
 from framework.data.sources import Corpus
 from framework.data.stream import DocumentStream
+
+if TYPE_CHECKING:
+    from framework.data.chat_rows import ChatRows
 
 STATE_FORMAT = 2
 MEMO_TOKENS = 1 << 24  # tokenised documents kept in memory, over all streams of a rank
@@ -133,11 +137,11 @@ class StepBatchLoader:
     """This rank's micro-batches, `gradient_accumulation` of them per optimizer step, in step order.
 
     Yields dicts of int64 CPU tensors [micro_batch_size, seq_len]: input_ids, labels, position_ids (packing.py's
-    row layout; random rows predict every token).
+    row layout; random rows predict every token; chat rows (framework/data/chat_rows.py) bring their own labels).
     """
 
-    def __init__(self, rows: PackedRows | RandomRows, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_world: int, next_sample: int = 0):
+    def __init__(self, rows: PackedRows | RandomRows | ChatRows, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_world: int, next_sample: int = 0):
         per_step = micro_batch_size * dp_world
         if global_batch_size % per_step:
             raise ValueError(f"global batch {global_batch_size} is not a multiple of micro batch {micro_batch_size} "

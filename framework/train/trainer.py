@@ -1,4 +1,5 @@
-"""The pretraining run: build everything from a RunConfig, train on the DeepSpeed engine, log, save, resume, export.
+"""The training run, pretraining or fine-tuning (RunPlan.task): build everything from a RunConfig, train on the
+DeepSpeed engine, log, save, resume, export.
 
 Owns: the order of start-up (distributed, groups, tokenizer, data, model, engine, resume), the step loop with gradient
 accumulation, evaluation, and when checkpoints and the export happen. What each piece does lives in its own module:
@@ -26,6 +27,8 @@ from framework.cluster.process_group import init_deepspeed_distributed
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
 from framework.config.plan import RunPlan
+from framework.data.chat_dataset import ChatData
+from framework.data.chat_rows import ChatRows
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
 from framework.models.registry import moe_shape
 from framework.train.checkpoint_integrity import DATA_STATE_NAME
@@ -109,14 +112,23 @@ class Trainer:
                 print(line, flush=True)
 
         self.tokenizer_dir = plan.tokenizer_dir
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        if plan.task == "finetune":
+            from framework.config.plan import chat_tokenizer  # noqa: PLC0415
+
+            self.tokenizer = chat_tokenizer(cfg)  # with chat.template applied: checkpoints and the export keep it
+        else:
+            self.tokenizer = load_tokenizer(self.tokenizer_dir)
         if rt.rank == 0:
             os.makedirs(self.output_dir, exist_ok=True)
             self.ckpt.remove_stale_temporaries()
+            if plan.task == "finetune" and cfg.chat.template is not None:
+                self.tokenizer.save_pretrained(os.path.join(self.output_dir, "tokenizer"))
+        if plan.task == "finetune" and cfg.chat.template is not None:
+            self.tokenizer_dir = os.path.join(self.output_dir, "tokenizer")  # what the export copies
         dist.barrier()
         cache_dir = cfg.data.cache_dir or os.path.join(self.output_dir, "data_cache")
         paths = list(cfg.data.paths)
-        if cfg.data.use_demo_corpus:
+        if cfg.data.use_demo_corpus and plan.task == "pretrain":
             if rt.rank == 0:
                 build_demo_corpus(cache_dir)
             dist.barrier()
@@ -129,7 +141,10 @@ class Trainer:
         self.data_state = None if plan.resume is None or plan.restart_data else plan.resume.data_state
         self.loader = self._train_loader(paths, cache_dir, hf_config.vocab_size)
         self.eval_loader = None
-        if cfg.data.eval_paths:
+        if cfg.data.eval_paths and plan.task == "finetune":
+            # one stream in file order: the same rows on any number of processes, restarted for every evaluation
+            self.eval_rows = self._chat_rows(list(cfg.data.eval_paths), "data.eval_paths", 1, shuffle=False)
+        elif cfg.data.eval_paths:
             self.eval_loader = PackedDataLoader(list(cfg.data.eval_paths), self.tokenizer, seq_len=cfg.data.seq_len,
                                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=rt.rank,
                                                 dp_world=rt.world_size, seed=0, shuffle=False,
@@ -173,9 +188,42 @@ class Trainer:
         self.metrics = MetricsWriter(self.output_dir, rt.rank == 0, cfg.train.tensorboard,
                                      self.step if plan.resume is not None or cfg.train.resume else None)
 
+    def _chat_data(self, paths: list[str] | None = None, key: str = "data.paths") -> ChatData:
+        """Tokenised conversations (built before training by each machine's first process: the plan's check)."""
+        from framework.config.plan import prepare_chat_data  # noqa: PLC0415
+
+        if self.rt.local_rank == 0:  # found as built by the plan, or built now (a plan resolved without the check)
+            path, _ = prepare_chat_data(self.cfg, self.tokenizer, paths, key)
+        dist.barrier()
+        if self.rt.local_rank != 0:
+            path, _ = prepare_chat_data(self.cfg, self.tokenizer, paths, key)  # finds it: the same key everywhere
+        return ChatData(path)
+
+    def _chat_rows(self, paths: list[str] | None = None, key: str = "data.paths", streams: int | None = None,
+                   shuffle: bool | None = None) -> ChatRows:
+        """Packed rows of the training data (default) or of `paths` (evaluation)."""
+        cfg = self.cfg
+        data = self._chat_data(paths, key)
+        saved = self.data_state if paths is None else None
+        if streams is None:
+            streams = saved["num_streams"] if saved and "num_streams" in saved else \
+                default_num_streams(cfg.train.global_batch_size, data.num_conversations)
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        try:
+            rows = ChatRows(data, cfg.data.seq_len, streams, cfg.train.seed,
+                            cfg.data.shuffle if shuffle is None else shuffle, pad_id, cfg.chat.overlong)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        if self.rt.rank == 0:
+            print(f"{key}: {rows.summary()}", flush=True)
+        return rows
+
     def _train_loader(self, paths: list[str], cache_dir: str, vocab_size: int) -> StepBatchLoader:
         cfg, rt = self.cfg, self.rt
-        if cfg.data.synthetic:
+        if self.plan.task == "finetune":
+            rows = self._chat_rows()
+        elif cfg.data.synthetic:
             rows = RandomRows(vocab_size, cfg.data.seq_len, cfg.train.seed)
         else:
             from framework.data.sources import open_corpus  # noqa: PLC0415
@@ -256,6 +304,8 @@ class Trainer:
         return {k: v.to(self.rt.device, non_blocking=True) for k, v in next(loader).items()}
 
     def evaluate(self) -> dict[str, float]:
+        if self.plan.task == "finetune":
+            return self._evaluate_chat()
         self.eval_loader.load_state_dict(self.eval_start)  # the same batches every evaluation
         self.engine.eval()
         total = torch.zeros((), device=self.rt.device)
@@ -267,6 +317,27 @@ class Trainer:
         self.engine.train()
         dist.all_reduce(total)
         loss = total.item() / (self.cfg.train.eval_batches * self.rt.world_size)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def _evaluate_chat(self) -> dict[str, float]:
+        """Mean loss per assistant token over the first train.eval_batches x micro_batch_size x processes packed rows
+        of data.eval_paths, in file order: one stream (so the rows do not depend on the number of processes), the same
+        rows every evaluation."""
+        cfg, rt = self.cfg, self.rt
+        self.eval_rows.seek({})  # from the start
+        per_step = cfg.train.micro_batch_size * rt.world_size
+        loader = StepBatchLoader(self.eval_rows, per_step, cfg.train.micro_batch_size, rt.rank, rt.world_size)
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # summed token loss, labelled tokens
+        with torch.no_grad():
+            for _ in range(cfg.train.eval_batches):
+                b = self._batch(loader)
+                count = (b["labels"][:, 1:] != -100).sum()
+                out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+                total += torch.stack([out.lm_loss.double() * count, count.double()])
+        self.engine.train()
+        dist.all_reduce(total)
+        loss = (total[0] / total[1].clamp_min(1)).item()
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def train(self) -> None:
@@ -289,19 +360,20 @@ class Trainer:
                 profiler.step_begin(self.step + 1)
             self.step_lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on after it)
             skip = any(first <= self.step + 1 <= last for first, last in cfg.train.skip_data_steps)
-            for _ in range(self.gas):
-                b = self._batch(self.loader)
-                if skip:
-                    continue
+            batches = [self._batch(self.loader) for _ in range(self.gas)]  # the whole step's, to count its labels
+            weights = [] if skip else self._token_weights(batches)
+            for b, weight in zip(batches, weights):
                 out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
-                out.loss = _fault_loss(out.loss, self.step + 1)
-                self.engine.backward(out.loss)
+                # the micro batch's summed token loss over the step's labelled tokens (see _token_weights)
+                lm_loss = out.lm_loss * weight
+                loss = _fault_loss(out.loss + (lm_loss - out.lm_loss), self.step + 1)
+                self.engine.backward(loss)
                 self.engine.step()
-                meter.add_micro_batch(out.loss, out.lm_loss, out.aux_loss, out.router_stats, tokens_per_micro)
-                nonfinite |= ~torch.isfinite(out.loss.detach())  # no host sync here: checked at logs and saves
+                meter.add_micro_batch(loss, lm_loss, out.aux_loss, out.router_stats, tokens_per_micro)
+                nonfinite |= ~torch.isfinite(loss.detach())  # no host sync here: checked at logs and saves
                 if self.balancer is not None:
                     self.balancer.accumulate(out.router_stats)
-            if self.balancer is not None:
+            if self.balancer is not None and not skip:
                 self.balancer.step()  # after the step's optimizer update, on the whole global batch's load
             self.step += 1
             if profiler is not None and (written := profiler.step_end(self.step)):
@@ -332,6 +404,21 @@ class Trainer:
             self.export(os.path.join(self.output_dir, "hf"))
         self.metrics.close()
         dist.barrier()  # every rank leaves together: none exits while a peer still talks to it
+
+    def _token_weights(self, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per-token loss normalisation over the whole global batch (README "Loss normalisation"), for pretraining
+        and fine-tuning alike: the model's lm_loss is the mean over one micro batch's n_k labelled tokens; the step
+        must minimise the sum over every labelled token of the global batch divided by their number N (all ranks,
+        all micro batches). DeepSpeed divides each backward by the accumulation steps and averages gradients over
+        the ranks, so micro batch k's mean is weighted by n_k x gas x world / N. (A mean of per-micro-batch means
+        would weight a token of a micro batch with few assistant tokens more than one of a full one.) One small
+        all-reduce per step, of counts known before any forward."""
+        counts = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).to(torch.float64)
+        total = counts.sum()
+        if self.rt.world_size > 1:
+            dist.all_reduce(total)
+        scale = self.gas * self.rt.world_size / total.clamp_min(1)
+        return [(n * scale).to(torch.float32) for n in counts]
 
     def _stop_if_nonfinite(self, nonfinite: torch.Tensor) -> None:
         """Raise NonFiniteLoss if any rank saw a nan/inf training loss since the run started (one small collective)."""

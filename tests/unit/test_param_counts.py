@@ -52,10 +52,14 @@ def test_real_shape_table_names_existing_configs_of_its_family():
 
 
 def _model_types_of_run_configs() -> dict[str, str]:
+    """model_type of every run YAML with an inline model.hf_config (one naming model.path takes the checkpoint's)."""
     out = {}
     for name in sorted(os.listdir(MODEL_CONFIGS)):
         if name.endswith(".yaml"):
-            out[name] = hf_config_of(name).get("model_type", DEFAULT_MODEL_TYPE)
+            with open(os.path.join(MODEL_CONFIGS, name)) as f:
+                model = yaml.safe_load(f)["model"]
+            if "hf_config" in model:
+                out[name] = model["hf_config"].get("model_type", DEFAULT_MODEL_TYPE)
     return out
 
 

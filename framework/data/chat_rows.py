@@ -1,0 +1,157 @@
+"""Packed rows of whole conversations for `StepBatchLoader` (framework/data/samples.py): the row protocol of
+`PackedRows` (`row(g)`, `positions`, `seek`, `identity`), with labels.
+
+Owns: which conversations are trained on at this seq_len (one longer than `seq_len` is truncated from the end, or
+dropped with `overlong="drop"`; one whose assistant tokens all lie past `seq_len` is dropped either way), and how a
+stream of conversations becomes rows: whole conversations one after another while they fit, the rest of the row
+padded. Position ids restart at 0 for every conversation (and for the padding), so attention stays inside each
+conversation (the model's varlen / block-diagonal mask) and no label crosses a boundary: every conversation's first
+token is unlabelled, and padding has no labels.
+
+Streams: as for pretraining, sample g is row g // V of stream g % V, and stream v reads positions v, v+V, ... of each
+epoch's conversation order (framework/data/order.py), so the batches do not depend on the number of processes. A
+stream's position is (next row, epoch, index in its list, 0): rows always start at a conversation boundary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from framework.data.chat_dataset import ChatData
+from framework.data.chat_template import IGNORE_INDEX
+from framework.data.order import docs_per_rank, rank_documents
+
+
+class ConversationStream:
+    """Stream v of V: its conversations (indices into `eligible`) epoch after epoch, cut into rows."""
+
+    def __init__(self, rows: "ChatRows", v: int):
+        self.rows, self.v = rows, v
+        self.per_epoch = docs_per_rank(len(rows.eligible), v, rows.num_streams)
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def position(self) -> tuple[int, int, int]:
+        return self.epoch, self.index, 0
+
+    def seek(self, epoch: int, index: int) -> None:
+        if epoch < 0 or not 0 <= index < self.per_epoch:
+            raise ValueError(f"data position epoch={epoch}, index={index} is outside stream {self.v}'s "
+                             f"{self.per_epoch} conversations per epoch; was the data or data.seq_len changed?")
+        self.epoch, self.index = epoch, index
+
+    def _peek(self) -> int:
+        if self._order_epoch != self.epoch:
+            self._order = rank_documents(len(self.rows.eligible), self.rows.seed, self.epoch, self.rows.shuffle,
+                                         self.v, self.rows.num_streams)
+            self._order_epoch = self.epoch
+        return int(self.rows.eligible[self._order[self.index]])
+
+    def _advance(self) -> None:
+        self.index += 1
+        if self.index == self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def next_row(self) -> list[int]:
+        """The conversations of the next row: the first always, then more while the row has room."""
+        lengths, seq_len = self.rows.lengths, self.rows.seq_len
+        taken = [self._peek()]
+        self._advance()
+        used = min(int(lengths[taken[0]]), seq_len)
+        while used + int(lengths[self._peek()]) <= seq_len:
+            taken.append(self._peek())
+            used += int(lengths[taken[-1]])
+            self._advance()
+        return taken
+
+
+class ChatRows:
+    """Rows of `seq_len` tokens, each whole conversations plus padding: (input_ids, position_ids, labels), int64."""
+
+    kind = "chat"
+
+    def __init__(self, data: ChatData, seq_len: int, num_streams: int, seed: int, shuffle: bool, pad_id: int,
+                 overlong: str = "truncate"):
+        self.data, self.seq_len, self.pad_id = data, seq_len, pad_id
+        self.seed, self.shuffle = seed, shuffle
+        self.lengths = data.lengths()
+        fits = self.lengths <= seq_len
+        # a truncated conversation needs a label inside the row (the first token's label predicts nothing)
+        learnable = data.first_label < seq_len
+        keep = learnable & (fits if overlong == "drop" else True)
+        self.eligible = np.flatnonzero(keep)
+        self.truncated = int((~fits & keep).sum())
+        self.dropped = int((~keep).sum())
+        if len(self.eligible) == 0:
+            raise ValueError(f"no conversation fits data.seq_len={seq_len} with an assistant token in it "
+                             f"({self.dropped} left out); raise data.seq_len")
+        if num_streams > len(self.eligible):
+            raise ValueError(f"the chat data has {len(self.eligible)} conversations, fewer than the {num_streams} "
+                             "data streams of this run; add data")
+        self.num_streams = num_streams
+        self._streams: dict[int, ConversationStream] = {}
+        self._next_row: dict[int, int] = {}
+        self._pending: dict[int, list[int]] = {}
+
+    def summary(self) -> str:
+        return (f"{len(self.eligible)} conversations at data.seq_len={self.seq_len}: {self.truncated} longer ones "
+                f"truncated from the end, {self.dropped} left out (longer, with chat.overlong=drop, or with no "
+                "assistant token within the row)")
+
+    def identity(self) -> dict:
+        return {"num_streams": self.num_streams, "seed": self.seed, "shuffle": self.shuffle,
+                "num_docs": len(self.eligible)}
+
+    def _stream(self, v: int) -> ConversationStream:
+        stream = self._streams.get(v)
+        if stream is None:
+            stream = ConversationStream(self, v)
+            self._next_row[v] = 0
+            if v in self._pending:
+                row, epoch, index, _ = self._pending.pop(v)
+                stream.seek(epoch, index)
+                self._next_row[v] = row
+            self._streams[v] = stream
+        return stream
+
+    def row(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        v, j = g % self.num_streams, g // self.num_streams
+        stream = self._stream(v)
+        if self._next_row[v] > j:
+            raise RuntimeError(f"data stream {v}: row {j} requested after row {self._next_row[v] - 1}")
+        while self._next_row[v] < j:  # a row of a shared stream that another rank trains on
+            stream.next_row()
+            self._next_row[v] += 1
+        self._next_row[v] += 1
+        return self.pack(stream.next_row())
+
+    def pack(self, conversations: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, pos, labels = [], [], []
+        for c in conversations:
+            c_ids, c_labels = self.data.conversation(c, self.seq_len)
+            ids.append(c_ids)
+            labels.append(c_labels)
+            pos.append(np.arange(len(c_ids), dtype=np.int64))
+        pad = self.seq_len - sum(len(x) for x in ids)
+        if pad:
+            ids.append(np.full(pad, self.pad_id, dtype=np.int64))
+            labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
+            pos.append(np.arange(pad, dtype=np.int64))
+        input_ids, position_ids = np.concatenate(ids), np.concatenate(pos)
+        label_row = np.concatenate(labels).astype(np.int64)
+        label_row[position_ids == 0] = IGNORE_INDEX  # nothing is predicted across a conversation boundary
+        return input_ids, position_ids, label_row
+
+    def positions(self, next_sample: int) -> dict[int, list[int]]:
+        from framework.data.samples import _rows_before  # noqa: PLC0415  (samples imports this module)
+
+        out = {v: list(pos) for v, pos in self._pending.items()
+               if pos[0] == _rows_before(next_sample, v, self.num_streams)}
+        for v, stream in self._streams.items():
+            if self._next_row[v] == _rows_before(next_sample, v, self.num_streams):
+                out[v] = [self._next_row[v], *stream.position()]
+        return out
+
+    def seek(self, positions: dict[int, list[int]]) -> None:
+        self._streams, self._next_row = {}, {}
+        self._pending = {v: list(pos) for v, pos in positions.items()}
