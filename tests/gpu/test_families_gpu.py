@@ -27,6 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _errors(block, ref, x, dy) -> dict[str, float]:
     """Relative errors of one forward+backward of `block` against `ref` (fp32) from the same input."""
+    ref.zero_grad(set_to_none=True)  # ref serves both blocks: its gradients must not accumulate over the two calls
     xb = x.clone().requires_grad_()
     out = block(xb.view(1, *x.shape))
     y = out[0] if isinstance(out, tuple) else out
