@@ -38,8 +38,8 @@ FAMILY_ANCHOR = os.path.join(REPO, "benchmarks", "anchor_family.py")
 # --cases GC: ours recomputes whole layers (1), only the MoE or attention half (moe, attention) or nothing (0); the
 # anchors recompute whole layers for any GC but 0
 CHECKPOINTING = {"1": "true", "0": "false", "moe": "moe", "attention": "attention"}
-FORMULA = ("model FLOPs/token = 6 x (per layer: q,k,v,o projections + top-k experts' 3 matrices + router; + LM head)"
-           " + 6 x layers x seq x heads x head_dim (causal attention)")
+FORMULA = ("model FLOPs/token = 6 x the matmul parameters a token touches (attention projections, top-k of the routed "
+           "experts, router, shared experts, dense MLPs, LM head) + causal attention scores (framework/train/flops.py)")
 
 
 def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
