@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from tests.family_cases import TINY_STOCK_CONFIGS
 from tests.helpers import TINY
 
 MICRO, STEPS, LR, WD, CLIP = 2, 3, 1e-3, 0.01, 0.5
 
 
-def model_config(tied: bool = False) -> dict:
-    """tied: lm_head.weight is embed_tokens.weight (one parameter that two modules use, for ZeRO-3 and export)."""
-    return dict(TINY, tie_word_embeddings=tied)
+def model_config(tied: bool = False, family: str | None = None) -> dict:
+    """tied: lm_head.weight is embed_tokens.weight (one parameter that two modules use, for ZeRO-3 and export).
+    family: another family's tiny config (tests/family_cases.py), with an aux loss so the router's gradient counts."""
+    if family is None:
+        return dict(TINY, tie_word_embeddings=tied)
+    return dict(TINY_STOCK_CONFIGS[family], model_type=family, tie_word_embeddings=tied, router_aux_loss_coef=0.02)
 
 
-def global_batch(world: int, seq: int = 12):
+def global_batch(world: int, seq: int = 12, vocab_size: int = TINY["vocab_size"]):
     g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, TINY["vocab_size"], (world * MICRO, seq), generator=g)
+    ids = torch.randint(0, vocab_size, (world * MICRO, seq), generator=g)
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # padding on rank 0 only: exercises the masked aux loss
     return ids, mask, ids.masked_fill(mask == 0, -100)

@@ -23,6 +23,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa
 
 import framework  # noqa: E402
 from framework.cluster.process_group import init_deepspeed_distributed  # noqa: E402
+from framework.models.registry import family_for, moe_shape  # noqa: E402
 from framework.parallel.expert_parallel import expert_placement, gather_full_experts  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
@@ -58,14 +59,15 @@ def train_and_record(engine, groups, forward: Callable[[], Any], steps: int) -> 
     return result
 
 
-def run(stage: int, ep: int, out_dir: str, tied: bool = False) -> None:
+def run(stage: int, ep: int, out_dir: str, tied: bool = False, family: str | None = None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    groups = init_parallel_groups(ep, model_config()["num_experts"])
+    config = model_config(tied, family)
+    groups = init_parallel_groups(ep, moe_shape(family_for(config).load_config(config))[1])
     # Experts are sliced on the meta device: each rank allocates and initialises only its own block.
-    model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager", seed=0,
+    model = framework.load_model(config, backend="grouped_mm", attn_implementation="eager", seed=0,
                                  placement=expert_placement(groups))
     engine, *_ = initialize(model, ds_config(stage, world), groups)
-    ids, mask, labels = global_batch(world)
+    ids, mask, labels = global_batch(world, vocab_size=config["vocab_size"])
     sl = slice(rank * MICRO, (rank + 1) * MICRO)
     result = train_and_record(engine, groups, lambda: engine(ids[sl], attention_mask=mask[sl], labels=labels[sl]),
                               STEPS)
@@ -77,9 +79,10 @@ def run(stage: int, ep: int, out_dir: str, tied: bool = False) -> None:
 def main() -> None:
     out_dir, ep, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     tied = "tied" in rest
+    family = next((a.split("=", 1)[1] for a in rest if a.startswith("family=")), None)
     init_deepspeed_distributed("gloo")
-    for stage in (int(s) for s in rest if s != "tied"):
-        run(stage, ep, out_dir, tied)
+    for stage in (int(s) for s in rest if s.isdigit()):
+        run(stage, ep, out_dir, tied, family)
     dist.barrier()
 
 

@@ -8,10 +8,11 @@ import framework
 from tests.distributed.common import CLIP, LR, MICRO, STEPS, WD, global_batch, model_config
 
 
-def single_process_run(world: int, tied: bool = False) -> dict:
-    model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager", seed=0)
+def single_process_run(world: int, tied: bool = False, family: str | None = None) -> dict:
+    config = model_config(tied, family)
+    model = framework.load_model(config, backend="grouped_mm", attn_implementation="eager", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    ids, mask, labels = global_batch(world)
+    ids, mask, labels = global_batch(world, vocab_size=config["vocab_size"])
     result = {"losses": [], "norms": [], "initial": {n: p.detach().clone() for n, p in model.named_parameters()}}
     for step in range(STEPS):
         # each data-parallel rank averages its own micro-batch; DeepSpeed then averages over ranks

@@ -3,7 +3,8 @@ global grad norm, parameters after 3 clipped AdamW steps (fp32, 1e-5 relative).
 
 Topologies: world 2 / EP 2 (experts split, no EDP sharding), world 4 / EP 2 (experts also sharded over EDP groups of 2),
 world 4 / EP 4; and world 2 / EP 2 / ZeRO-3 with tied word embeddings (one partitioned parameter used by the embedding
-and the LM head: its gradient is the sum of both uses).
+and the LM head: its gradient is the sum of both uses); and every other family (Mixtral, Qwen2-MoE, OLMoE,
+DeepSeek-V3) at world 2 / EP 2 under ZeRO-3 and ZeRO-2.
 """
 
 from __future__ import annotations
@@ -20,18 +21,26 @@ from tests.helpers import rel_err
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
 TOL = 1e-5
-RUNS = {(2, 2, False): (3, 2), (4, 2, False): (3, 2), (4, 4, False): (3,), (2, 2, True): (3,)}  # (world, ep, tied)
-# -> ZeRO stages
+# (world, ep, tied, family; None: Qwen3-MoE) -> ZeRO stages. Every other family at world 2 / EP 2 under both stages:
+# shared experts and dense layers partitioned over all ranks, routed experts over EDP, DeepSeek-V3's bias buffer.
+RUNS = {(2, 2, False, None): (3, 2), (4, 2, False, None): (3, 2), (4, 4, False, None): (3,),
+        (2, 2, True, None): (3,), **{(2, 2, False, f): (3, 2) for f in ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3")}}
 
 
-@pytest.fixture(scope="module", params=sorted(RUNS), ids=lambda w: f"world{w[0]}-ep{w[1]}{'-tied' * w[2]}")
+def _run_id(key) -> str:
+    world, ep, tied, family = key
+    return f"world{world}-ep{ep}{'-tied' * tied}{f'-{family}' if family else ''}"
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS, key=_run_id), ids=_run_id)
 def run(request, tmp_path_factory):
-    world, ep, tied = request.param
-    out = tmp_path_factory.mktemp(f"w{world}ep{ep}{'tied' * tied}")
+    world, ep, tied, family = request.param
+    out = tmp_path_factory.mktemp(_run_id(request.param))
     stages = RUNS[request.param]
-    run_workers(WORKER, [str(out), str(ep), *map(str, stages), *(["tied"] if tied else [])], world=world)
+    run_workers(WORKER, [str(out), str(ep), *map(str, stages), *(["tied"] if tied else []),
+                         *([f"family={family}"] if family else [])], world=world)
     results = {stage: torch.load(out / f"stage{stage}.pt") for stage in stages}
-    return world, results, single_process_run(world=world, tied=tied), tied
+    return world, results, single_process_run(world=world, tied=tied, family=family), tied
 
 
 def test_ep_matches_single_process(run):
@@ -49,6 +58,10 @@ def test_ep_matches_single_process(run):
             assert got["grads"][name].shape == g.shape, name
             assert rel_err(got["grads"][name], g) <= TOL, (stage, name, rel_err(got["grads"][name], g))
         for name, p in reference["params"].items():
+            if name.endswith("k_proj.bias"):
+                # a key bias shifts every score of a query alike, which softmax ignores: its gradient is zero up to
+                # rounding, and Adam turns that noise into full-size steps (Qwen2-MoE, measured 1.4e-5 apart)
+                continue
             assert rel_err(got["params"][name], p) <= TOL, (stage, name, rel_err(got["params"][name], p))
             # the comparison means something only if 3 steps moved the weights well beyond the tolerance
             assert rel_err(p, reference["initial"][name]) > 100 * TOL, name
