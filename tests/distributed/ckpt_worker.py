@@ -30,6 +30,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 import framework  # noqa: E402
 from framework.cluster.process_group import init_deepspeed_distributed  # noqa: E402
+from framework.models.registry import family_for, moe_shape  # noqa: E402
 from framework.parallel.expert_parallel import expert_placement  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.checkpoint_io import load_engine_checkpoint, save_engine_checkpoint  # noqa: E402
@@ -43,11 +44,12 @@ STEPS, SAVE_AT = 4, 2
 TAG = f"step{SAVE_AT}"
 
 
-def parse_case(case: str) -> tuple[int, int, str, bool]:
-    """z{stage}ep{ep}[bf16 | bf16acc32][tied] -> ZeRO stage, EP size, dtype (bf16acc32: bf16 weights with fp32
-    gradient accumulation, which DeepSpeed runs on its BF16_Optimizer under ZeRO-1), tied word embeddings."""
-    m = re.fullmatch(r"z(\d)ep(\d+)(bf16|bf16acc32)?(tied)?", case)
-    return int(m[1]), int(m[2]), m[3] or "fp32", bool(m[4])
+def parse_case(case: str) -> tuple[int, int, str, bool, str | None]:
+    """z{stage}ep{ep}[bf16 | bf16acc32][tied][-family] -> ZeRO stage, EP size, dtype (bf16acc32: bf16 weights with fp32
+    gradient accumulation, which DeepSpeed runs on its BF16_Optimizer under ZeRO-1), tied word embeddings, the model
+    family (tests/family_cases.py; none: Qwen3-MoE's TINY)."""
+    m = re.fullmatch(r"z(\d)ep(\d+)(bf16|bf16acc32)?(tied)?(?:-(\w+))?", case)
+    return int(m[1]), int(m[2]), m[3] or "fp32", bool(m[4]), m[5]
 
 
 def ds_config(stage: int, world: int, dtype: str = "fp32") -> dict:
@@ -64,19 +66,20 @@ def ds_config(stage: int, world: int, dtype: str = "fp32") -> dict:
     return config
 
 
-def batch(step: int, world: int, seq: int = 12):
+def batch(step: int, world: int, seq: int = 12, vocab_size: int = model_config()["vocab_size"]):
     """A different fixed global batch for every step (so that resuming at the wrong step would show)."""
     g = torch.Generator().manual_seed(100 + step)
-    ids = torch.randint(0, model_config()["vocab_size"], (world * MICRO, seq), generator=g)
+    ids = torch.randint(0, vocab_size, (world * MICRO, seq), generator=g)
     mask = torch.ones_like(ids)
     mask[0, -(step + 1):] = 0
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
 def build(case: str):
-    stage, ep, dtype, tied = parse_case(case)
-    groups = init_parallel_groups(ep, model_config()["num_experts"])
-    model = framework.load_model(model_config(tied), backend="grouped_mm", attn_implementation="eager", seed=0,
+    stage, ep, dtype, tied, family = parse_case(case)
+    config = model_config(tied, family)
+    groups = init_parallel_groups(ep, moe_shape(family_for(config).load_config(config))[1])
+    model = framework.load_model(config, backend="grouped_mm", attn_implementation="eager", seed=0,
                                  dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
                                  placement=expert_placement(groups))
     engine, *_ = initialize(model, ds_config(stage, dist.get_world_size(), dtype), groups)
@@ -86,7 +89,7 @@ def build(case: str):
 def train_steps(engine, first: int, last: int, record: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     for step in range(first, last):
-        ids, mask, labels = batch(step, world)
+        ids, mask, labels = batch(step, world, vocab_size=engine.module.config.vocab_size)
         sl = slice(rank * MICRO, (rank + 1) * MICRO)
         record["lrs"].append(engine.get_lr()[0])
         out = engine(ids[sl], attention_mask=mask[sl], labels=labels[sl])

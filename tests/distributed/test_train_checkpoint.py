@@ -128,7 +128,7 @@ def assert_resume_exact(key: str, train: dict, resumed: dict) -> None:
     assert_all_equal(resumed["loaded"], train["at_save"], "fp32 master after load")
     assert_all_equal(resumed["loaded_module"], train["at_save_module"], "module weights after load")
     assert resumed["global_steps"] == SAVE_AT
-    assert resumed["client_state"] == {"step": SAVE_AT, "case": key.split("-")[1], "data": [1, 2, 3]}
+    assert resumed["client_state"] == {"step": SAVE_AT, "case": key.split("-", 1)[1], "data": [1, 2, 3]}
     assert resumed["lrs"] == full["lrs"][SAVE_AT:]
     # and then trains exactly like the uninterrupted run: same losses, same parameters, bit for bit
     assert resumed["losses"] == full["losses"][SAVE_AT:]
@@ -163,6 +163,34 @@ def test_load_from_another_layout(runs, key):
     # the steps after the load: the same batches, so the same losses up to the reduction order of another layout
     for got, want in zip(cross["losses"], saved["saved"]["losses"][SAVE_AT:], strict=True):
         assert abs(got - want) <= 1e-4 * abs(want) + (2e-2 if dtype_of(key) == torch.bfloat16 else 0), (got, want)
+
+
+FAMILIES_RESUMED = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3")
+FAMILY_CASES = ("z3ep2", "z2ep2")  # each loads the other's checkpoint first: ZeRO-3 <-> ZeRO-2 resharded
+
+
+@pytest.fixture(scope="module", params=FAMILIES_RESUMED)
+def family_run(request, tmp_path_factory):
+    """Another family's shared experts, dense layers and buffers through save, exact resume and the resharding load:
+    {case: (root, train results, resume results)} of one family at world 2."""
+    out = str(tmp_path_factory.mktemp(f"train_ckpt_{request.param}"))
+    cases = [f"{case}-{request.param}" for case in FAMILY_CASES]
+    run_workers(WORKER, [out, "both", *cases], world=2)
+    return {case: (os.path.join(out, case), torch.load(os.path.join(out, case, "train.pt")),
+                   torch.load(os.path.join(out, case, "resume.pt"))) for case in cases}
+
+
+def test_family_resume_is_exact_and_reshards(family_run):
+    for case, (_, train, resumed) in family_run.items():
+        assert_resume_exact(f"w2-{case}", train, resumed)
+        cross = resumed["cross"]
+        assert "error" not in cross, cross.get("error")
+        saved = family_run[cross["from"]][1]
+        assert_all_equal(cross["loaded"], saved["at_save"], "fp32 master after a resharding load")
+        assert_all_equal(cross["moments"], saved["at_save_moments"], "Adam moments after a resharding load")
+        assert_all_equal(cross["loaded_module"], saved["at_save_module"], "module weights after a resharding load")
+        for got, want in zip(cross["losses"], saved["saved"]["losses"][SAVE_AT:], strict=True):
+            assert abs(got - want) <= 1e-4 * abs(want), (case, got, want)
 
 
 def as_layout(params: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
