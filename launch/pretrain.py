@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None, task: str = "pretrain", script: str = __
     launch_by_hand = wants_prelaunch([script, *argv])
     rank0 = os.environ.get("RANK", "0") == "0"
     run_lock = None
+    started = False  # the trainer exists: from then on the output directory holds the run's files
     try:
         # `python launch/pretrain.py --hostfile H ...`: the launcher options are ours to check, then DeepSpeed's.
         args = parse_args(split_launcher_args(argv)[1] if launch_by_hand else argv, doc, demo_config)
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None, task: str = "pretrain", script: str = __
 
         if rank0 and not args.config:
             print(f"no --config given: running the demo ({os.path.relpath(demo_config)})", flush=True)
+        started = True
         trainer = Trainer(plan, ds_user, args.deepspeed or "DeepSpeed config")
         trainer.train()
     except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as e:
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None, task: str = "pretrain", script: str = __
         return 2
     finally:
         if run_lock is not None:
-            run_lock.release()
+            run_lock.release(discard=not started)
     return 0
 
 

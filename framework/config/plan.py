@@ -212,6 +212,11 @@ def check_data(cfg: RunConfig) -> None:
     if cfg.data.synthetic and (cfg.data.paths or cfg.data.use_demo_corpus):
         raise ConfigError("data.synthetic=true trains on random tokens: leave data.paths empty and "
                           "data.use_demo_corpus false")
+    if cfg.data.paths and cfg.data.use_demo_corpus:
+        # the demo configs (what runs without --config) set use_demo_corpus: files given to them would silently be
+        # mixed with the demo data
+        raise ConfigError("data.paths is set and data.use_demo_corpus is true (the demo config sets it): add "
+                          "data.use_demo_corpus=false to train on your files alone, or give --config")
     for path in cfg.data.paths + cfg.data.eval_paths:
         if not os.path.exists(path):
             raise ConfigError(f"data: {path} does not exist")
@@ -348,27 +353,6 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
 
     check_task(cfg, task)
     check_data(cfg)
-    chat_notes: list[str] = []
-    if check_corpus and task == "finetune":
-        from framework.data.chat_dataset import summary_lines  # noqa: PLC0415
-
-        tokenizer = chat_tokenizer(cfg)
-        _, summary = prepare_chat_data(cfg, tokenizer)
-        chat_notes = summary_lines(summary)
-        if cfg.data.eval_paths:
-            _, summary = prepare_chat_data(cfg, tokenizer, list(cfg.data.eval_paths), "data.eval_paths")
-            chat_notes += summary_lines(summary, "data.eval_paths")
-    elif check_corpus:
-        from framework.data.sources import check_corpus as scan  # noqa: PLC0415
-
-        # files that passed before (same size, time and text field) are not read again on a restart
-        memo = os.path.join(cfg.data.cache_dir or os.path.join(cfg.train.output_dir, "data_cache"),
-                            "corpus_checked.json")
-        if cfg.data.paths:
-            scan(list(cfg.data.paths), cfg.data.text_field, cfg.data.cache_dir, memo=memo)
-        if cfg.data.eval_paths:
-            scan(list(cfg.data.eval_paths), cfg.data.text_field, cfg.data.cache_dir, key="data.eval_paths",
-                 memo=memo)
     check_output_dir(cfg.train.output_dir)
     source, hf_config = resolve_model(cfg)
     check_model_parallel(cfg.parallel.ep_size, world_size, hf_config, world_desc)
@@ -378,7 +362,7 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
         raise ConfigError(f"model.router_bias_update_rate={cfg.model.router_bias_update_rate}: {hf_config.model_type} "
                           "routers have no selection bias (e_score_correction_bias); set it 0")
     dtype = resolve_dtype(cfg)
-    notes: list[str] = list(chat_notes)
+    notes: list[str] = []
     warnings: list[str] = []
     point = None
     try:  # verifies the checkpoint's files; a damaged newest one falls back with a warning
@@ -410,8 +394,34 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
             raise ConfigError(f"resume: {os.path.join(point.path, DATA_STATE_NAME)} is missing: the checkpoint was "
                               "written before the world-size-independent data order; start a new run from its "
                               "export (tools/ds_to_hf.py)")
+    if check_corpus:  # last: the slowest check, and the only one that writes (its memo / the chat token cache)
+        notes = scan_data(cfg, task) + notes
     return RunPlan(cfg, world_size, gas, source, hf_config, dtype, tokenizer_dir(cfg), point, restart_data, notes,
                    warnings, task)
+
+
+def scan_data(cfg: RunConfig, task: str) -> list[str]:
+    """Read every training and evaluation file: one-line ConfigError for the first bad record; the chat data's
+    summary lines (fine-tuning tokenises every conversation into the cache the run reads)."""
+    if task == "finetune":
+        from framework.data.chat_dataset import summary_lines  # noqa: PLC0415
+
+        tokenizer = chat_tokenizer(cfg)
+        _, summary = prepare_chat_data(cfg, tokenizer)
+        notes = summary_lines(summary)
+        if cfg.data.eval_paths:
+            _, summary = prepare_chat_data(cfg, tokenizer, list(cfg.data.eval_paths), "data.eval_paths")
+            notes += summary_lines(summary, "data.eval_paths")
+        return notes
+    from framework.data.sources import check_corpus as scan  # noqa: PLC0415
+
+    # files that passed before (same size, time and text field) are not read again on a restart
+    memo = os.path.join(cfg.data.cache_dir or os.path.join(cfg.train.output_dir, "data_cache"), "corpus_checked.json")
+    if cfg.data.paths:
+        scan(list(cfg.data.paths), cfg.data.text_field, cfg.data.cache_dir, memo=memo)
+    if cfg.data.eval_paths:
+        scan(list(cfg.data.eval_paths), cfg.data.text_field, cfg.data.cache_dir, key="data.eval_paths", memo=memo)
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -423,7 +433,7 @@ def chat_cache_dir(cfg: RunConfig) -> str:
 
 
 def chat_paths(cfg: RunConfig) -> list[str]:
-    """data.paths, plus the demo chat dataset (built here if missing) with data.use_demo_corpus."""
+    """data.paths, or the demo chat dataset (built here if missing) with data.use_demo_corpus."""
     paths = list(cfg.data.paths)
     if cfg.data.use_demo_corpus:
         from framework.data.chat_demo import build_demo_chat  # noqa: PLC0415

@@ -19,16 +19,27 @@ _held: dict[str, RunLock] = {}  # realpath of the output dir -> this process's l
 
 
 class RunLock:
-    def __init__(self, path: str, fd: int):
+    def __init__(self, path: str, fd: int, created_file: bool, created_dir: bool):
         self.path = path
         self._fd: int | None = fd
+        self._created = (created_file, created_dir)  # what taking the lock wrote, for release(discard=True)
 
-    def release(self) -> None:
+    def release(self, discard: bool = False) -> None:
+        """discard: the run stopped before writing anything (a refused config): also remove the lock file and the
+        output directory if taking the lock created them, so that bad input leaves nothing behind."""
         if self._fd is None:
             return
         _held.pop(os.path.realpath(os.path.dirname(self.path)), None)
+        created_file, created_dir = self._created
+        if discard and created_file:
+            os.unlink(self.path)  # while still held: no other run can have taken this file's lock meanwhile
         os.close(self._fd)  # closing the only descriptor releases the flock
         self._fd = None
+        if discard and created_dir:
+            try:
+                os.rmdir(os.path.dirname(self.path))  # only if empty
+            except OSError:
+                pass
 
 
 def acquire_run_lock(output_dir: str) -> RunLock:
@@ -37,8 +48,10 @@ def acquire_run_lock(output_dir: str) -> RunLock:
     key = os.path.realpath(output_dir)
     if key in _held:
         return _held[key]
+    created_dir = not os.path.isdir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_NAME)
+    created_file = not os.path.exists(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,5 +66,5 @@ def acquire_run_lock(output_dir: str) -> RunLock:
                       "(Lustre: mount with -o flock)") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-    lock = _held[key] = RunLock(path, fd)
+    lock = _held[key] = RunLock(path, fd, created_file, created_dir)
     return lock

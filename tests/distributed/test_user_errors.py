@@ -1,5 +1,5 @@
 """Every user error of issue #15's list through launch/pretrain.py: one line on stderr, exit code 2, before DeepSpeed
-starts (no engine, nothing written in the output directory but its lock). And the default config on any number of
+starts (no engine; an output directory the run created is removed again with its lock, so nothing is left). And the default config on any number of
 processes: the global batch follows the world size when the user set none."""
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def _corpus(tmp_path, kind: str) -> str:
 def test_bad_corpus(tmp_path, kind, message):
     path = _corpus(tmp_path, kind)
     one_line_exit_2(run([f"data.paths=[{path}]", f"train.output_dir={tmp_path / 'out'}"], timeout=120), message)
+    assert not os.path.exists(tmp_path / "out")  # bad input leaves nothing behind, not even the run's lock
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,7 @@ def test_bad_settings(tmp_path, corpus, case):
     }[case]
     out = [] if any(s.startswith("train.output_dir") for s in settings) else [f"train.output_dir={tmp_path / 'o'}"]
     one_line_exit_2(run([f"data.paths=[{corpus}]", *out, *settings], timeout=120), message)
+    assert not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.parametrize("world,batch", [(1, 8), (2, 16), (4, 32), (8, 64)])

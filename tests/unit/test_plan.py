@@ -162,3 +162,15 @@ def test_search_counts_the_processes_the_runner_starts(tmp_path, monkeypatch):
     args.num_gpus = 8
     with pytest.raises(ConfigError, match=r"--num_gpus \(8\) exceeds slots=4 of"):
         search_cli.run_search_command(args)
+
+
+def test_files_given_to_the_demo_config_are_not_mixed_with_the_demo_data(tmp_path):
+    """The demo configs (what runs without --config) set data.use_demo_corpus; a user's data.paths on top of them is
+    one line saying how to train on the files alone, not a run on both."""
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text('{"text": "a document"}\n')
+    demo = os.path.join(os.path.dirname(TINY), "demo.yaml")
+    cfg = load_run_config(demo, [f"data.paths=[{corpus}]", f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"data.paths is set and data.use_demo_corpus is true .* add "
+                                          r"data.use_demo_corpus=false"):
+        resolve_plan(cfg, 1)
