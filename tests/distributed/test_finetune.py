@@ -174,3 +174,41 @@ def test_from_hf_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert [e["step"] for e in want_evals] == [2, 4] and evals[-1]["step"] == 4
     assert evals[-1]["eval_loss"] == pytest.approx(want_evals[-1]["eval_loss"], rel=1e-6)
     assert want_evals[-1]["eval_loss"] < want_evals[0]["eval_loss"]
+
+
+def test_fine_tunes_another_family_from_its_hub_checkpoint(tmp_path):
+    """A released DeepSeek-V3-architecture checkpoint (stock transformers' save_pretrained: MLA, a dense first layer,
+    shared experts, grouped sigmoid routing) fine-tuned with EP=2 on 2 processes: trains, and the export loads
+    strictly in stock transformers with its chat template and our logits."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import framework
+    from tests.family_cases import TINY_STOCK_CONFIGS
+
+    config = AutoConfig.for_model("deepseek_v3", **dict(TINY_STOCK_CONFIGS["deepseek_v3"], vocab_size=4096,
+                                                        max_position_embeddings=256))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "released"
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(ckpt))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(os.path.join(REPO, "framework", "assets", "tokenizer", name), ckpt / name)
+    data = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": f"Spell {w}."}, {"role": "assistant", "content": " ".join(w)}]}
+        for w in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")])
+    out = tmp_path / "out"
+    proc = run(["--config", TINY_YAML, "model.hf_config=", f"model.path={ckpt}", f"data.paths=[{data}]",
+                "data.seq_len=48", "train.max_steps=3", "train.save_steps=0", "parallel.ep_size=2",
+                f"train.output_dir={out}"], launcher=deepspeed(2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(train_records(out)) == [1, 2, 3]
+    stock, info = AutoModelForCausalLM.from_pretrained(str(out / "hf"), dtype=torch.float32,
+                                                       attn_implementation="eager", output_loading_info=True)
+    assert type(stock).__name__ == "DeepseekV3ForCausalLM" and not any(info.values()), info
+    assert AutoTokenizer.from_pretrained(str(out / "hf")).chat_template
+    ours = framework.load_model(str(out / "hf"), backend="eager", attn_implementation="eager").eval()
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = stock.eval()(ids).logits, ours(ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
