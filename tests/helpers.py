@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 # H != I and H != 2I so a gate/up or transpose mix-up cannot pass by shape; multiples of 8 for _grouped_mm strides.
+GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")  # hub per-expert names of most families
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=True, mlp_only_layers=[1], router_aux_loss_coef=0.02, output_router_logits=True,
@@ -135,3 +136,30 @@ def write_qwen2_moe_run_yaml(path: str, **hf_overrides) -> str:
 def write_olmoe_run_yaml(path: str, **hf_overrides) -> str:
     """model_configs/tiny.yaml with its model.hf_config replaced by a tiny OLMoE; returns `path`."""
     return write_family_run_yaml(path, "olmoe", **hf_overrides)
+
+
+def write_hub_per_expert(stock: torch.nn.Module, path: str, names: tuple[str, str, str] = GATE_UP_DOWN,
+                         moe_module: str = "mlp") -> None:
+    """A stock model's weights in its hub's per-expert layout, written by hand (the inverse of transformers'
+    conversion_mapping.py): each expert's gate / up / down matrices as `{moe_module}.experts.{e}.{name}.weight`
+    (Qwen-style names by default; Mixtral: names ("w1", "w3", "w2") under "block_sparse_moe"). A tied LM head is left
+    out, as a tied model's save_pretrained leaves it out."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    gate, up, down = names
+    tensors = {}
+    for key, value in stock.state_dict().items():
+        hub = key.replace(".mlp.", f".{moe_module}.")
+        if key.endswith("experts.gate_up_proj"):
+            inter = value.shape[1] // 2
+            for e in range(value.shape[0]):
+                tensors[hub.replace("gate_up_proj", f"{e}.{gate}.weight")] = value[e, :inter].clone()
+                tensors[hub.replace("gate_up_proj", f"{e}.{up}.weight")] = value[e, inter:].clone()
+        elif key.endswith("experts.down_proj"):
+            for e in range(value.shape[0]):
+                tensors[hub.replace("down_proj", f"{e}.{down}.weight")] = value[e].clone()
+        elif key != "lm_head.weight" or not stock.config.tie_word_embeddings:
+            tensors[hub] = value.clone()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    stock.config.save_pretrained(path)

@@ -14,7 +14,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 import framework
 from framework.models.registry import FAMILIES, family_for
 from framework.moe.router import GroupLimitedSigmoidRouter
-from tests.helpers import batch, rel_err, spread_weights
+from tests.helpers import batch, rel_err, spread_weights, write_hub_per_expert
 
 TOL = 1e-5
 # H != I != moe I, multiples of 8 for _grouped_mm strides; 8 experts in 4 groups, 2 groups kept, top-3; qk head width
@@ -43,31 +43,11 @@ def stock_deepseek(attn: str = "eager", **overrides) -> DeepseekV3ForCausalLM:
     return model
 
 
-def write_hub_layout(stock: DeepseekV3ForCausalLM, path: str) -> None:
-    """The hub's per-expert names (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`), written by hand: the inverse
-    of transformers' conversion_mapping.py "qwen2_moe" entry, which deepseek_v3 uses."""
-    inter = stock.config.moe_intermediate_size
-    tensors = {}
-    for key, value in stock.state_dict().items():
-        if key.endswith("experts.gate_up_proj"):
-            for e in range(value.shape[0]):
-                tensors[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = value[e, :inter].clone()
-                tensors[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = value[e, inter:].clone()
-        elif key.endswith("experts.down_proj"):
-            for e in range(value.shape[0]):
-                tensors[key.replace("down_proj", f"{e}.down_proj.weight")] = value[e].clone()
-        else:
-            tensors[key] = value.clone()
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    stock.config.save_pretrained(path)
-
-
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def checkpoint(request, tmp_path_factory):
     stock = stock_deepseek(**SHAPES[request.param])
     hub = str(tmp_path_factory.mktemp(f"deepseek_{request.param}") / "hub")
-    write_hub_layout(stock, hub)
+    write_hub_per_expert(stock, hub)
     return stock, hub
 
 
@@ -193,7 +173,7 @@ def test_all_tokens_on_one_expert(tmp_path, backend):
             if name.endswith("e_score_correction_bias"):
                 buf.zero_()
                 buf[5] = 10.0
-    write_hub_layout(stock, str(tmp_path))
+    write_hub_per_expert(stock, str(tmp_path))
     ours = framework.load_model(str(tmp_path), backend=backend)
     ids, mask, labels = batch(pad_right=True)
     ref = stock(input_ids=ids, attention_mask=mask, labels=labels)
@@ -369,7 +349,7 @@ def test_multi_token_prediction_layers_are_skipped(tmp_path):
     from safetensors.torch import load_file
 
     stock = stock_deepseek(num_nextn_predict_layers=1)
-    write_hub_layout(stock, str(tmp_path))
+    write_hub_per_expert(stock, str(tmp_path))
     path = os.path.join(tmp_path, "model.safetensors")
     tensors = load_file(path)
     mtp = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in tensors.items()

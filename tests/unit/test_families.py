@@ -8,13 +8,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import framework
 from framework.models.registry import FAMILIES, family_for
-from tests.helpers import batch, rel_err, spread_weights
+from tests.helpers import batch, rel_err, spread_weights, write_hub_per_expert
 
 TOL = 1e-5
 # H != I and H != 2I so a gate/up or transpose mix-up cannot pass by shape; multiples of 8 for _grouped_mm strides.
@@ -32,25 +31,10 @@ def stock_mixtral(attn: str = "eager") -> MixtralForCausalLM:
     return spread_weights(MixtralForCausalLM(config).float())
 
 
-def write_hub_layout(stock: MixtralForCausalLM, path: str) -> None:
-    """The Mixtral hub's per-expert names (`block_sparse_moe.experts.{e}.w1/w3/w2.weight`), written by hand: the
-    inverse of transformers' conversion_mapping.py "mixtral" entry."""
-    inter = stock.config.intermediate_size
-    tensors = {}
-    for key, value in stock.state_dict().items():
-        hub = key.replace(".mlp.", ".block_sparse_moe.")
-        if key.endswith("experts.gate_up_proj"):
-            for e in range(value.shape[0]):
-                tensors[hub.replace("gate_up_proj", f"{e}.w1.weight")] = value[e, :inter].clone()
-                tensors[hub.replace("gate_up_proj", f"{e}.w3.weight")] = value[e, inter:].clone()
-        elif key.endswith("experts.down_proj"):
-            for e in range(value.shape[0]):
-                tensors[hub.replace("down_proj", f"{e}.w2.weight")] = value[e].clone()
-        else:
-            tensors[hub] = value.clone()
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    stock.config.save_pretrained(path)
+
+def write_mixtral_hub(stock: MixtralForCausalLM, path: str) -> None:
+    """The Mixtral hub's `block_sparse_moe.experts.{e}.w1/w3/w2.weight` (transformers' conversion_mapping.py)."""
+    write_hub_per_expert(stock, path, ("w1", "w3", "w2"), "block_sparse_moe")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +42,7 @@ def checkpoints(tmp_path_factory):
     stock = stock_mixtral()
     root = tmp_path_factory.mktemp("mixtral")
     hub, native = str(root / "hub"), str(root / "native")
-    write_hub_layout(stock, hub)
+    write_mixtral_hub(stock, hub)
     stock.save_pretrained(native)
     return stock, hub, native
 

@@ -4,21 +4,19 @@ gradient; state dicts interchange strictly; collapsed routing (one expert takes 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from transformers import OlmoeConfig, OlmoeForCausalLM, PretrainedConfig, Qwen2MoeConfig, Qwen2MoeForCausalLM
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func as olmoe_balance_loss
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func as qwen2_moe_balance_loss
 
 import framework
 from framework.models.registry import FAMILIES, family_for
-from tests.helpers import batch, rel_err, spread_weights
+from tests.helpers import batch, rel_err, spread_weights, write_hub_per_expert
 
 TOL = 1e-5
 # H != I and H != 2I for every width (routed, shared, dense) so a gate/up or transpose mix-up cannot pass by shape;
@@ -59,32 +57,12 @@ def stock_model(family: str, attn: str = "eager", seed: int = 0, **overrides):
     return spread_weights(case.stock_class(config).float())
 
 
-def write_per_expert_layout(stock: torch.nn.Module, path: str) -> None:
-    """The hub's per-expert names (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`), written by hand: the inverse
-    of transformers' conversion_mapping.py "qwen2_moe" entry, which olmoe shares."""
-    tensors = {}
-    for key, value in stock.state_dict().items():
-        if key.endswith("experts.gate_up_proj"):
-            inter = value.shape[1] // 2
-            for e in range(value.shape[0]):
-                tensors[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = value[e, :inter].clone()
-                tensors[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = value[e, inter:].clone()
-        elif key.endswith("experts.down_proj"):
-            for e in range(value.shape[0]):
-                tensors[key.replace("down_proj", f"{e}.down_proj.weight")] = value[e].clone()
-        elif key != "lm_head.weight" or not stock.config.tie_word_embeddings:
-            tensors[key] = value.clone()
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    stock.config.save_pretrained(path)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def checkpoints(request, tmp_path_factory):
     family = request.param
     stock = stock_model(family)
     hub = str(tmp_path_factory.mktemp(family) / "hub")
-    write_per_expert_layout(stock, hub)
+    write_hub_per_expert(stock, hub)
     return family, stock, hub
 
 
@@ -228,7 +206,7 @@ def test_collapsed_routing_matches_transformers(family, backend, tmp_path):
         for name, p in stock.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 p.zero_()
-    write_per_expert_layout(stock, str(tmp_path))
+    write_hub_per_expert(stock, str(tmp_path))
     ours = framework.load_model(str(tmp_path), backend=backend, attn_implementation="eager").eval()
     ids, mask, labels = batch(pad_right=True)
     ref, ref_grads = forward_backward(stock, True, ids, mask, labels)
@@ -250,7 +228,7 @@ def test_tied_embeddings_match_transformers(backend, tmp_path):
     model); one Parameter serves both, its gradient the sum of both uses, as in transformers."""
     stock = stock_model("qwen2_moe", tie_word_embeddings=True)
     assert stock.lm_head.weight is stock.model.embed_tokens.weight
-    write_per_expert_layout(stock, str(tmp_path))
+    write_hub_per_expert(stock, str(tmp_path))
     ours = framework.load_model(str(tmp_path), backend=backend, attn_implementation="eager").eval()
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     ids, mask, labels = batch(pad_right=True)
