@@ -20,6 +20,7 @@ import numpy as np
 from framework.data.chat_dataset import ChatData
 from framework.data.chat_template import IGNORE_INDEX
 from framework.data.order import docs_per_rank, rank_documents
+from framework.data.stream_rows import StreamRows
 
 
 class ConversationStream:
@@ -65,7 +66,7 @@ class ConversationStream:
         return taken
 
 
-class ChatRows:
+class ChatRows(StreamRows):
     """Rows of `seq_len` tokens, each whole conversations plus padding: (input_ids, position_ids, labels), int64."""
 
     kind = "chat"
@@ -88,10 +89,7 @@ class ChatRows:
         if num_streams > len(self.eligible):
             raise ValueError(f"the chat data has {len(self.eligible)} conversations, fewer than the {num_streams} "
                              "data streams of this run; add data")
-        self.num_streams = num_streams
-        self._streams: dict[int, ConversationStream] = {}
-        self._next_row: dict[int, int] = {}
-        self._pending: dict[int, list[int]] = {}
+        super().__init__(num_streams)
 
     def summary(self) -> str:
         return (f"{len(self.eligible)} conversations at data.seq_len={self.seq_len}: {self.truncated} longer ones "
@@ -102,28 +100,18 @@ class ChatRows:
         return {"num_streams": self.num_streams, "seed": self.seed, "shuffle": self.shuffle,
                 "num_docs": len(self.eligible)}
 
-    def _stream(self, v: int) -> ConversationStream:
-        stream = self._streams.get(v)
-        if stream is None:
-            stream = ConversationStream(self, v)
-            self._next_row[v] = 0
-            if v in self._pending:
-                row, epoch, index, _ = self._pending.pop(v)
-                stream.seek(epoch, index)
-                self._next_row[v] = row
-            self._streams[v] = stream
-        return stream
+    def _new_stream(self, v: int) -> ConversationStream:
+        return ConversationStream(self, v)
 
-    def row(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        v, j = g % self.num_streams, g // self.num_streams
-        stream = self._stream(v)
-        if self._next_row[v] > j:
-            raise RuntimeError(f"data stream {v}: row {j} requested after row {self._next_row[v] - 1}")
-        while self._next_row[v] < j:  # a row of a shared stream that another rank trains on
-            stream.next_row()
-            self._next_row[v] += 1
-        self._next_row[v] += 1
+    def _seek_stream(self, stream: ConversationStream, position: list[int]) -> None:
+        epoch, index, _ = position
+        stream.seek(epoch, index)
+
+    def _read_row(self, stream: ConversationStream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.pack(stream.next_row())
+
+    def _skip_row(self, stream: ConversationStream) -> None:
+        stream.next_row()
 
     def pack(self, conversations: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, pos, labels = [], [], []
@@ -141,17 +129,3 @@ class ChatRows:
         label_row = np.concatenate(labels).astype(np.int64)
         label_row[position_ids == 0] = IGNORE_INDEX  # nothing is predicted across a conversation boundary
         return input_ids, position_ids, label_row
-
-    def positions(self, next_sample: int) -> dict[int, list[int]]:
-        from framework.data.samples import _rows_before  # noqa: PLC0415  (samples imports this module)
-
-        out = {v: list(pos) for v, pos in self._pending.items()
-               if pos[0] == _rows_before(next_sample, v, self.num_streams)}
-        for v, stream in self._streams.items():
-            if self._next_row[v] == _rows_before(next_sample, v, self.num_streams):
-                out[v] = [self._next_row[v], *stream.position()]
-        return out
-
-    def seek(self, positions: dict[int, list[int]]) -> None:
-        self._streams, self._next_row = {}, {}
-        self._pending = {v: list(pos) for v, pos in positions.items()}

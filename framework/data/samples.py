@@ -31,6 +31,7 @@ import torch
 from framework.data.packing import make_batch, pack_row
 from framework.data.sources import Corpus
 from framework.data.stream import DocumentStream
+from framework.data.stream_rows import StreamRows, rows_before
 
 if TYPE_CHECKING:
     from framework.data.chat_rows import ChatRows
@@ -43,7 +44,7 @@ def default_num_streams(global_batch_size: int, num_docs: int) -> int:
     return max(1, min(global_batch_size, num_docs))
 
 
-class PackedRows:
+class PackedRows(StreamRows):
     """Rows of `seq_len` tokens from `num_streams` packed document streams."""
 
     kind = "packed"
@@ -52,54 +53,27 @@ class PackedRows:
         if num_streams > corpus.num_docs:
             raise ValueError(f"the corpus has {corpus.num_docs} documents, fewer than the {num_streams} data streams "
                              "of this run; add data")
+        super().__init__(num_streams)
         self.corpus, self.encode, self.seq_len = corpus, encode, seq_len
-        self.num_streams, self.seed, self.shuffle = num_streams, seed, shuffle
-        self._streams: dict[int, DocumentStream] = {}
-        self._next_row: dict[int, int] = {}
-        self._pending: dict[int, list[int]] = {}  # saved positions of streams not read since the resume
+        self.seed, self.shuffle = seed, shuffle
 
     def identity(self) -> dict:
         return {"num_streams": self.num_streams, "seed": self.seed, "shuffle": self.shuffle,
                 "num_docs": self.corpus.num_docs}
 
-    def _stream(self, v: int) -> DocumentStream:
-        stream = self._streams.get(v)
-        if stream is None:
-            stream = DocumentStream(self.corpus, self.encode, seed=self.seed, shuffle=self.shuffle, dp_rank=v,
-                                    dp_world=self.num_streams, memo_tokens=MEMO_TOKENS // self.num_streams)
-            self._next_row[v] = 0
-            if v in self._pending:  # seek on first use: a rank touches only its own streams when V = B
-                row, epoch, doc_index, token_offset = self._pending.pop(v)
-                stream.seek(epoch, doc_index, token_offset)
-                self._next_row[v] = row
-            self._streams[v] = stream
-        return stream
+    def _new_stream(self, v: int) -> DocumentStream:
+        return DocumentStream(self.corpus, self.encode, seed=self.seed, shuffle=self.shuffle, dp_rank=v,
+                              dp_world=self.num_streams, memo_tokens=MEMO_TOKENS // self.num_streams)
 
-    def row(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        v, j = g % self.num_streams, g // self.num_streams
-        stream = self._stream(v)
-        if self._next_row[v] > j:
-            raise RuntimeError(f"data stream {v}: row {j} requested after row {self._next_row[v] - 1}")
-        while self._next_row[v] < j:  # a row of a shared stream that another rank trains on
-            stream.take(self.seq_len)
-            self._next_row[v] += 1
-        self._next_row[v] += 1
+    def _seek_stream(self, stream: DocumentStream, position: list[int]) -> None:
+        epoch, doc_index, token_offset = position
+        stream.seek(epoch, doc_index, token_offset)
+
+    def _read_row(self, stream: DocumentStream) -> tuple[np.ndarray, np.ndarray]:
         return pack_row(stream.take(self.seq_len), self.seq_len)
 
-    def positions(self, next_sample: int) -> dict[int, list[int]]:
-        """{stream: [next row, epoch, doc_index, token_offset]} for the streams this rank holds exactly at the row
-        that follows sample `next_sample - 1`."""
-        out = {v: list(pos) for v, pos in self._pending.items()
-               if pos[0] == _rows_before(next_sample, v, self.num_streams)}
-        for v, stream in self._streams.items():
-            if self._next_row[v] == _rows_before(next_sample, v, self.num_streams):
-                out[v] = [self._next_row[v], *stream.position()]
-        return out
-
-    def seek(self, positions: dict[int, list[int]]) -> None:
-        """Positions from a checkpoint; each stream moves there when first read."""
-        self._streams, self._next_row = {}, {}
-        self._pending = {v: list(pos) for v, pos in positions.items()}
+    def _skip_row(self, stream: DocumentStream) -> None:
+        stream.take(self.seq_len)
 
 
 class RandomRows:
@@ -126,11 +100,6 @@ class RandomRows:
 
     def seek(self, positions: dict[int, list[int]]) -> None:
         pass
-
-
-def _rows_before(next_sample: int, v: int, num_streams: int) -> int:
-    """How many rows of stream v the samples 0 .. next_sample - 1 use."""
-    return max(0, (next_sample - v + num_streams - 1) // num_streams)
 
 
 class StepBatchLoader:
@@ -209,7 +178,7 @@ class StepBatchLoader:
         positions = {int(v): pos for v, pos in state["streams"].items() if int(v) < num_streams}
         # streams never read before the checkpoint start at their beginning; others must be in the state
         for v in range(min(num_streams, self.next_sample)):
-            if _rows_before(self.next_sample, v, num_streams) and v not in positions:
+            if rows_before(self.next_sample, v, num_streams) and v not in positions:
                 raise ValueError(f"data position lacks stream {v} (a damaged data_state.json?)")
         self.rows.seek(positions)
 
