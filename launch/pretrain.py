@@ -1,4 +1,4 @@
-"""Pretrain (or continue pretraining) an MoE model (Qwen3-MoE or Mixtral) on DeepSpeed.
+"""Pretrain (or continue pretraining) an MoE model of any registered family (framework/models/registry.py) on DeepSpeed.
 
     deepspeed [--hostfile H] [--num_gpus N] launch/pretrain.py [--config X.yaml] [--deepspeed Y.json]
               [--resume auto|CHECKPOINT] [section.key=value ...]
