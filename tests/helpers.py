@@ -163,3 +163,19 @@ def write_hub_per_expert(stock: torch.nn.Module, path: str, names: tuple[str, st
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     stock.config.save_pretrained(path)
+
+
+def assert_state_dicts_interchange(ours: torch.nn.Module, stock_class: type, stock_config,
+                                   stock_sd: dict[str, torch.Tensor]) -> None:
+    """Our state dict loads strictly into a fresh stock model (`stock_class(stock_config)`) and comes out equal, and
+    the stock state dict loads strictly into ours and comes out equal."""
+    ours_sd = ours.state_dict()
+    fresh = stock_class(stock_config)
+    res = fresh.load_state_dict(ours_sd, strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ours_sd[k]), k
+    res = ours.load_state_dict(stock_sd, strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, stock_sd[k]), k

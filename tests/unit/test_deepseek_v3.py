@@ -14,7 +14,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 import framework
 from framework.models.registry import FAMILIES, family_for
 from framework.moe.router import GroupLimitedSigmoidRouter
-from tests.helpers import batch, rel_err, spread_weights, write_hub_per_expert
+from tests.helpers import assert_state_dicts_interchange, batch, rel_err, spread_weights, write_hub_per_expert
 
 TOL = 1e-5
 # H != I != moe I, multiples of 8 for _grouped_mm strides; 8 experts in 4 groups, 2 groups kept, top-3; qk head width
@@ -97,16 +97,7 @@ def test_state_dicts_interchange():
         for name, buf in ours.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape))
-    ours_sd = ours.state_dict()
-    fresh = DeepseekV3ForCausalLM(stock.config)
-    res = fresh.load_state_dict(ours_sd, strict=True)
-    assert not res.missing_keys and not res.unexpected_keys
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(v, ours_sd[k]), k
-    res = ours.load_state_dict(stock_sd, strict=True)
-    assert not res.missing_keys and not res.unexpected_keys
-    for k, v in ours.state_dict().items():
-        assert torch.equal(v, stock_sd[k]), k
+    assert_state_dicts_interchange(ours, DeepseekV3ForCausalLM, stock.config, stock_sd)
 
 
 def _grads(model) -> dict[str, torch.Tensor]:

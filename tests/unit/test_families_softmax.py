@@ -16,7 +16,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss
 
 import framework
 from framework.models.registry import FAMILIES, family_for
-from tests.helpers import batch, rel_err, spread_weights, write_hub_per_expert
+from tests.helpers import assert_state_dicts_interchange, batch, rel_err, spread_weights, write_hub_per_expert
 
 TOL = 1e-5
 # H != I and H != 2I for every width (routed, shared, dense) so a gate/up or transpose mix-up cannot pass by shape;
@@ -104,15 +104,7 @@ def test_state_dicts_interchange(family, tied):
     assert {k: tuple(v.shape) for k, v in ours_sd.items()} == {k: tuple(v.shape) for k, v in stock_sd.items()}
     assert {k: tuple(v.shape) for k, v in ours.named_buffers()} == {k: tuple(v.shape)
                                                                      for k, v in stock.named_buffers()}
-    fresh = CASES[family].stock_class(stock.config)
-    res = fresh.load_state_dict(ours_sd, strict=True)
-    assert not res.missing_keys and not res.unexpected_keys
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(v, ours_sd[k]), k
-    res = ours.load_state_dict(stock_sd, strict=True)
-    assert not res.missing_keys and not res.unexpected_keys
-    for k, v in ours.state_dict().items():
-        assert torch.equal(v, stock_sd[k]), k
+    assert_state_dicts_interchange(ours, CASES[family].stock_class, stock.config, stock_sd)
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
 
 
