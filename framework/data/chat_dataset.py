@@ -28,7 +28,7 @@ import numpy as np
 from framework.config.load import ConfigError
 from framework.data.chat_formats import ChatFields, ChatFormatError, to_messages
 from framework.data.chat_template import IGNORE_INDEX, ChatRenderer, TemplateError
-from framework.data.sources import DataFile, _load_dataset, check_text_bytes, find_data_files
+from framework.data.sources import DataFile, _load_dataset, check_text_bytes, find_data_files, json_records
 
 CACHE_FORMAT = 1
 
@@ -48,27 +48,7 @@ class ChatSettings:
 def _json_records(path: str) -> Iterator[tuple[str, object]]:
     """(location, parsed record): `FILE:LINE` for JSON lines, `FILE: array element I` for a JSON array."""
     check_text_bytes(path)  # NUL bytes and invalid UTF-8 named by line, as for pretraining corpora
-    with open(path, encoding="utf-8", newline="\n") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith("["):
-        with open(path, encoding="utf-8") as f:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg}, column {e.colno})") from None
-        for i, record in enumerate(records):
-            yield f"{path}: array element {i}", record
-        return
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg}, column {e.colno}); each line must be one "
-                                 "conversation object") from None
-            yield f"{path}:{number}", record
+    yield from json_records(path, "one conversation object")
 
 
 def _arrow_records(file: DataFile, cache_dir: str | None) -> Iterator[tuple[str, object]]:

@@ -182,34 +182,40 @@ def _first_byte(path: str) -> bytes:
     return b""
 
 
-def check_json_documents(path: str, text_field: str) -> int:
-    """Each document of a JSON lines file (or JSON array) is an object whose `text_field` is a string; returns the
-    number of documents. A ValueError names the first bad line (or array element). Expects `check_text_bytes` passed."""
+def json_records(path: str, each_line: str) -> Iterator[tuple[str, object]]:
+    """(location, parsed record) of a JSON lines file or a JSON array: `FILE:LINE`, or `FILE: array element I`. A line
+    that is not JSON is a ValueError naming it and saying what `each_line` must be. Expects `check_text_bytes`
+    passed."""
     if _first_byte(path) == b"[":  # an array is one JSON value: parsed whole, as `datasets` does
         with open(path, encoding="utf-8") as f:
             try:
-                docs = json.load(f)
+                records = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg}, column {e.colno})") from None
-        for i, doc in enumerate(docs):
-            problem = _document_problem(doc, text_field)
-            if problem:
-                raise ValueError(f"{path}: array element {i}: {problem}")
-        return len(docs)
-    count = 0
+        for i, record in enumerate(records):
+            yield f"{path}: array element {i}", record
+        return
     with open(path, encoding="utf-8", newline="\n") as f:  # lines end at b"\n" only, as counted by check_text_bytes
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                doc = json.loads(line.rstrip("\r\n"))  # a torn last line: "unterminated string", not "control char"
+                record = json.loads(line.rstrip("\r\n"))  # a torn last line: "unterminated string", not "control char"
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg}, column {e.colno}); each line must be one JSON "
-                                 f"object with a {text_field!r} field") from None
-            problem = _document_problem(doc, text_field)
-            if problem:
-                raise ValueError(f"{path}:{number}: {problem}")
-            count += 1
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg}, column {e.colno}); each line must be "
+                                 f"{each_line}") from None
+            yield f"{path}:{number}", record
+
+
+def check_json_documents(path: str, text_field: str) -> int:
+    """Each document of a JSON lines file (or JSON array) is an object whose `text_field` is a string; returns the
+    number of documents. A ValueError names the first bad line (or array element). Expects `check_text_bytes` passed."""
+    count = 0
+    for where, doc in json_records(path, f"one JSON object with a {text_field!r} field"):
+        problem = _document_problem(doc, text_field)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        count += 1
     return count
 
 
