@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -86,9 +87,18 @@ def demo_text_folder(out: str) -> str:
     return folder
 
 
+def jit_arch_list(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19.8's JIT op builder can read it. Its compute_capability_args parses each
+    entry as numbers, so an arch-specific entry such as "9.0a" (what the CUDA 13 torch images set) fails the
+    FusedAdam build of `--anchor_adam fused` with "ValueError: invalid literal for int() with base 10: '0a'"."""
+    return re.sub(r"(\d+\.\d+)a\b", r"\1", arch_list)
+
+
 def run_anchor(args, mode: str, out: str, port: int) -> dict:
     env = {"MODE": mode, "LAYERS": str(args.layers), "SEQ": str(args.seq), "MBS": str(args.mbs),
            "GC": "0" if args.gc == "0" else "1", "ADAM": args.anchor_adam, "CONFIG": args.config}
+    if "TORCH_CUDA_ARCH_LIST" in os.environ:
+        env["TORCH_CUDA_ARCH_LIST"] = jit_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     # "family": plain ZeRO-3 on the stock model of --config, whatever its family (benchmarks/anchor_family.py)
     script = FAMILY_ANCHOR if mode == "family" else args.anchor_script
     log = run_logged(runner(args.num_gpus, port) + [script], out + ".log", env=env)
@@ -142,6 +152,10 @@ def main() -> None:
     args = p.parse_args()
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
+    shared_anchors = [m for m in args.anchors.split(",") if m in ("autoep", "leaf")]
+    if shared_anchors and not os.path.isfile(args.anchor_script):
+        p.error(f"--anchors {','.join(shared_anchors)} needs the shared anchor script, not found at "
+                f"{args.anchor_script}; pass --anchor_script PATH (a copy of deepspeed_e2e.py next to the repo)")
     os.makedirs(args.out, exist_ok=True)
     cases = []
     for case in args.cases.split(","):

@@ -148,6 +148,62 @@ def print_kernels(step, label: str, top: int, iters: int = 5) -> None:
         print(f"  {ms:7.3f} ms {100 * ms / total:5.1f}%  x{e.count // iters:<3} {e.key[:90]}")
 
 
+def overheads(step, iters: int) -> dict:
+    """Where a step's wall time goes beside its kernels: per-step time when the host may run ahead over several steps,
+    the host's enqueue time alone (the GPU kept busy so that it never waits), the kernels' device time, the time of a
+    CUDA-graph replay of the same step (no launch cost: the device-bound floor) and the host syncs one step makes."""
+    import time  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    ahead_ms = (time.perf_counter() - start) / iters * 1e3
+    enqueue = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2e8))  # ~100 ms of device time queued first: the host never waits for the GPU below
+        t0 = time.perf_counter()
+        step()
+        enqueue.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).split("\n")[0][:80] for w in caught if "synchroniz" in str(w.message)]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / 5 / 1e3
+    launches = sum(e.count for e in kernels) // 5
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph_ms = time_ms(graph.replay, iters)
+        del graph
+    except Exception as exc:  # a sync or a host-dependent shape inside the step cannot be captured
+        graph_ms = f"capture failed: {type(exc).__name__}: {str(exc)[:120]}"
+    return {"ahead_ms": ahead_ms, "enqueue_ms": statistics.median(enqueue), "kernel_ms": kernel_ms,
+            "kernels": launches, "graph_ms": graph_ms, "syncs": syncs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -155,6 +211,8 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["grouped_mm", "megablocks"])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", type=int, default=0, help="print this many top kernels (device time) per row")
+    parser.add_argument("--overheads", action="store_true",
+                        help="per row also: host enqueue time, kernel time, CUDA-graph replay time, host syncs")
     parser.add_argument("--config", help="run YAML of the model whose first MoE layer to time (default: Qwen3-30B-A3B)")
     args = parser.parse_args()
 
@@ -184,6 +242,8 @@ def main() -> None:
             if args.profile:
                 print_kernels(step, f"T={tokens} {name}", args.profile)
             rows.append({"tokens": tokens, "impl": name, "ms": ms, "tflops": flops / ms / 1e9})
+            if args.overheads:
+                rows[-1]["overheads"] = overheads(step, args.iters)
             del module
             torch.cuda.empty_cache()
         for r in rows:
@@ -201,6 +261,15 @@ def main() -> None:
         vs_hf = same_t["transformers-5 grouped_mm block"] / r["ms"]
         print(f"{r['tokens']:>6} {r['impl']:<34} {r['ms']:8.2f} {r['tflops']:8.0f} "
               f"{100 * r['ceiling_ms'] / r['ms']:5.0f}%{vs_mb} {vs_hf:5.2f}x")
+    if args.overheads:
+        print(f"\n{'T':>6} {'impl':<34} {'synced':>7} {'ahead':>7} {'host':>7} {'kernels':>8} {'graph':>7} {'#k':>4}"
+              "  (ms per step: synced each step / host running ahead / host enqueue / device kernels / graph replay)")
+        for r in rows:
+            o = r["overheads"]
+            graph = f"{o['graph_ms']:7.2f}" if isinstance(o["graph_ms"], float) else "    n/a"
+            print(f"{r['tokens']:>6} {r['impl']:<34} {r['ms']:7.2f} {o['ahead_ms']:7.2f} {o['enqueue_ms']:7.2f} "
+                  f"{o['kernel_ms']:8.2f} {graph} {o['kernels']:>4}  syncs: {len(o['syncs'])} {o['syncs'][:3]}"
+                  + ("" if isinstance(o["graph_ms"], float) else f" graph: {o['graph_ms']}"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "ceiling_tflops": ceiling, "rows": rows}, f, indent=1)

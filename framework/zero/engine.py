@@ -5,7 +5,8 @@ tagging expert parameters for per-parameter partition groups, making each decode
 parameters gathered and reduced as a unit: ranks that route to different experts never issue mismatched collectives,
 and one fetch and one reduction per layer replace DeepSpeed's hooks on each of its ~10 submodules), and, for
 ZeRO-1/2, presenting MoE blocks as DeepSpeed MoE layers (the only way the stage-1/2 optimizer shards expert states
-over the EDP group and reduces expert gradients there).
+over the EDP group and reduces expert gradients there). The optimizer step's clipping norm and unscaling are
+framework/zero/optimizer_step.py's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from framework.models.decoder import DecoderLayer  # every family's layer class 
 from framework.moe.layer import MoEBlock
 from framework.parallel.ep_dispatch import AllToAllDispatcher
 from framework.parallel.groups import ParallelGroups
+from framework.zero import optimizer_step
 
 # DeepSpeed's AutoEP family tag: stage3.py averages these gradients over the whole DP world (each EP rank's expert
 # gradient already holds every EP peer's tokens) and adds an all-reduce over the EP group to the gradient norm.
@@ -103,6 +105,7 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGrou
     from deepspeed.utils import set_z3_leaf_modules  # noqa: PLC0415
 
     check_ds_config(ds_config, groups.ep_size)
+    optimizer_step.install()
     tag_expert_params(model, groups)
     check_expert_tags(model, groups)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)

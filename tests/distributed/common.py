@@ -33,5 +33,8 @@ def ds_config(stage: int, world: int) -> dict:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=500)
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
             "train_batch_size": MICRO * world, "gradient_clipping": CLIP, "steps_per_print": 10**9,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "torch_adam": True}},
+            # fused, as the framework runs on GPUs: the clipping factor goes to the optimizer's kernel as grad_scale
+            # (framework/zero/optimizer_step.py); torch has fused AdamW on CPU too
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "torch_adam": True,
+                                                      "fused": True}},
             "zero_optimization": zero, "wall_clock_breakdown": False}

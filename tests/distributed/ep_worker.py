@@ -56,6 +56,8 @@ def train_and_record(engine, groups, forward: Callable[[], Any], steps: int) -> 
         result["losses"].append(loss.item() / world)
         result["norms"].append(float(engine.get_global_grad_norm()))
     result["params"] = full_tensors(engine, groups, safe_get_full_fp32_param)
+    # the clipping factor went to torch's fused AdamW instead of a separate pass (framework/zero/optimizer_step.py)
+    result["grad_scale"] = getattr(engine.optimizer.optimizer, "grad_scale", None)
     return result
 
 

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.e2e import combine_repeats
+from benchmarks.e2e import combine_repeats, jit_arch_list
 from benchmarks.launching import DIST_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,3 +44,19 @@ def test_combine_repeats_takes_medians_and_fails_on_any_failed_launch():
         200.0, 2.0, [1.0, 3.0], 7.0)
     failed = combine_repeats(ok[:1] + [{"row": "ours", "error": "rc=1"}])
     assert failed["error"] == "1 of 2 launches failed; first: rc=1"
+
+
+def test_anchor_arch_list_is_what_deepspeeds_jit_builder_parses():
+    # "9.0a" made DeepSpeed 0.19.8's FusedAdam build fail (--anchor_adam fused); plain and +PTX entries pass unchanged
+    assert jit_arch_list("9.0a") == "9.0"
+    assert jit_arch_list("8.0;9.0a;10.0a+PTX") == "8.0;9.0;10.0+PTX"
+    assert jit_arch_list("9.0 10.0") == "9.0 10.0"
+
+
+def test_missing_anchor_script_is_one_line_before_any_launch(tmp_path):
+    missing = tmp_path / "nowhere" / "deepspeed_e2e.py"
+    proc = subprocess.run([sys.executable, SCRIPT, "--anchors", "leaf", "--anchor_script", str(missing),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert f"needs the shared anchor script, not found at {missing}" in proc.stderr
+    assert not (tmp_path / "out").exists()

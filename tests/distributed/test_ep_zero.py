@@ -50,6 +50,7 @@ def test_ep_matches_single_process(run):
     assert ("lm_head.weight" in reference["grads"]) != tied
     assert reference["norms"][0] > 0.5  # clipping (max norm 0.5) is active, so the global norm matters
     for stage, got in results.items():
+        assert got["grad_scale"] is not None and float(got["grad_scale"]) > 1.0, stage  # clipped in AdamW's kernel
         for step, (a, b) in enumerate(zip(got["losses"], reference["losses"])):
             assert abs(a - b) <= TOL * abs(b), (stage, step, a, b)
         for step, (a, b) in enumerate(zip(got["norms"], reference["norms"])):
