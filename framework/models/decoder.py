@@ -57,8 +57,9 @@ class Architecture:
     moe_shape: Callable[[PretrainedConfig], tuple[int, int, int, bool]]
     dense_mlp: Callable[[PretrainedConfig], nn.Module] | None = None  # for layers that are not MoE
     experts_field: str = "num_experts"  # config field of the expert count, named in config errors
-    # the MoE block of a family whose router or shared experts differ (a MoEBlock subclass); None: `routed_block`
-    moe_block: Callable[[PretrainedConfig, ModelOptions], MoEBlock] | None = None
+    # the MoE block of a family whose router or shared experts differ: a MoEBlock subclass, built as
+    # cls(config, options); None: `routed_block`
+    moe_block: type[MoEBlock] | None = None
     # the attention implementations its attention module computes correctly with (attention.py SUPPORTED_ATTENTION)
     attention_implementations: tuple[str, ...] = SUPPORTED_ATTENTION
     # its routers select experts on scores + a bias buffer (e_score_correction_bias) that auxiliary-loss-free
@@ -71,7 +72,8 @@ def routed_block(config: PretrainedConfig, options: ModelOptions, arch: Architec
     inter, num_experts, top_k, renormalise = arch.moe_shape(config)
     router = TopKRouter(config.hidden_size, num_experts, top_k, renormalise)
     # nn.SiLU, which the fused SwiGLU recognises: each family's config check accepts hidden_act "silu" only
-    return MoEBlock(config.hidden_size, inter, num_experts, router, nn.SiLU(), options.backend, options.placement)
+    return options.placement.block_class(MoEBlock)(config.hidden_size, inter, num_experts, router, nn.SiLU(),
+                                                    options.backend, options.placement)
 
 
 class DecoderLayer(nn.Module):
@@ -83,7 +85,8 @@ class DecoderLayer(nn.Module):
             self.self_attn.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)  # fused, same parameter names
             self.self_attn.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
         if arch.is_moe_layer(config, layer_idx):
-            self.mlp = arch.moe_block(config, options) if arch.moe_block else routed_block(config, options, arch)
+            self.mlp = (options.placement.block_class(arch.moe_block)(config, options) if arch.moe_block
+                        else routed_block(config, options, arch))
         else:
             self.mlp = arch.dense_mlp(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -14,12 +14,19 @@ from framework.parallel.ep_dispatch import AllToAllDispatcher
 from framework.parallel.groups import ParallelGroups
 
 
-def expert_placement(groups: ParallelGroups) -> ExpertPlacement:
-    """Rank `groups.ep_rank`'s experts, tokens routed over the EP group (the local placement for ep_size 1)."""
+def expert_placement(groups: ParallelGroups, zero_stage: int = 3) -> ExpertPlacement:
+    """Rank `groups.ep_rank`'s experts, tokens routed over the EP group (the local placement for ep_size 1). Under
+    ZeRO-1/2 (`zero_stage` < 3) the blocks are also built as DeepSpeed MoE layers, which is how that optimizer finds
+    expert parameters (framework/zero/deepspeed_moe.py)."""
     if groups.ep_size == 1:
         return LOCAL
+    base = None
+    if zero_stage < 3:
+        from framework.zero.deepspeed_moe import deepspeed_moe_base  # noqa: PLC0415 - imports DeepSpeed
+
+        base = deepspeed_moe_base(groups)
     return ExpertPlacement(groups.ep_size, groups.ep_rank,
-                           functools.partial(AllToAllDispatcher, groups.ep_group, groups.ep_size))
+                           functools.partial(AllToAllDispatcher, groups.ep_group, groups.ep_size), base)
 
 
 @torch.no_grad()

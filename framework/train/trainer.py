@@ -159,13 +159,15 @@ class Trainer:
                 and k != "stage") + f" (resolved JSON: {os.path.join(self.output_dir, 'ds_config.json')})", flush=True)
         self.groups = init_parallel_groups(cfg.parallel.ep_size, moe_shape(hf_config)[1])  # Mixtral: num_local_experts
         torch.manual_seed(cfg.train.seed)
+        # ZeRO-1/2 with EP: the blocks are built as DeepSpeed MoE layers (framework/zero/deepspeed_moe.py)
+        placement = expert_placement(self.groups, self.ds_config["zero_optimization"]["stage"])
         model = framework.load_model(plan.model_source, backend=cfg.moe.backend, dtype=self.dtype, device=rt.device,
                                      attn_implementation=cfg.model.attn_implementation,
                                      aux_loss_coef=cfg.moe.aux_loss_coef, z_loss_coef=cfg.moe.z_loss_coef,
                                      aux_loss_scope=cfg.moe.aux_loss_scope,
                                      activation_checkpointing=cfg.train.activation_checkpointing,
                                      loss_chunk_tokens=cfg.train.loss_chunk_tokens, seed=cfg.train.seed,
-                                     placement=expert_placement(self.groups),
+                                     placement=placement,
                                      router_bias_update_rate=cfg.model.router_bias_update_rate)
         self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len)
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops(rt.device)

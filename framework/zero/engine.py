@@ -4,9 +4,9 @@ Owns: everything DeepSpeed-specific about MoE: rejecting ZeRO options that canno
 tagging expert parameters for per-parameter partition groups, making each decoder layer a ZeRO-3 leaf module (its
 parameters gathered and reduced as a unit: ranks that route to different experts never issue mismatched collectives,
 and one fetch and one reduction per layer replace DeepSpeed's hooks on each of its ~10 submodules), and, for
-ZeRO-1/2, presenting MoE blocks as DeepSpeed MoE layers (the only way the stage-1/2 optimizer shards expert states
-over the EDP group and reduces expert gradients there). The optimizer step's clipping norm and unscaling are
-framework/zero/optimizer_step.py's.
+ZeRO-1/2, checking that the MoE blocks were built as DeepSpeed MoE layers (framework/zero/deepspeed_moe.py: the only
+way the stage-1/2 optimizer shards expert states over the EDP group and reduces expert gradients there). The
+optimizer step's clipping norm and unscaling are framework/zero/optimizer_step.py's.
 """
 
 from __future__ import annotations
@@ -86,17 +86,18 @@ def check_ds_config(ds_config: dict[str, Any], ep_size: int, source: str = "Deep
         raise ValueError(f"{source}: zero_optimization.stage={stage}; expected 0, 1, 2 or 3")
 
 
-def _as_deepspeed_moe(model: nn.Module, groups: ParallelGroups) -> None:
-    """Make MoE blocks isinstance(deepspeed.moe.layer.MoE) without running its constructor (ZeRO-1/2 only)."""
+def check_deepspeed_moe_blocks(model: nn.Module, groups: ParallelGroups, stage: int) -> None:
+    """ZeRO-1/2 with ep_size > 1 handles expert parameters only inside DeepSpeed MoE layers: fail before training
+    when the blocks were built otherwise (their experts would be averaged over all ranks as if dense)."""
+    if stage == 3 or groups.ep_size == 1:
+        return
     from deepspeed.moe.layer import MoE as DeepSpeedMoE  # noqa: PLC0415
 
-    for block in (m for m in model.modules() if isinstance(m, MoEBlock)):
-        # the block's own class first: a family's subclass (Qwen2-MoE's shared expert) keeps its shared_output
-        block.__class__ = type("DeepSpeedMoEBlock", (type(block), DeepSpeedMoE),
-                               {"set_deepspeed_parallelism": lambda self, *a, **k: None})
-        block.ep_size = groups.ep_size
-        block.num_local_experts = block.num_experts // groups.ep_size
-        block.expert_group_name = groups.group_name
+    for name, block in ((n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)):
+        if not isinstance(block, DeepSpeedMoE) or block.expert_group_name != groups.group_name:
+            raise RuntimeError(f"ZeRO stage {stage} with ep_size {groups.ep_size}: MoE block {name} is not built as a "
+                               "DeepSpeed MoE layer of this EP group; build the model with "
+                               f"load_model(..., placement=expert_placement(groups, zero_stage={stage}))")
 
 
 def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGroups, **kwargs):
@@ -109,10 +110,9 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGrou
     tag_expert_params(model, groups)
     check_expert_tags(model, groups)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    check_deepspeed_moe_blocks(model, groups, stage)
     if stage == 3:
         set_z3_leaf_modules(model, [DecoderLayer])
-    elif groups.ep_size > 1:
-        _as_deepspeed_moe(model, groups)
     return deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config, **kwargs)
 
 

@@ -81,7 +81,7 @@ def build(case: str):
     groups = init_parallel_groups(ep, moe_shape(family_for(config).load_config(config))[1])
     model = framework.load_model(config, backend="grouped_mm", attn_implementation="eager", seed=0,
                                  dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
-                                 placement=expert_placement(groups))
+                                 placement=expert_placement(groups, stage))
     engine, *_ = initialize(model, ds_config(stage, dist.get_world_size(), dtype), groups)
     return engine, groups, model.config
 

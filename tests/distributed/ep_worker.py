@@ -67,7 +67,7 @@ def run(stage: int, ep: int, out_dir: str, tied: bool = False, family: str | Non
     groups = init_parallel_groups(ep, moe_shape(family_for(config).load_config(config))[1])
     # Experts are sliced on the meta device: each rank allocates and initialises only its own block.
     model = framework.load_model(config, backend="grouped_mm", attn_implementation="eager", seed=0,
-                                 placement=expert_placement(groups))
+                                 placement=expert_placement(groups, stage))
     engine, *_ = initialize(model, ds_config(stage, world), groups)
     ids, mask, labels = global_batch(world, vocab_size=config["vocab_size"])
     sl = slice(rank * MICRO, (rank + 1) * MICRO)

@@ -4,7 +4,7 @@ processes trains the same losses as one process, a run saved by one process resu
 turns a (tied-embedding) Mixtral training checkpoint into directories stock transformers loads strictly.
 
 Runtime (~40 s a run) keeps the matrix small: export and EP=2 for every family (Qwen2-MoE's EP=2 under ZeRO-2,
-where MoE blocks are re-classed as DeepSpeed MoE layers and its shared expert must survive that), resume for Mixtral
+where MoE blocks are built as DeepSpeed MoE layers and its shared expert must survive that), resume for Mixtral
 and Qwen2-MoE (whose shared expert adds dense parameters inside the MoE block to the resharding load). DeepSeek-V3
 runs with auxiliary-loss-free balancing on, so its routers' selection biases move every step and must be the same on
 every rank, saved, restored and exported; one 4-step run serves its checks."""
@@ -176,7 +176,7 @@ def test_deepseek_v3_trains_and_exports_a_stock_model(deepseek_run):
 
 
 def test_deepseek_v3_ep2_matches_one_process_and_resumes_in_place(deepseek_run, corpus):  # noqa: F811
-    """EP=2 under ZeRO-2 (MoE blocks re-classed as DeepSpeed MoE layers, whose save and load DeepSpeed does itself at
+    """EP=2 under ZeRO-2 (MoE blocks built as DeepSpeed MoE layers, whose save and load DeepSpeed does itself at
     the same topology) trains the losses and biases of the one-process ZeRO-3 run: the load is counted over the
     global batch, not per rank (its saves also check that both ranks hold the same biases). Resumed from its own
     step-2 checkpoint at the same topology, steps 3-4 and the biases come back the same."""

@@ -49,7 +49,7 @@ def run(stage: int, ep: int, backend: str, dtype: torch.dtype, out_dir: str, nam
     groups = init_parallel_groups(ep, CONFIG["num_experts"])
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to try the script without a GPU
     model = framework.load_model(dict(CONFIG), backend=backend, dtype=dtype, device=device, seed=0,
-                                 placement=expert_placement(groups))
+                                 placement=expert_placement(groups, stage))
     engine, *_ = initialize(model, ds_config(stage, world, dtype == torch.bfloat16), groups)
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, CONFIG["vocab_size"], (world * MICRO, SEQ), generator=g).to(device)

@@ -122,19 +122,39 @@ def test_shared_expert_is_a_dense_parameter():
     assert len(shared) == 2 * 4  # 2 MoE layers x (gate/up/down projections + sigmoid gate)
 
 
-def test_zero12_moe_wrapper_keeps_the_shared_expert():
-    """ZeRO-1/2 with EP re-classes every MoE block as a DeepSpeed MoE layer (engine.py _as_deepspeed_moe); the new
-    class must derive from the family's block, or Qwen2-MoE's shared expert silently drops out of the forward."""
-    from framework.zero.engine import _as_deepspeed_moe
+def test_zero12_blocks_are_deepspeed_moe_layers_and_keep_the_shared_expert():
+    """Under ZeRO-1/2 with EP the placement builds every MoE block as a DeepSpeed MoE layer too (block_base,
+    framework/zero/deepspeed_moe.py). The class must derive from the family's block first, or Qwen2-MoE's shared
+    expert would silently drop out of the forward; the answers DeepSpeed reads come from the block."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-    model = framework.load_model(stock_model("qwen2_moe").config, backend="eager").eval()
+    from framework.moe.placement import ExpertPlacement
+    from framework.zero.deepspeed_moe import deepspeed_moe_base
+
+    config = stock_model("qwen2_moe").config
+    plain = framework.load_model(config, backend="eager").eval()
+    base = deepspeed_moe_base(SimpleNamespace(ep_size=1, group_name="ep_size_1"))
+    model = framework.load_model(config, backend="eager", placement=ExpertPlacement(block_base=base)).eval()
+    model.load_state_dict(plain.state_dict())
     ids = batch(bsz=2, seq=6, pad_right=False)[0]
     with torch.no_grad():
-        before = model(ids).logits
-        _as_deepspeed_moe(model, SimpleNamespace(ep_size=2, group_name="ep_size_2"))
-        after = model(ids).logits
-    assert all(type(b).__name__ == "DeepSpeedMoEBlock" and hasattr(b, "shared_expert") for b in model.moe_blocks())
-    assert torch.equal(after, before)
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    for block, plain_block in zip(model.moe_blocks(), plain.moe_blocks()):
+        assert isinstance(block, DeepSpeedMoE) and isinstance(block, type(plain_block))
+        assert type(block).__name__ == type(plain_block).__name__ and hasattr(block, "shared_expert")
+        assert (block.ep_size, block.expert_group_name) == (1, "ep_size_1")
+        assert block.num_local_experts == block.num_experts == plain_block.num_experts
+
+
+def test_zero12_with_ep_refuses_blocks_built_for_zero3():
+    from framework.zero.engine import check_deepspeed_moe_blocks
+
+    model = framework.load_model(stock_model("qwen2_moe").config, backend="eager")
+    groups = SimpleNamespace(ep_size=2, group_name="ep_size_2")
+    check_deepspeed_moe_blocks(model, groups, 3)  # ZeRO-3 takes expert groups from parameter tags
+    with pytest.raises(RuntimeError, match=r"ZeRO stage 2 with ep_size 2: MoE block model\.layers\.0\.mlp is not built "
+                                           r"as a DeepSpeed MoE layer .*expert_placement\(groups, zero_stage=2\)"):
+        check_deepspeed_moe_blocks(model, groups, 2)
 
 
 @pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
