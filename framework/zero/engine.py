@@ -87,17 +87,20 @@ def check_ds_config(ds_config: dict[str, Any], ep_size: int, source: str = "Deep
 
 
 def check_deepspeed_moe_blocks(model: nn.Module, groups: ParallelGroups, stage: int) -> None:
-    """ZeRO-1/2 with ep_size > 1 handles expert parameters only inside DeepSpeed MoE layers: fail before training
-    when the blocks were built otherwise (their experts would be averaged over all ranks as if dense)."""
-    if stage == 3 or groups.ep_size == 1:
-        return
+    """ZeRO-1/2 with ep_size > 1 handles expert parameters only inside DeepSpeed MoE layers; everywhere else the
+    blocks must not be ones (ZeRO-3 would take DeepSpeed's own MoE paths beside our parameter tags). Fail before
+    training when the blocks were built for the other case."""
     from deepspeed.moe.layer import MoE as DeepSpeedMoE  # noqa: PLC0415
 
+    wanted = stage < 3 and groups.ep_size > 1
     for name, block in ((n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)):
-        if not isinstance(block, DeepSpeedMoE) or block.expert_group_name != groups.group_name:
-            raise RuntimeError(f"ZeRO stage {stage} with ep_size {groups.ep_size}: MoE block {name} is not built as a "
-                               "DeepSpeed MoE layer of this EP group; build the model with "
-                               f"load_model(..., placement=expert_placement(groups, zero_stage={stage}))")
+        built = isinstance(block, DeepSpeedMoE)
+        if built == wanted and (not built or block.expert_group_name == groups.group_name):
+            continue
+        what = ("is built as a DeepSpeed MoE layer, which only ZeRO-1/2 with ep_size > 1 takes" if built and not wanted
+                else "is not built as a DeepSpeed MoE layer of this EP group, where ZeRO-1/2 finds expert parameters")
+        raise RuntimeError(f"ZeRO stage {stage} with ep_size {groups.ep_size}: MoE block {name} {what}; build the "
+                           f"model with load_model(..., placement=expert_placement(groups, zero_stage={stage}))")
 
 
 def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGroups, **kwargs):

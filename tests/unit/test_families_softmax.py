@@ -146,15 +146,27 @@ def test_zero12_blocks_are_deepspeed_moe_layers_and_keep_the_shared_expert():
         assert block.num_local_experts == block.num_experts == plain_block.num_experts
 
 
-def test_zero12_with_ep_refuses_blocks_built_for_zero3():
+def test_initialize_refuses_blocks_built_for_another_zero_stage():
+    from framework.moe.placement import ExpertPlacement
+    from framework.zero.deepspeed_moe import deepspeed_moe_base
     from framework.zero.engine import check_deepspeed_moe_blocks
 
-    model = framework.load_model(stock_model("qwen2_moe").config, backend="eager")
+    config = stock_model("qwen2_moe").config
     groups = SimpleNamespace(ep_size=2, group_name="ep_size_2")
-    check_deepspeed_moe_blocks(model, groups, 3)  # ZeRO-3 takes expert groups from parameter tags
+    for_zero3 = framework.load_model(config, backend="eager")
+    for_zero2 = framework.load_model(config, backend="eager",
+                                     placement=ExpertPlacement(block_base=deepspeed_moe_base(groups)))
+    check_deepspeed_moe_blocks(for_zero3, groups, 3)  # ZeRO-3 takes expert groups from parameter tags
+    check_deepspeed_moe_blocks(for_zero2, groups, 2)
     with pytest.raises(RuntimeError, match=r"ZeRO stage 2 with ep_size 2: MoE block model\.layers\.0\.mlp is not built "
                                            r"as a DeepSpeed MoE layer .*expert_placement\(groups, zero_stage=2\)"):
-        check_deepspeed_moe_blocks(model, groups, 2)
+        check_deepspeed_moe_blocks(for_zero3, groups, 2)
+    with pytest.raises(RuntimeError, match=r"ZeRO stage 3 with ep_size 2: MoE block model\.layers\.0\.mlp is built as "
+                                           r"a DeepSpeed MoE layer.*expert_placement\(groups, zero_stage=3\)"):
+        check_deepspeed_moe_blocks(for_zero2, groups, 3)
+    other_group = SimpleNamespace(ep_size=4, group_name="ep_size_4")
+    with pytest.raises(RuntimeError, match="is not built as a DeepSpeed MoE layer of this EP group"):
+        check_deepspeed_moe_blocks(for_zero2, other_group, 2)
 
 
 @pytest.mark.parametrize("backend", ["eager", "grouped_mm"])

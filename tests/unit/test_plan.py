@@ -137,6 +137,12 @@ def test_resolve_plan_accepts_mixtral_and_checks_its_expert_fields(tmp_path):
             assert "qwen3_moe, mixtral" in str(info.value)
 
 
+def test_search_measures_whole_layer_and_moe_half_recomputation_by_default():
+    parser = argparse.ArgumentParser()
+    search_cli.add_search_args(parser)
+    assert parser.parse_args(["--config", TINY]).activation_checkpointing == [True, "moe"]
+
+
 def test_search_counts_the_processes_the_runner_starts(tmp_path, monkeypatch):
     """tune_zero search over a hostfile: --num_gpus G starts G processes on every host (DeepSpeed's runner), so 2 hosts
     of 4 slots with --num_gpus 2 are 4 processes; more GPUs than a host's slots is the runner's one-line error."""
@@ -156,7 +162,8 @@ def test_search_counts_the_processes_the_runner_starts(tmp_path, monkeypatch):
     out = tmp_path / "search"
     out.mkdir()
     args = parser.parse_args(["--config", TINY, "--hostfile", hostfile, "--num_gpus", "2", "--out", str(out),
-                              "--micro_batch_sizes", "1", "--ep_sizes", "3", "data.synthetic=true"])
+                              "--micro_batch_sizes", "1", "--ep_sizes", "3", "--activation_checkpointing", "on",
+                              "data.synthetic=true"])
     search_cli.run_search_command(args)
     assert worlds == ["parallel.ep_size (3) must divide the number of processes (4); choose one of [1, 2, 4]"]
     args.num_gpus = 8
