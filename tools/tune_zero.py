@@ -111,7 +111,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
     est = estimate_memory(hf_config, n, cfg.parallel.ep_size, stage, cfg.train.micro_batch_size, cfg.data.seq_len,
                           cfg.train.activation_checkpointing, offload, ds,
-                          _attention(args.attention or cfg.model.attn_implementation), cfg.train.loss_chunk_tokens)
+                          _attention(args.attention or cfg.model.attn_implementation), cfg.train.loss_chunk_tokens,
+                          cfg.moe.z_loss_coef > 0)
     print("\n".join([f"config    {args.config}", *notes, format_report(est, args.gpu_memory_gb, args.gpus_per_node)]))
     return 0
 

@@ -39,7 +39,7 @@ class CausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None  # [B, S, V]
     loss: torch.Tensor | None = None  # token CE (+ aux_loss_coef * aux_loss + z_loss_coef * z_loss) when labels given
     aux_loss: torch.Tensor | None = None  # load-balancing loss, pooled as transformers computes it or per layer
-    z_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None  # router z-loss; computed only when z_loss_coef > 0 (ModelOptions)
     lm_loss: torch.Tensor | None = None  # token cross-entropy alone
     router_stats: list[RouterStats] | None = None
 
@@ -73,7 +73,7 @@ def routed_block(config: PretrainedConfig, options: ModelOptions, arch: Architec
     router = TopKRouter(config.hidden_size, num_experts, top_k, renormalise)
     # nn.SiLU, which the fused SwiGLU recognises: each family's config check accepts hidden_act "silu" only
     return options.placement.block_class(MoEBlock)(config.hidden_size, inter, num_experts, router, nn.SiLU(),
-                                                    options.backend, options.placement)
+                                                    options.backend, options.placement, options.z_loss_coef > 0)
 
 
 class DecoderLayer(nn.Module):

@@ -47,8 +47,9 @@ class MoEBlock(nn.Module):
     parallelism treat them as dense)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: nn.Module,
-                 act: nn.Module, backend: str = "auto", placement: ExpertPlacement = LOCAL):
+                 act: nn.Module, backend: str = "auto", placement: ExpertPlacement = LOCAL, z_loss: bool = False):
         super().__init__()
+        self.z_loss = z_loss  # the router statistics include the z-loss sum (only when the loss uses it)
         backend = resolve_backend(backend)
         lo, hi = placement.expert_range(num_experts)
         self.gate = router
@@ -69,7 +70,7 @@ class MoEBlock(nn.Module):
         shared_TH = self.shared_output(x_TH)
         if shared_TH is not None:
             y_TH = y_TH + shared_TH
-        return y_TH.view_as(x_BSH), router_stats(routing, token_mask_T)
+        return y_TH.view_as(x_BSH), router_stats(routing, token_mask_T, self.z_loss)
 
     def shared_output(self, x_TH: torch.Tensor) -> torch.Tensor | None:
         """What the family's shared experts add for every token ([T, H]); None: there are none."""

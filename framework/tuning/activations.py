@@ -68,13 +68,16 @@ def ranks_per_token(s: ModelShape, ep_size: int) -> float:
     return ep_size * (1 - miss)
 
 
-def moe_saved(s: ModelShape, ep_size: int) -> int:
-    """Bytes per token kept by one MoE block (router, dispatch, SwiGLU experts on T*K rows, combine)."""
+def moe_saved(s: ModelShape, ep_size: int, z_loss: bool = False) -> int:
+    """Bytes per token kept by one MoE block (router, dispatch, SwiGLU experts on T*K rows, combine); `z_loss`: the
+    run's z_loss_coef > 0, when the router statistics also compute the z-loss."""
     h, k, e, inter = s.hidden, s.top_k, s.num_experts, s.moe_intermediate
     per_token = rmsnorm_saved(h) + BF16 * h  # post-attention norm; its output is saved by the router
-    # softmax probs fp32 [T,E]; the z-loss's logits.float() [T,E] and logsumexp [T]; top-k ids, values, their sum,
-    # bf16 combine weights.
-    per_token += FP32 * e + FP32 * e + FP32 + INT64 * k + FP32 * k + FP32 + BF16 * k
+    # softmax probs fp32 [T,E]; top-k ids, values, their sum, bf16 combine weights; with a z-loss, its
+    # logits.float() [T,E] and logsumexp [T].
+    per_token += FP32 * e + INT64 * k + FP32 * k + FP32 + BF16 * k
+    if z_loss:
+        per_token += FP32 * e + FP32
     if ep_size == 1:
         per_token += INT64 * k  # the inverse of the sort order (dispatch backward and combine)
     else:
@@ -93,12 +96,12 @@ def dense_mlp_saved(s: ModelShape) -> int:
     return rmsnorm_saved(s.hidden) + BF16 * s.hidden + 4 * BF16 * s.dense_intermediate
 
 
-def mlp_saved(s: ModelShape, layer: int, ep_size: int) -> int:
-    return moe_saved(s, ep_size) if s.moe_layers[layer] else dense_mlp_saved(s)
+def mlp_saved(s: ModelShape, layer: int, ep_size: int, z_loss: bool = False) -> int:
+    return moe_saved(s, ep_size, z_loss) if s.moe_layers[layer] else dense_mlp_saved(s)
 
 
-def layer_saved(s: ModelShape, layer: int, attention: str, seq: int, ep_size: int) -> int:
-    return attention_saved(s, attention, seq) + mlp_saved(s, layer, ep_size)
+def layer_saved(s: ModelShape, layer: int, attention: str, seq: int, ep_size: int, z_loss: bool = False) -> int:
+    return attention_saved(s, attention, seq) + mlp_saved(s, layer, ep_size, z_loss)
 
 
 def layer_backward_workspace(s: ModelShape, layer: int, attention: str, seq: int) -> int:
@@ -154,9 +157,10 @@ CHECKPOINTING_MODES = (True, "moe", "attention", False)  # train.activation_chec
 
 
 def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: bool | str, attention: str,
-                     ep_size: int, loss_chunk_tokens: int = 0) -> ActivationPeaks:
+                     ep_size: int, loss_chunk_tokens: int = 0, z_loss: bool = False) -> ActivationPeaks:
     """checkpointing: True (whole layers recomputed), "moe" / "attention" (that half of each layer recomputed, the
-    other half's activations kept) or False."""
+    other half's activations kept) or False. z_loss: the run's z_loss_coef > 0 (the router statistics then hold the
+    z-loss graph)."""
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention {attention!r}: expected one of {', '.join(ATTENTION_KINDS)}")
     if checkpointing not in CHECKPOINTING_MODES:
@@ -164,7 +168,7 @@ def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: b
     tokens = micro_batch * seq
     layers = range(s.num_layers)
     attn = [attention_saved(s, attention, seq)] * s.num_layers
-    mlp = [mlp_saved(s, i, ep_size) for i in layers]
+    mlp = [mlp_saved(s, i, ep_size, z_loss) for i in layers]
     workspace = [layer_backward_workspace(s, i, attention, seq) for i in layers]
     # rotary cos/sin [B,S,head_dim] bf16 and the mask live through forward and backward
     common = tokens * 2 * BF16 * s.head_dim + mask_bytes(micro_batch, seq, attention)
@@ -172,9 +176,9 @@ def activation_peaks(s: ModelShape, micro_batch: int, seq: int, checkpointing: b
     loss_peak = tokens * loss_backward_peak(s)
     if loss_chunk_tokens > 0:  # train.loss_chunk_tokens: no logits are returned, one chunk's logits at a time
         logits, loss_peak = 0, chunked_loss_peak(s, min(loss_chunk_tokens, tokens), tokens)
-    # out.z_loss is computed even with z_loss_coef 0; its graph (logsumexp's fp32 logits) is never backpropagated,
-    # so it lives as long as the output does (inside a recomputed layer it is not kept).
-    z_graph = tokens * s.num_moe_layers * (FP32 * s.num_experts + FP32)
+    # with z_loss_coef > 0, out.z_loss's graph (logsumexp's fp32 logits) lives as long as the output does (inside a
+    # recomputed layer it is not kept); without it the statistic is not computed
+    z_graph = tokens * s.num_moe_layers * (FP32 * s.num_experts + FP32) if z_loss else 0
     checkpoint_input = BF16 * s.hidden  # a non-reentrant checkpoint keeps its [B,S,H] input
     if checkpointing is False:
         kept, recomputed, optimizer_step = [a + m for a, m in zip(attn, mlp)], [], logits + z_graph

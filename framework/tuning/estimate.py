@@ -325,13 +325,14 @@ class MemoryEstimate:
 def estimate_memory(hf_config, num_gpus: int, ep_size: int = 1, zero_stage: int = 3, micro_batch_size: int = 1,
                     seq_len: int = 4096, activation_checkpointing: bool | str = True, offload: bool = False,
                     ds_config: dict[str, Any] | None = None, attention: str = "varlen",
-                    loss_chunk_tokens: int = 0) -> MemoryEstimate:
+                    loss_chunk_tokens: int = 0, z_loss: bool = False) -> MemoryEstimate:
     """Per-GPU memory of a bf16 training run of `hf_config` (a config of any registered family, a config.json dict or
     a checkpoint directory; model_type picks the family).
 
     `ds_config`: the run's DeepSpeed JSON (framework.config.deepspeed.build_ds_config); None: the framework's
     defaults for `zero_stage`. Its stage and offload_optimizer must agree with `zero_stage` and `offload`.
-    `attention`: varlen (flash over packed documents), sdpa (with the [B,1,S,S] document mask) or eager."""
+    `attention`: varlen (flash over packed documents), sdpa (with the [B,1,S,S] document mask) or eager.
+    `z_loss`: the run's moe.z_loss_coef > 0."""
     from framework.config.plan import check_model_parallel  # noqa: PLC0415
     from framework.models.registry import family_for  # noqa: PLC0415
 
@@ -345,7 +346,7 @@ def estimate_memory(hf_config, num_gpus: int, ep_size: int = 1, zero_stage: int 
     if activation_checkpointing not in CHECKPOINTING_MODES:
         raise ValueError(f"activation_checkpointing {activation_checkpointing!r}: expected true, false, moe or "
                          "attention")
-    acts = {ac: activation_peaks(shape, micro_batch_size, seq_len, ac, attention, ep_size, loss_chunk_tokens)
+    acts = {ac: activation_peaks(shape, micro_batch_size, seq_len, ac, attention, ep_size, loss_chunk_tokens, z_loss)
             for ac in CHECKPOINTING_MODES}
     return MemoryEstimate(
         num_gpus=num_gpus, ep_size=ep_size, zero_stage=zero_stage, micro_batch_size=micro_batch_size,

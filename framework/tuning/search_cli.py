@@ -106,7 +106,8 @@ def run_search_command(args: argparse.Namespace) -> int:
         ds = trial_ds_config(trial, *auto(trial.ep_size))
         est = estimate_memory(hf_config, world, trial.ep_size, trial.zero_stage, trial.micro_batch_size,
                               cfg.data.seq_len, trial.activation_checkpointing, trial.offload,
-                              ds if trial.zero_stage in (1, 2, 3) else None, attention, cfg.train.loss_chunk_tokens)
+                              ds if trial.zero_stage in (1, 2, 3) else None, attention, cfg.train.loss_chunk_tokens,
+                              cfg.moe.z_loss_coef > 0)
         gib = est.total_gib
         return (est.fits(args.gpu_memory_gb), gib, f"estimate {gib:.1f} GiB > usable part of {args.gpu_memory_gb:g}")
 

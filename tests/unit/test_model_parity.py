@@ -67,6 +67,8 @@ def test_aux_loss_coefficient_and_z_loss_enter_the_loss():
     ids, mask, labels = batch()
     base = ours(ids, attention_mask=mask, labels=labels)
     assert torch.allclose(base.loss, base.lm_loss + 0.02 * base.aux_loss)
+    # z_loss_coef 0: the blocks compute no z statistic at all
+    assert base.z_loss is None and all(s.z_sum is None for s in base.router_stats)
     ours = ours_from(stock, "grouped_mm", "eager", aux_loss_coef=0.0, z_loss_coef=0.5)
     z = ours(ids, attention_mask=mask, labels=labels)
     # independent z-loss: mean over real tokens and MoE layers of logsumexp(router logits)^2

@@ -427,3 +427,49 @@ def test_loss_chunking_shrinks_the_loss_peak():
     assert chunked_loss_peak(shape, 1024, 4096) == 1024 * 2 * 151936 + 4096 * 2 * 2048 + 4 * 151936 * 2048
     assert chunked.loss < whole.loss
     assert chunked.optimizer_step == 0 and whole.optimizer_step == 4096 * 2 * 151936
+
+
+def test_z_loss_graph_is_counted_only_with_a_z_loss():
+    """moe.z_loss_coef > 0: the router statistics keep logsumexp's graph (fp32 [T, E] per MoE layer) until the
+    optimizer step where layers are not recomputed; with 0 (every shipped config) no statistic is computed. What a
+    layer saves for backward with and without it: test_layer_activations_equal_what_autograd_saves."""
+    from framework.config import load_run_config
+    from framework.models.qwen3_moe.config import load_hf_config
+    from framework.tuning.activations import activation_peaks
+
+    cfg = load_run_config(os.path.join(REPO, "model_configs", "qwen3-30b-a3b-8l.yaml"))
+    shape = model_shape(load_hf_config(cfg.model.hf_config))
+    graph = 4096 * shape.num_moe_layers * (4 * shape.num_experts + 4)
+    for mode, kept in ((False, graph), ("attention", graph), (True, 0), ("moe", 0)):
+        without = activation_peaks(shape, 1, 4096, mode, "varlen", 4)
+        with_z = activation_peaks(shape, 1, 4096, mode, "varlen", 4, z_loss=True)
+        assert with_z.optimizer_step - without.optimizer_step == kept, mode
+        # the layers that keep their MoE half also keep the z-loss's fp32 logits and logsumexp until their backward
+        assert with_z.loss >= without.loss and with_z.layer_backward >= without.layer_backward, mode
+
+
+def test_block_saves_the_z_loss_graph_only_with_a_z_loss():
+    """What autograd keeps for an MoE block with and without the z-loss statistic differs by exactly the estimate's
+    z terms of moe_saved: the fp32 logits [T, E] and logsumexp [T]."""
+    from framework.moe.layer import MoEBlock
+    from framework.moe.router import TopKRouter
+
+    tokens, experts = 96, 8
+    saved = {}
+    for z_loss in (False, True):
+        torch.manual_seed(0)
+        block = MoEBlock(64, 32, experts, TopKRouter(64, experts, 2, True), torch.nn.SiLU(), "grouped_mm",
+                         z_loss=z_loss).to(torch.bfloat16)
+        x = torch.randn(1, tokens, 64, dtype=torch.bfloat16, requires_grad=True)
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, stats = block(x)
+        assert (stats.z_sum is not None) == z_loss
+        skip = {p.untyped_storage().data_ptr() for p in block.parameters()} | {x.untyped_storage().data_ptr()}
+        saved[z_loss] = sum(n for ptr, n in storages.items() if ptr not in skip)
+    assert saved[True] - saved[False] == tokens * (4 * experts + 4)

@@ -33,7 +33,7 @@ class DeepseekV3MoEBlock(MoEBlock):
                                            config.n_group, config.topk_group, config.norm_topk_prob,
                                            config.routed_scaling_factor)
         super().__init__(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts, router,
-                         nn.SiLU(), options.backend, options.placement)
+                         nn.SiLU(), options.backend, options.placement, options.z_loss_coef > 0)
         self.shared_experts = DeepseekV3MLP(config, intermediate_size=shared_expert_width(config))
 
     def shared_output(self, x_TH: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class Qwen2MoeBlock(MoEBlock):
         router = TopKRouter(h, config.num_experts, config.num_experts_per_tok, config.norm_topk_prob)
         # nn.SiLU, which the fused SwiGLU recognises: the config check accepts hidden_act "silu" only
         super().__init__(h, config.moe_intermediate_size, config.num_experts, router, nn.SiLU(), options.backend,
-                         options.placement)
+                         options.placement, options.z_loss_coef > 0)
         self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(h, 1, bias=False)
 
