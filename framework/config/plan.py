@@ -416,7 +416,7 @@ def scan_data(cfg: RunConfig, task: str) -> list[str]:
     from framework.data.sources import check_corpus as scan  # noqa: PLC0415
 
     # files that passed before (same size, time and text field) are not read again on a restart
-    memo = os.path.join(cfg.data.cache_dir or os.path.join(cfg.train.output_dir, "data_cache"), "corpus_checked.json")
+    memo = os.path.join(data_cache_dir(cfg), "corpus_checked.json")
     if cfg.data.paths:
         scan(list(cfg.data.paths), cfg.data.text_field, cfg.data.cache_dir, memo=memo)
     if cfg.data.eval_paths:
@@ -428,8 +428,9 @@ def scan_data(cfg: RunConfig, task: str) -> list[str]:
 # chat data (fine-tuning)
 
 
-def chat_cache_dir(cfg: RunConfig) -> str:
-    return cfg.data.cache_dir or os.path.join(cfg.train.output_dir, "data_cache")
+def data_cache_dir(cfg: RunConfig) -> str:
+    """data.cache_dir, or OUTPUT_DIR/data_cache: the corpus check's memo, the demo data, the chat token cache."""
+    return cfg.data.cache_dir or os.path.join(os.path.abspath(cfg.train.output_dir), "data_cache")
 
 
 def chat_paths(cfg: RunConfig) -> list[str]:
@@ -438,7 +439,7 @@ def chat_paths(cfg: RunConfig) -> list[str]:
     if cfg.data.use_demo_corpus:
         from framework.data.chat_demo import build_demo_chat  # noqa: PLC0415
 
-        paths.append(build_demo_chat(chat_cache_dir(cfg)))
+        paths.append(build_demo_chat(data_cache_dir(cfg)))
     return paths
 
 
@@ -477,4 +478,4 @@ def prepare_chat_data(cfg: RunConfig, tokenizer=None, paths: list[str] | None = 
 
     tokenizer = tokenizer or chat_tokenizer(cfg)
     return build_chat_cache(chat_paths(cfg) if paths is None else paths, tokenizer, chat_settings(cfg),
-                            chat_cache_dir(cfg), key)
+                            data_cache_dir(cfg), key)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from framework.data.packing import IGNORE_INDEX
 _PROBE = "Probe answer 7f3a"  # assistant content whose rendering shows what follows a turn
 
 

@@ -26,9 +26,10 @@ import yaml
 from framework.cluster.process_group import init_deepspeed_distributed
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
-from framework.config.plan import RunPlan
+from framework.config.plan import RunPlan, data_cache_dir
 from framework.data.chat_dataset import ChatData
 from framework.data.chat_rows import ChatRows
+from framework.data.packing import IGNORE_INDEX
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
 from framework.models.registry import moe_shape
 from framework.train.checkpoint_integrity import DATA_STATE_NAME
@@ -87,6 +88,12 @@ def _fault_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
     return loss * float("nan") if os.environ.get("FRAMEWORK_FAULT") == f"nan_loss:{step}" else loss
 
 
+def _labelled_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How many labelled tokens of a micro batch the loss counts (it shifts the labels by one: the first label of each
+    row is never read)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
 class Trainer:
     def __init__(self, plan: RunPlan, ds_user: dict[str, Any] | None = None, ds_source: str = "DeepSpeed config"):
         import framework  # noqa: PLC0415
@@ -126,7 +133,7 @@ class Trainer:
         if plan.task == "finetune" and cfg.chat.template is not None:
             self.tokenizer_dir = os.path.join(self.output_dir, "tokenizer")  # what the export copies
         dist.barrier()
-        cache_dir = cfg.data.cache_dir or os.path.join(self.output_dir, "data_cache")
+        cache_dir = data_cache_dir(cfg)
         paths = list(cfg.data.paths)
         if cfg.data.use_demo_corpus and plan.task == "pretrain":
             if rt.rank == 0:
@@ -334,7 +341,7 @@ class Trainer:
         with torch.no_grad():
             for _ in range(cfg.train.eval_batches):
                 b = self._batch(loader)
-                count = (b["labels"][:, 1:] != -100).sum()
+                count = _labelled_tokens(b)
                 out = self.engine(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
                 total += torch.stack([out.lm_loss.double() * count, count.double()])
         self.engine.train()
@@ -415,7 +422,7 @@ class Trainer:
         the ranks, so micro batch k's mean is weighted by n_k x gas x world / N. (A mean of per-micro-batch means
         would weight a token of a micro batch with few assistant tokens more than one of a full one.) One small
         all-reduce per step, of counts known before any forward."""
-        counts = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).to(torch.float64)
+        counts = torch.stack([_labelled_tokens(b) for b in batches]).to(torch.float64)
         total = counts.sum()
         if self.rt.world_size > 1:
             dist.all_reduce(total)
