@@ -13,14 +13,14 @@ from typing import NamedTuple, Protocol
 import torch
 
 from framework.moe.router import Routing
-from framework.ops.permute import replicate_permute_rows, weighted_gather_sum
+from framework.ops.expert_sort import sort_by_expert
+from framework.ops.permute import expand_rows, weighted_gather_sum
 
 
 class DispatchMeta(NamedTuple):
-    order_R: torch.Tensor  # row r of the dispatched rows is flat (token, k) slot order_R[r]
-    inverse_R: torch.Tensor  # inverse permutation of order_R
+    inverse_R: torch.Tensor  # flat (token, k) slot s became dispatched row inverse_R[s]
     weights_TK: torch.Tensor  # combine weights
-    extra: tuple = ()  # backend-specific indices (megablocks bins)
+    extra: tuple = ()  # backend-specific indices (megablocks: the sorted slots, bins)
 
 
 class Dispatcher(Protocol):
@@ -32,24 +32,15 @@ class Dispatcher(Protocol):
         """[T, H]: for each token, the routing-weighted sum of its K expert outputs."""
 
 
-def tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    # scatter_add rather than bincount: bincount reads the max on the host (a device sync) on CUDA.
-    flat = expert_ids.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat))
-
-
 class TorchDispatcher:
-    """Stable argsort by expert, then gathers in both directions (no atomics); the weighted K-way sum of combine and
-    of dispatch's backward is one Triton kernel on CUDA (framework/ops/permute.py), torch elsewhere."""
+    """A stable sort of the slots by expert (framework/ops/expert_sort.py), then gathers in both directions (no
+    atomics); the weighted K-way sum of combine and of dispatch's backward is one Triton kernel on CUDA
+    (framework/ops/permute.py), torch elsewhere."""
 
     def dispatch(self, x_TH, routing, num_experts):
-        top_k = routing.expert_ids.shape[-1]
-        flat_ids = routing.expert_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        rows = replicate_permute_rows(x_TH, order, inverse, top_k)
-        return rows, tokens_per_expert(flat_ids, num_experts), DispatchMeta(order, inverse, routing.weights)
+        src, inverse, counts = sort_by_expert(routing.expert_ids, num_experts)
+        rows = expand_rows(x_TH, src, inverse.view(routing.expert_ids.shape))
+        return rows, counts, DispatchMeta(inverse, routing.weights)
 
     def combine(self, rows_RH, meta):
         num_tokens, top_k = meta.weights_TK.shape
@@ -75,10 +66,10 @@ class MegablocksDispatcher:
             bins = ops.inclusive_cumsum(counts, 0)
             bins = bins.view(1) if bins.dim() == 0 else bins
         rows = ops.gather(x_TH.contiguous(), indices, bin_ids, bins, top_k)
-        return rows, counts, DispatchMeta(indices, indices, routing.weights, (bin_ids, bins))
+        return rows, counts, DispatchMeta(indices, routing.weights, (indices, bin_ids, bins))
 
     def combine(self, rows_RH, meta):
-        bin_ids, bins = meta.extra
+        indices, bin_ids, bins = meta.extra
         top_k = meta.weights_TK.shape[-1]
         weights = meta.weights_TK.reshape(-1).to(rows_RH.dtype)
-        return self._ops.scatter(rows_RH, meta.order_R, bin_ids, weights, bins, top_k)
+        return self._ops.scatter(rows_RH, indices, bin_ids, weights, bins, top_k)

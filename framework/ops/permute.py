@@ -55,12 +55,6 @@ def expand_rows(x_TH: torch.Tensor, src_R: torch.Tensor, index_TJ: torch.Tensor)
     return _ExpandRows.apply(x_TH, src_R, index_TJ)
 
 
-def replicate_permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, copies: int) -> torch.Tensor:
-    """Rows `x[order // copies]`: each of the T rows of x appears `copies` times, in the order given by the permutation
-    `order` of range(T * copies); `inverse` is the inverse permutation of `order`."""
-    return expand_rows(x, torch.div(order, copies, rounding_mode="floor"), inverse.view(x.shape[0], copies))
-
-
 class _WeightedGatherSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_RH: torch.Tensor, index_TJ: torch.Tensor, weight_TJ: torch.Tensor) -> torch.Tensor:

@@ -172,3 +172,59 @@ def cross_entropy_grad_(logits_CV: torch.Tensor, labels_C: torch.Tensor, ignore_
     if rows:
         _cross_entropy_grad[(rows,)](logits_CV, labels_C, loss, vocab, ignore_index, BLOCK_V=4096, num_warps=16)
     return loss
+
+
+# Stable counting sort of routed slots by expert (dispatch metadata). Each block of slots counts its experts
+# (pass 1); a cumsum over the [E, blocks] counts, expert-major, gives every (expert, block) its first position; pass 2
+# ranks each slot among its block's slots of the same expert (a running count over a one-hot [BLOCK, E] tile) and
+# writes where it goes. Equal to torch.argsort(ids, stable=True) and its inverse, with two launches and one cumsum
+# instead of a radix sort's several, plus a scatter for the inverse and one for the counts.
+@triton.jit
+def _expert_block_counts(ids_ptr, block_counts_ptr, n, n_blocks, E: tl.constexpr, E_PAD: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=E_PAD)  # E_PAD matches no expert column
+    experts = tl.arange(0, E_PAD)
+    hit = (ids[:, None] == experts[None, :]).to(tl.int32)
+    tl.store(block_counts_ptr + experts.to(tl.int64) * n_blocks + block, tl.sum(hit, axis=0), mask=experts < E)
+
+
+@triton.jit
+def _expert_positions(ids_ptr, ends_ptr, src_ptr, inverse_ptr, counts_ptr, n, n_blocks, K: tl.constexpr,
+                      E: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    ids = tl.load(ids_ptr + offs, mask=mask, other=E_PAD)
+    experts = tl.arange(0, E_PAD)
+    hit = (ids[:, None] == experts[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(hit, axis=0) * hit, axis=1)  # 1-based rank among this block's slots of its expert
+    in_block = tl.sum(hit * tl.sum(hit, axis=0)[None, :], axis=1)  # this block's slots of its expert
+    end = tl.load(ends_ptr + ids.to(tl.int64) * n_blocks + block, mask=mask, other=0)  # inclusive cumsum
+    pos = end - in_block + rank - 1
+    tl.store(inverse_ptr + offs, pos, mask=mask)
+    tl.store(src_ptr + pos, offs // K, mask=mask)
+    if block == 0:  # per-expert totals: differences of the cumsum at each expert's last block
+        last = tl.load(ends_ptr + experts.to(tl.int64) * n_blocks + n_blocks - 1, mask=experts < E, other=0)
+        before = tl.load(ends_ptr + experts.to(tl.int64) * n_blocks - 1, mask=(experts > 0) & (experts < E), other=0)
+        tl.store(counts_ptr + experts, last - before, mask=experts < E)
+
+
+def sort_by_expert(ids_R: torch.Tensor, num_experts: int, copies: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(src [R]: the source row of each sorted slot, slot // copies; inverse [R]: each slot's sorted position;
+    counts [E]), all int64, for contiguous int64 ids in [0, num_experts)."""
+    n = ids_R.numel()
+    e_pad = max(triton.next_power_of_2(num_experts), 16)
+    block = max(8192 // e_pad, 16)  # the [BLOCK, E] one-hot tile stays ~64 values per thread
+    n_blocks = max(triton.cdiv(n, block), 1)
+    block_counts = torch.empty(num_experts, n_blocks, dtype=torch.int32, device=ids_R.device)
+    src = torch.empty(n, dtype=torch.int64, device=ids_R.device)
+    inverse = torch.empty(n, dtype=torch.int64, device=ids_R.device)
+    counts = torch.empty(num_experts, dtype=torch.int64, device=ids_R.device)
+    _expert_block_counts[(n_blocks,)](ids_R, block_counts, n, n_blocks, num_experts, e_pad, BLOCK=block)
+    ends = block_counts.view(-1).cumsum(0)
+    _expert_positions[(n_blocks,)](ids_R, ends, src, inverse, counts, n, n_blocks, copies, num_experts, e_pad,
+                                   BLOCK=block)
+    return src, inverse, counts

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from framework.moe.dispatch import tokens_per_expert
+from framework.ops.expert_sort import tokens_per_expert
 from framework.ops.permute import expand_rows, gather_sum, weighted_gather_sum
 from framework.parallel.all_to_all import all_to_all
 

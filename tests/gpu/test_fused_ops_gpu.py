@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.ops import linear_cross_entropy, permute, swiglu
+from framework.ops import expert_sort, linear_cross_entropy, permute, swiglu
 from framework.ops.triton_available import triton_importable
 
 pytestmark = pytest.mark.gpu
@@ -20,7 +20,7 @@ def _run_both(fn, monkeypatch):
     """fn() once with the kernels, once with the torch path."""
     assert triton_importable(), "Triton is missing on this GPU machine"
     fused = fn()
-    for module in (swiglu, permute, linear_cross_entropy):
+    for module in (swiglu, permute, expert_sort, linear_cross_entropy):
         monkeypatch.setattr(module, "use_triton", lambda t: False)
     monkeypatch.setattr(linear_cross_entropy, "_add_weight_grad_", lambda g, a, b: g.add_(a.t() @ b))
     ref = fn()
@@ -62,7 +62,7 @@ def test_gather_sum_kernels(dtype, tol, monkeypatch):
 
     def fn():
         xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        rows = permute.replicate_permute_rows(xs, order, inverse, k)
+        rows = permute.expand_rows(xs, order // k, inverse.view(tokens, k))
         rows = rows * 1.5  # a non-trivial function between dispatch and combine
         out = permute.weighted_gather_sum(rows, inverse.view(tokens, k), ws)
         out.backward(grad)
@@ -153,3 +153,22 @@ def test_rms_norm_on_cuda_matches_transformers_and_saves_input_and_rstd(shape):
     kept = sum(t.untyped_storage().nbytes() for t in saved if t.untyped_storage().data_ptr()
                != ours.weight.untyped_storage().data_ptr())
     assert kept == rows * (2 * width + 4)
+
+
+@pytest.mark.parametrize("tokens,k,experts,skew", [(4096, 8, 128, False), (65536, 8, 128, False), (4099, 8, 128, True),
+                                                    (1027, 4, 60, False), (2053, 8, 256, True), (3, 2, 4, False)])
+def test_sort_by_expert_kernel_equals_stable_argsort(tokens, k, experts, skew):
+    """The counting sort equals torch's stable argsort (order, inverse and counts), exactly: including a skew that
+    sends 70% of the slots to expert 0 and expert counts that are not powers of 2."""
+    if not triton_importable():
+        pytest.fail("Triton is not importable on this CUDA machine")
+    from framework.ops.triton_kernels import sort_by_expert
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, experts, (tokens, k), device="cuda")
+    if skew:
+        ids = torch.where(torch.rand(tokens, k, device="cuda") < 0.7, torch.zeros_like(ids), ids)
+    got = sort_by_expert(ids.reshape(-1).contiguous(), experts, k)
+    ref = expert_sort.sort_by_expert_reference(ids, experts)
+    for name, a, b in zip(("src", "inverse", "counts"), got, ref):
+        assert torch.equal(a, b), name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from framework.ops.permute import replicate_permute_rows, weighted_gather_sum
+from framework.ops.permute import expand_rows, weighted_gather_sum
 from framework.ops.swiglu import glu, swiglu
 
 
@@ -51,12 +51,12 @@ def test_weighted_gather_sum_matches_autograd_of_definition():
     torch.testing.assert_close(g_w, r_w, rtol=1e-12, atol=1e-12)
 
 
-def test_replicate_permute_backward_is_k_way_sum():
+def test_expand_rows_backward_is_k_way_sum():
     tokens, k, hidden = 9, 4, 8
     order, inverse = _routing(tokens, k, seed=1)
     x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(tokens * k, hidden, dtype=torch.float64)
-    rows = replicate_permute_rows(x, order, inverse, k)
+    rows = expand_rows(x, order // k, inverse.view(tokens, k))
     (g,) = torch.autograd.grad(rows, x, grad)
     ref_rows = x[order // k]
     (r,) = torch.autograd.grad(ref_rows, x, grad)

@@ -8,7 +8,7 @@ import torch
 from framework.moe.experts import BACKENDS, resolve_backend
 from framework.moe.layer import MoEBlock
 from framework.moe.router import TopKRouter
-from framework.ops.permute import replicate_permute_rows
+from framework.ops.permute import expand_rows
 from tests.helpers import rel_err
 from tests.reference import moe_reference, route_reference
 
@@ -100,7 +100,7 @@ def test_permutation_ops_round_trip_and_gradients():
     ids = torch.randint(0, 4, (10 * 3,))
     order = torch.argsort(ids, stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
-    rows = replicate_permute_rows(x, order, inverse, 3)
+    rows = expand_rows(x, order // 3, inverse.view(10, 3))
     assert torch.equal(rows, x[order // 3])
     back = rows[inverse]  # undo the permutation: token-major copies again
     assert torch.equal(back.view(10, 3, 6), x.detach().unsqueeze(1).expand(10, 3, 6))
