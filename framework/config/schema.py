@@ -151,6 +151,10 @@ class MoESection(Section):
 
 class ParallelSection(Section):
     ep_size: int = Field(1, ge=1)
+    # token chunks pipelined through each MoE layer's all-to-alls (framework/parallel/ep_dispatch.py): 2 overlaps one
+    # chunk's exchanges with the other's expert compute, forward and backward; 1 exchanges all tokens at once. No
+    # effect at ep_size 1. Not measured on GPUs yet, hence off by default.
+    ep_chunks: int = Field(1, ge=1, le=16)
     zero_stage: Literal[0, 1, 2, 3] = 3
 
 

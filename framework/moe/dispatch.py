@@ -2,12 +2,13 @@
 
 Legend: T tokens, H hidden, E experts, K top-k, R = T*K routed rows.
 Owns: permuting each token's K copies into expert order (`dispatch`) and reversing it with the routing weights
-(`combine`). The metadata `dispatch` returns is the only state `combine` uses. Expert-parallel dispatch across ranks
-lives in framework/parallel; it keeps the same contract.
+(`combine`). The metadata `dispatch` returns is the only state `combine` uses. Expert-parallel routing across ranks
+lives in framework/parallel; it keeps the same contract (`route`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -17,6 +18,10 @@ from framework.ops.expert_sort import sort_by_expert
 from framework.ops.permute import expand_rows, weighted_gather_sum
 
 
+# rows [R, H] grouped by expert, rows per expert [E] -> expert outputs [R, H]
+Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class DispatchMeta(NamedTuple):
     inverse_R: torch.Tensor  # flat (token, k) slot s became dispatched row inverse_R[s]
     weights_TK: torch.Tensor  # combine weights
@@ -24,15 +29,29 @@ class DispatchMeta(NamedTuple):
 
 
 class Dispatcher(Protocol):
+    def route(self, x_TH: torch.Tensor, routing: Routing, num_experts: int, experts: Experts) -> torch.Tensor:
+        """[T, H]: for each token, the routing-weighted sum of its K experts' outputs, `experts` called on rows
+        grouped by expert with the rows per expert (int, on the device)."""
+
+
+class LocalDispatcher:
+    """Tokens and experts on this process: one `dispatch`, the experts, one `combine`."""
+
+    def route(self, x_TH, routing, num_experts, experts):
+        rows_RH, tokens_per_expert_E, meta = self.dispatch(x_TH, routing, num_experts)
+        return self.combine(experts(rows_RH, tokens_per_expert_E), meta)
+
     def dispatch(self, x_TH: torch.Tensor, routing: Routing,
                  num_experts: int) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
         """Rows [R, H] grouped by expert, tokens per expert [E] (int, on device), metadata for combine."""
+        raise NotImplementedError
 
     def combine(self, rows_RH: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """[T, H]: for each token, the routing-weighted sum of its K expert outputs."""
+        raise NotImplementedError
 
 
-class TorchDispatcher:
+class TorchDispatcher(LocalDispatcher):
     """A stable sort of the slots by expert (framework/ops/expert_sort.py), then gathers in both directions (no
     atomics); the weighted K-way sum of combine and of dispatch's backward is one Triton kernel on CUDA
     (framework/ops/permute.py), torch elsewhere."""
@@ -47,7 +66,7 @@ class TorchDispatcher:
         return weighted_gather_sum(rows_RH, meta.inverse_R.view(num_tokens, top_k), meta.weights_TK)
 
 
-class MegablocksDispatcher:
+class MegablocksDispatcher(LocalDispatcher):
     """MegaBlocks' CUDA sort/histogram/cumsum and Triton gather/scatter (scatter applies the weights in-kernel)."""
 
     def __init__(self, num_experts: int):

@@ -64,9 +64,7 @@ class MoEBlock(nn.Module):
                 ) -> tuple[torch.Tensor, RouterStats]:
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
         routing = self.gate(x_TH)
-        rows_RH, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TH, routing, self.num_experts)
-        out_RH = self.experts(rows_RH, tokens_per_expert_E)
-        y_TH = self.dispatcher.combine(out_RH, meta)
+        y_TH = self.dispatcher.route(x_TH, routing, self.num_experts, self.experts)
         shared_TH = self.shared_output(x_TH)
         if shared_TH is not None:
             y_TH = y_TH + shared_TH

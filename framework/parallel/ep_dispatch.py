@@ -1,14 +1,22 @@
-"""Dropless token dispatch across the expert-parallel group (the `Dispatcher` contract of framework/moe/dispatch.py).
+"""Dropless token routing across the expert-parallel group (the `Dispatcher` contract of framework/moe/dispatch.py).
 
 Legend: T local tokens, H hidden, E global experts, e = E/ep local experts, K top-k, P (token, rank) pairs sent,
-Pr pairs received, Q (received pair, local expert) rows computed here.
+Pr pairs received, Q (received pair, local expert) rows computed here, C token chunks.
 A token goes to each EP rank that holds at least one of its K experts once, not once per expert (top-8 of 128 experts
 on 4 ranks reaches 3.6 ranks on average: 2.2x fewer rows on the wire than one per expert), with its K local expert ids
 and routing weights (-1 / 0 where the expert lives elsewhere). The receiver expands each pair into one row per local
 expert, sorted by expert, runs the experts, and sums each pair's weighted outputs before the return trip; the sender
 sums the returned pair rows per token. All four moves are framework/ops/permute.py's expansion / gather-sum pair.
-Host syncs: one per layer and direction, the `.tolist()` of the exchanged counts that all_to_all_single needs as split
-sizes (the backward pass reuses them).
+
+With `chunks` C > 1 the tokens are cut into C contiguous chunks that go through that pipeline one after another, so
+that a chunk's exchanges run while another chunk's experts compute: in the forward every chunk's rows leave first,
+then each chunk computes and sends its outputs back while the next chunk's rows are still arriving. The backward is
+the mirror image without extra code: each exchange is a start / wait pair (framework/parallel/all_to_all.py), and
+because autograd runs, of the ready nodes, the one created last first, creating chunk c's dispatch wait after chunk
+c-1's expert work makes the backward issue chunk c's reverse exchange before chunk c-1's expert backward. The price:
+each chunk's grouped GEMMs get 1/C of the rows.
+Host syncs: one per layer, the `.tolist()` of the exchanged counts (all chunks in one exchange) that
+all_to_all_single needs as split sizes (the backward pass reuses them).
 """
 
 from __future__ import annotations
@@ -18,18 +26,21 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from framework.moe.router import Routing
 from framework.ops.expert_sort import tokens_per_expert
 from framework.ops.permute import expand_rows, gather_sum, weighted_gather_sum
-from framework.parallel.all_to_all import all_to_all
+from framework.parallel.all_to_all import Exchange, all_to_all_start, all_to_all_wait
 
 
-class EPMeta(NamedTuple):
-    pair_token_P: torch.Tensor  # local token of each sent pair row
+class _Sent(NamedTuple):
+    """One chunk's side of the exchange: what it sent and how to sum what comes back."""
+
+    pair_token_P: torch.Tensor  # chunk-local token of each sent pair row
     pair_index_TR: torch.Tensor  # [T, ep] sent pair row of (token, rank); P where the token skips that rank
     send_splits: list[int]  # pair rows sent to each EP rank
     recv_splits: list[int]  # pair rows received from each EP rank
-    expert_index_PK: torch.Tensor  # [Pr, K] computed row of (received pair, slot); Q for slots of other ranks
-    weights_PK: torch.Tensor  # [Pr, K] routing weights of the received pairs (0 for slots of other ranks)
+    rows: tuple[torch.Tensor, Exchange]  # the pair rows in flight
+    slots: tuple[torch.Tensor, Exchange]  # their [weights | local expert ids] in flight
 
 
 def _first_sorted(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,27 +52,53 @@ def _first_sorted(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.T
     return order, inverse
 
 
+def _spans(tokens: int, chunks: int) -> list[tuple[int, int]]:
+    """`chunks` contiguous token ranges of near-equal size (fewer when there are fewer tokens)."""
+    chunks = max(1, min(chunks, tokens))
+    bounds = [tokens * c // chunks for c in range(chunks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class AllToAllDispatcher:
-    def __init__(self, ep_group, ep_size: int, num_experts: int):
+    def __init__(self, ep_group, ep_size: int, num_experts: int, chunks: int = 1):
+        if chunks < 1:
+            raise ValueError(f"chunks ({chunks}) must be >= 1")
         self.group = ep_group
         self.ep_size = ep_size
         self.num_local = num_experts // ep_size
+        self.chunks = chunks
 
-    def dispatch(self, x_TH, routing, num_experts):
+    def route(self, x_TH: torch.Tensor, routing: Routing, num_experts: int, experts) -> torch.Tensor:
         ep, e = self.ep_size, self.num_local
         ids_TK = routing.expert_ids
-        tokens, top_k = ids_TK.shape
-        dest_TK = torch.div(ids_TK, e, rounding_mode="floor")
-        hit_TR = torch.zeros(tokens, ep, dtype=torch.bool, device=x_TH.device).scatter_(1, dest_TK, True)
+        spans = _spans(ids_TK.shape[0], self.chunks)
+        hit_TR = torch.zeros(ids_TK.shape[0], ep, dtype=torch.bool, device=x_TH.device)
+        hit_TR.scatter_(1, torch.div(ids_TK, e, rounding_mode="floor"), True)
 
-        # counts[r, :e]: my rows for rank r's experts; counts[r, e]: pairs I send to rank r. Exchanged in one go.
-        send_counts = torch.cat([tokens_per_expert(ids_TK, num_experts).view(ep, e),
-                                 hit_TR.sum(0, dtype=torch.int64).unsqueeze(1)], dim=1)
+        # counts[r, c, :e]: chunk c's rows for rank r's experts; counts[r, c, e]: chunk c's pairs for rank r. All
+        # chunks in one exchange, one host sync.
+        send_counts = torch.stack([torch.cat([tokens_per_expert(ids_TK[a:b], num_experts).view(ep, e),
+                                              hit_TR[a:b].sum(0, dtype=torch.int64).unsqueeze(1)], dim=1)
+                                   for a, b in spans], dim=1)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        host = torch.cat([send_counts[:, e], recv_counts[:, e], recv_counts[:, :e].sum().view(1)]).tolist()  # sync
-        send_splits, recv_splits, rows_here = host[:ep], host[ep:2 * ep], host[2 * ep]
+        pairs_sent, pairs_recv = send_counts[:, :, e].t().tolist(), recv_counts[:, :, e].t().tolist()  # sync
+        rows_here = recv_counts[:, :, :e].sum((0, 2)).tolist()
+        experts_counts = recv_counts[:, :, :e].sum(0)  # [C, e] rows per local expert, on the device
 
+        sent = [self._send(x_TH[a:b], ids_TK[a:b], routing.weights[a:b], hit_TR[a:b], send, recv)
+                for (a, b), send, recv in zip(spans, pairs_sent, pairs_recv)]
+        back = []
+        for c, chunk in enumerate(sent):
+            pair_out = self._compute(chunk, rows_here[c], experts_counts[c], experts, ids_TK.shape[1])
+            back.append(all_to_all_start(pair_out, chunk.send_splits, chunk.recv_splits, self.group))
+        outs = [gather_sum(all_to_all_wait(*b), chunk.pair_index_TR, chunk.pair_token_P)
+                for chunk, b in zip(sent, back)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _send(self, x_TH, ids_TK, weights_TK, hit_TR, send_splits, recv_splits) -> _Sent:
+        ep, e = self.ep_size, self.num_local
+        tokens = ids_TK.shape[0]
         # Pairs in rank-major, then token order: pair id r*T + t.
         pairs_P, pair_inverse = _first_sorted((~hit_TR.t().reshape(-1)).to(torch.uint8), sum(send_splits))
         pair_token_P = pairs_P % tokens
@@ -70,23 +107,21 @@ class AllToAllDispatcher:
         ids_PK = ids_TK.index_select(0, pair_token_P)
         here_PK = torch.div(ids_PK, e, rounding_mode="floor") == pair_rank_P.unsqueeze(1)
         local_ids_PK = torch.where(here_PK, ids_PK % e, -1)
-        weights_PK = expand_rows(routing.weights, pair_token_P, pair_index_TR) * here_PK
-
-        rows_recv = all_to_all(expand_rows(x_TH, pair_token_P, pair_index_TR), recv_splits, send_splits, self.group)
+        weights_PK = expand_rows(weights_TK, pair_token_P, pair_index_TR) * here_PK
+        rows = all_to_all_start(expand_rows(x_TH, pair_token_P, pair_index_TR), recv_splits, send_splits, self.group)
         # ids are small integers, exact in fp32: one exchange carries them with the (differentiable) weights.
-        slots_recv = all_to_all(torch.cat([weights_PK.float(), local_ids_PK.float()], dim=1), recv_splits,
-                                send_splits, self.group)
-        weights_recv, local_ids_recv = slots_recv[:, :top_k], slots_recv[:, top_k:].long()
+        slots = all_to_all_start(torch.cat([weights_PK.float(), local_ids_PK.float()], dim=1), recv_splits,
+                                 send_splits, self.group)
+        return _Sent(pair_token_P, pair_index_TR, send_splits, recv_splits, rows, slots)
 
+    def _compute(self, chunk: _Sent, rows_here: int, counts_e: torch.Tensor, experts, top_k: int) -> torch.Tensor:
+        """The received pairs of one chunk through the local experts: [Pr, H] routing-weighted sums per pair."""
+        rows_recv = all_to_all_wait(*chunk.rows)
+        slots_recv = all_to_all_wait(*chunk.slots)
+        weights_recv, local_ids_recv = slots_recv[:, :top_k], slots_recv[:, top_k:].long()
         # Expand received pairs into one row per local expert, expert-major; other ranks' slots sort last, unused.
-        keys = torch.where(local_ids_recv >= 0, local_ids_recv, e).reshape(-1)
+        keys = torch.where(local_ids_recv >= 0, local_ids_recv, self.num_local).reshape(-1)
         slots_Q, expert_index = _first_sorted(keys, rows_here)
         expert_index_PK = expert_index.view(rows_recv.shape[0], top_k)
         rows_QH = expand_rows(rows_recv, torch.div(slots_Q, top_k, rounding_mode="floor"), expert_index_PK)
-        meta = EPMeta(pair_token_P, pair_index_TR, send_splits, recv_splits, expert_index_PK, weights_recv)
-        return rows_QH, recv_counts[:, :e].sum(0), meta
-
-    def combine(self, rows_QH, meta: EPMeta):
-        pair_out = weighted_gather_sum(rows_QH, meta.expert_index_PK, meta.weights_PK.to(rows_QH.dtype))
-        back_PH = all_to_all(pair_out, meta.send_splits, meta.recv_splits, self.group)
-        return gather_sum(back_PH, meta.pair_index_TR, meta.pair_token_P)
+        return weighted_gather_sum(experts(rows_QH, counts_e), expert_index_PK, weights_recv.to(rows_QH.dtype))

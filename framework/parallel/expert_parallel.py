@@ -14,10 +14,10 @@ from framework.parallel.ep_dispatch import AllToAllDispatcher
 from framework.parallel.groups import ParallelGroups
 
 
-def expert_placement(groups: ParallelGroups, zero_stage: int = 3) -> ExpertPlacement:
-    """Rank `groups.ep_rank`'s experts, tokens routed over the EP group (the local placement for ep_size 1). Under
-    ZeRO-1/2 (`zero_stage` < 3) the blocks are also built as DeepSpeed MoE layers, which is how that optimizer finds
-    expert parameters (framework/zero/deepspeed_moe.py)."""
+def expert_placement(groups: ParallelGroups, zero_stage: int = 3, chunks: int = 1) -> ExpertPlacement:
+    """Rank `groups.ep_rank`'s experts, tokens routed over the EP group (the local placement for ep_size 1) in
+    `chunks` pipelined token chunks (`parallel.ep_chunks`). Under ZeRO-1/2 (`zero_stage` < 3) the blocks are also built
+    as DeepSpeed MoE layers, which is how that optimizer finds expert parameters (framework/zero/deepspeed_moe.py)."""
     if groups.ep_size == 1:
         return LOCAL
     base = None
@@ -26,7 +26,7 @@ def expert_placement(groups: ParallelGroups, zero_stage: int = 3) -> ExpertPlace
 
         base = deepspeed_moe_base(groups)
     return ExpertPlacement(groups.ep_size, groups.ep_rank,
-                           functools.partial(AllToAllDispatcher, groups.ep_group, groups.ep_size), base)
+                           functools.partial(AllToAllDispatcher, groups.ep_group, groups.ep_size, chunks=chunks), base)
 
 
 @torch.no_grad()

@@ -167,7 +167,7 @@ class Trainer:
         self.groups = init_parallel_groups(cfg.parallel.ep_size, moe_shape(hf_config)[1])  # Mixtral: num_local_experts
         torch.manual_seed(cfg.train.seed)
         # ZeRO-1/2 with EP: the blocks are built as DeepSpeed MoE layers (framework/zero/deepspeed_moe.py)
-        placement = expert_placement(self.groups, self.ds_config["zero_optimization"]["stage"])
+        placement = expert_placement(self.groups, self.ds_config["zero_optimization"]["stage"], cfg.parallel.ep_chunks)
         model = framework.load_model(plan.model_source, backend=cfg.moe.backend, dtype=self.dtype, device=rt.device,
                                      attn_implementation=cfg.model.attn_implementation,
                                      aux_loss_coef=cfg.moe.aux_loss_coef, z_loss_coef=cfg.moe.z_loss_coef,

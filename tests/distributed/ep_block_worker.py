@@ -4,7 +4,8 @@
 
 Case "remote": rank 0's tokens all go to experts it does not hold, and rank 1's all to rank 0's experts.
 Case "starved": every rank's tokens go to the last rank's experts; the other ranks receive no rows at all.
-Rank 0 writes, per case, every rank's output and input gradient, the summed router gradient and the full expert
+Each case runs with the tokens in 1, 2 and 3 pipelined chunks (`chunks`; 3 chunks of 6 tokens leave the starved
+ranks' chunks empty too). Rank 0 writes, per (case, chunks), every rank's output and input gradient, the summed router gradient and the full expert
 gradients to OUT_DIR/block.pt.
 """
 
@@ -35,15 +36,15 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = init_parallel_groups(world, E)
     results = {}
-    for case in ("remote", "starved"):
-        block = make_block(expert_placement(groups))
+    for case, chunks in [(c, n) for c in ("remote", "starved") for n in (1, 2, 3)]:
+        block = make_block(expert_placement(groups, chunks=chunks))
         xs, dys = case_inputs(case, world)
         x = xs[rank].clone().requires_grad_()
         y, stats = block(x)
         (y * dys[rank]).sum().backward()
         gate_grad = block.gate.weight.grad.clone()
         dist.all_reduce(gate_grad)
-        results[case] = {"y": gather_rows(y.detach()), "x_grad": gather_rows(x.grad), "gate_grad": gate_grad,
+        results[case, chunks] = {"y": gather_rows(y.detach()), "x_grad": gather_rows(x.grad), "gate_grad": gate_grad,
                          "gate_up_grad": gather_full_experts(block.experts.gate_up_proj.grad, groups),
                          "down_grad": gather_full_experts(block.experts.down_proj.grad, groups),
                          "local_rows": torch.tensor(float(block.experts.gate_up_proj.shape[0]))}

@@ -1,8 +1,8 @@
 """One rank of the expert-parallel parity runs (started by test_ep_zero.py with RANK/WORLD_SIZE/MASTER_* set).
 
-    python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...] [tied]
+    python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...] [tied] [family=F] [chunks=C]
 
-For each ZeRO stage: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size, 3 AdamW steps with
+For each ZeRO stage: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size (its all-to-alls pipelined in C token chunks, parallel.ep_chunks), 3 AdamW steps with
 clipping on a fixed global batch; rank 0 writes losses, the step-0 full gradients, the global grad norms and the final
 full parameters to OUT_DIR/stage{S}.pt.
 """
@@ -61,13 +61,13 @@ def train_and_record(engine, groups, forward: Callable[[], Any], steps: int) -> 
     return result
 
 
-def run(stage: int, ep: int, out_dir: str, tied: bool = False, family: str | None = None) -> None:
+def run(stage: int, ep: int, out_dir: str, tied: bool = False, family: str | None = None, chunks: int = 1) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     config = model_config(tied, family)
     groups = init_parallel_groups(ep, moe_shape(family_for(config).load_config(config))[1])
     # Experts are sliced on the meta device: each rank allocates and initialises only its own block.
     model = framework.load_model(config, backend="grouped_mm", attn_implementation="eager", seed=0,
-                                 placement=expert_placement(groups, stage))
+                                 placement=expert_placement(groups, stage, chunks))
     engine, *_ = initialize(model, ds_config(stage, world), groups)
     ids, mask, labels = global_batch(world, vocab_size=config["vocab_size"])
     sl = slice(rank * MICRO, (rank + 1) * MICRO)
@@ -82,9 +82,10 @@ def main() -> None:
     out_dir, ep, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     tied = "tied" in rest
     family = next((a.split("=", 1)[1] for a in rest if a.startswith("family=")), None)
+    chunks = int(next((a.split("=", 1)[1] for a in rest if a.startswith("chunks=")), 1))
     init_deepspeed_distributed("gloo")
     for stage in (int(s) for s in rest if s.isdigit()):
-        run(stage, ep, out_dir, tied, family)
+        run(stage, ep, out_dir, tied, family, chunks)
     dist.barrier()
 
 

@@ -1,5 +1,6 @@
 """The MoE block under EP=2 (2 gloo processes) with forced, lopsided routing equals one process holding all experts:
-outputs, input gradients, router gradient, expert gradients. Nobody hangs when a rank sends or receives nothing."""
+outputs, input gradients, router gradient, expert gradients, with the tokens in 1, 2 or 3 pipelined chunks
+(parallel.ep_chunks). Nobody hangs when a rank sends or receives nothing."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def ep_results(tmp_path_factory):
     return torch.load(out / "block.pt")
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 3])
 @pytest.mark.parametrize("case", ["remote", "starved"])
-def test_forced_routing_matches_single_process(ep_results, case):
+def test_forced_routing_matches_single_process(ep_results, case, chunks):
     block = make_block()
     xs, dys = case_inputs(case, WORLD)
     x = torch.cat(xs).requires_grad_()
@@ -35,7 +37,7 @@ def test_forced_routing_matches_single_process(ep_results, case):
         assert stats.tokens_per_expert[:4].sum() > 0 and stats.tokens_per_expert[4:].sum() > 0
     else:
         assert stats.tokens_per_expert[:4].sum() == 0  # rank 0 holds experts 0-3 and receives no rows
-    got = ep_results[case]
+    got = ep_results[case, chunks]
     assert rel_err(got["y"], y.detach().reshape(-1, *y.shape[2:]).view_as(got["y"])) <= 1e-5
     assert rel_err(got["x_grad"], x.grad.view_as(got["x_grad"])) <= 1e-5
     assert rel_err(got["gate_grad"], block.gate.weight.grad) <= 1e-5

@@ -4,7 +4,8 @@ global grad norm, parameters after 3 clipped AdamW steps (fp32, 1e-5 relative).
 Topologies: world 2 / EP 2 (experts split, no EDP sharding), world 4 / EP 2 (experts also sharded over EDP groups of 2),
 world 4 / EP 4; and world 2 / EP 2 / ZeRO-3 with tied word embeddings (one partitioned parameter used by the embedding
 and the LM head: its gradient is the sum of both uses); and every other family (Mixtral, Qwen2-MoE, OLMoE,
-DeepSeek-V3) at world 2 / EP 2 under ZeRO-3 and ZeRO-2.
+DeepSeek-V3) at world 2 / EP 2 under ZeRO-3 and ZeRO-2; and world 2 / EP 2 with the all-to-alls pipelined in 2 token
+chunks (parallel.ep_chunks) under both stages.
 """
 
 from __future__ import annotations
@@ -22,24 +23,27 @@ from tests.helpers import rel_err
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
 TOL = 1e-5
-# (world, ep, tied, family; None: Qwen3-MoE) -> ZeRO stages. Every other family at world 2 / EP 2 under both stages:
-# shared experts and dense layers partitioned over all ranks, routed experts over EDP, DeepSeek-V3's bias buffer.
-RUNS = {(2, 2, False, None): (3, 2), (4, 2, False, None): (3, 2), (4, 4, False, None): (3,),
-        (2, 2, True, None): (3,), **{(2, 2, False, f): (3, 2) for f in sorted(FAMILIES) if f != "qwen3_moe"}}
+# (world, ep, tied, family (None: Qwen3-MoE), token chunks) -> ZeRO stages. Every other family at world 2 / EP 2 under
+# both stages: shared experts and dense layers partitioned over all ranks, routed experts over EDP, DeepSeek-V3's bias
+# buffer.
+RUNS = {(2, 2, False, None, 1): (3, 2), (4, 2, False, None, 1): (3, 2), (4, 4, False, None, 1): (3,),
+        (2, 2, True, None, 1): (3,), (2, 2, False, None, 2): (3, 2),
+        **{(2, 2, False, f, 1): (3, 2) for f in sorted(FAMILIES) if f != "qwen3_moe"}}
 
 
 def _run_id(key) -> str:
-    world, ep, tied, family = key
-    return f"world{world}-ep{ep}{'-tied' * tied}{f'-{family}' if family else ''}"
+    world, ep, tied, family, chunks = key
+    return (f"world{world}-ep{ep}{'-tied' * tied}{f'-{family}' if family else ''}"
+            f"{f'-chunks{chunks}' if chunks > 1 else ''}")
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS, key=_run_id), ids=_run_id)
 def run(request, tmp_path_factory):
-    world, ep, tied, family = request.param
+    world, ep, tied, family, chunks = request.param
     out = tmp_path_factory.mktemp(_run_id(request.param))
     stages = RUNS[request.param]
     run_workers(WORKER, [str(out), str(ep), *map(str, stages), *(["tied"] if tied else []),
-                         *([f"family={family}"] if family else [])], world=world)
+                         *([f"family={family}"] if family else []), f"chunks={chunks}"], world=world)
     results = {stage: torch.load(out / f"stage{stage}.pt") for stage in stages}
     return world, results, single_process_run(world=world, tied=tied, family=family), tied
 

@@ -173,22 +173,23 @@ def test_chunked_loss_under_zero3_matches(tmp_path, corpus):
 def test_recompute_modes_under_zero3_ep2_match(tmp_path, corpus):
     """train.activation_checkpointing true / moe / attention on 2 processes, EP=2, ZeRO-3 (each decoder layer a ZeRO-3
     leaf; whole layers, or one half recomputed inside it, the MoE half with its all-to-alls): the losses and gradient
-    norms of no recomputation."""
+    norms of no recomputation. Also with the all-to-alls pipelined in 2 token chunks (parallel.ep_chunks), without
+    recomputation and recomputing the MoE half (its start / wait exchanges run again inside the backward)."""
     train, _ = corpus
     records = {}
-    for mode in ("false", "true", "moe", "attention"):
-        out = tmp_path / mode
+    for mode, chunks in (("false", 1), ("true", 1), ("moe", 1), ("attention", 1), ("false", 2), ("moe", 2)):
+        out = tmp_path / f"{mode}-{chunks}"
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                     str(free_port())]
         proc = run([f"data.paths=[{train}]", "train.max_steps=3", "train.save_at_end=false", "export.at_end=false",
                     "parallel.ep_size=2", "parallel.zero_stage=3", f"train.activation_checkpointing={mode}",
-                    f"train.output_dir={out}"], launcher=launcher)
+                    f"parallel.ep_chunks={chunks}", f"train.output_dir={out}"], launcher=launcher)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        records[mode] = [(r["lm_loss"], r["grad_norm"]) for _, r in sorted(train_records(str(out)).items())]
-    assert len(records["false"]) == 3
-    for mode in ("true", "moe", "attention"):
-        for (a, na), (b, nb) in zip(records[mode], records["false"]):
-            assert a == pytest.approx(b, rel=1e-6) and na == pytest.approx(nb, rel=1e-5), mode
+        records[mode, chunks] = [(r["lm_loss"], r["grad_norm"]) for _, r in sorted(train_records(str(out)).items())]
+    assert len(records["false", 1]) == 3
+    for key in records:
+        for (a, na), (b, nb) in zip(records[key], records["false", 1]):
+            assert a == pytest.approx(b, rel=1e-6) and na == pytest.approx(nb, rel=1e-5), key
 
 
 def test_nonfinite_loss_stops_before_saving_and_resume_skips_its_batches(tmp_path, corpus):
