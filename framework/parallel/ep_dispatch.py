@@ -82,8 +82,12 @@ class AllToAllDispatcher:
                                    for a, b in spans], dim=1)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        pairs_sent, pairs_recv = send_counts[:, :, e].t().tolist(), recv_counts[:, :, e].t().tolist()  # sync
-        rows_here = recv_counts[:, :, :e].sum((0, 2)).tolist()
+        chunks = len(spans)
+        host = torch.cat([send_counts[:, :, e].t().reshape(-1), recv_counts[:, :, e].t().reshape(-1),
+                          recv_counts[:, :, :e].sum((0, 2))]).tolist()  # the one sync
+        pairs_sent = [host[c * ep:(c + 1) * ep] for c in range(chunks)]
+        pairs_recv = [host[(chunks + c) * ep:(chunks + c + 1) * ep] for c in range(chunks)]
+        rows_here = host[2 * chunks * ep:]
         experts_counts = recv_counts[:, :, :e].sum(0)  # [C, e] rows per local expert, on the device
 
         sent = [self._send(x_TH[a:b], ids_TK[a:b], routing.weights[a:b], hit_TR[a:b], send, recv)

@@ -23,7 +23,8 @@ from framework.checkpoint.atomic_dir import write_text_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIELDS = ["trial", "status", "tokens_per_s_per_gpu", "tflops_per_gpu", "mem_gb", "estimate_gb", "seconds",
-          "micro_batch_size", "zero_stage", "ep_size", "bucket_scale", "activation_checkpointing", "offload", "note"]
+          "micro_batch_size", "zero_stage", "ep_size", "bucket_scale", "activation_checkpointing", "offload", "note",
+          "ep_chunks"]  # appended last: a results file from before it keeps its columns where they were
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,13 @@ class Trial:
     bucket_scale: float
     activation_checkpointing: bool | str  # True, "moe", "attention" or False
     offload: bool
+    ep_chunks: int = 1  # parallel.ep_chunks
 
     @property
     def name(self) -> str:
+        # no suffix for 1 chunk: the names (and so the resumable results) of searches from before ep_chunks hold
         return (f"mbs{self.micro_batch_size}-z{self.zero_stage}-ep{self.ep_size}-b{self.bucket_scale:g}"
-                f"-ac{self._ac}-off{int(self.offload)}")
+                f"-ac{self._ac}-off{int(self.offload)}" + (f"-c{self.ep_chunks}" if self.ep_chunks > 1 else ""))
 
     @property
     def _ac(self) -> str:
@@ -48,14 +51,16 @@ class Trial:
     def overrides(self) -> list[str]:
         return [f"train.micro_batch_size={self.micro_batch_size}", f"parallel.zero_stage={self.zero_stage}",
                 f"parallel.ep_size={self.ep_size}",
-                f"train.activation_checkpointing={str(self.activation_checkpointing).lower()}"]
+                f"train.activation_checkpointing={str(self.activation_checkpointing).lower()}",
+                f"parallel.ep_chunks={self.ep_chunks}"]
 
 
 def grid(micro_batch_sizes: list[int], zero_stages: list[int], ep_sizes: list[int], bucket_scales: list[float],
-         activation_checkpointing: list[bool | str], offload: list[bool]) -> list[Trial]:
+         activation_checkpointing: list[bool | str], offload: list[bool], ep_chunks: list[int] = (1,)) -> list[Trial]:
+    """Every combination, less those that change nothing: offload without ZeRO, token chunks without EP."""
     trials = [Trial(*combo) for combo in itertools.product(micro_batch_sizes, zero_stages, ep_sizes, bucket_scales,
-                                                           activation_checkpointing, offload)]
-    return [t for t in trials if not (t.offload and t.zero_stage == 0)]
+                                                           activation_checkpointing, offload, ep_chunks)]
+    return [t for t in trials if not (t.offload and t.zero_stage == 0) and not (t.ep_chunks > 1 and t.ep_size == 1)]
 
 
 def trial_ds_config(trial: Trial, bucket: int, persistence: int) -> dict:

@@ -2,7 +2,7 @@
 
     python tools/tune_zero.py search --config model_configs/X.yaml --num_gpus N [--hostfile H] [--out DIR]
         [--micro_batch_sizes 1,2,4] [--zero_stages 2,3] [--ep_sizes 1,4] [--bucket_scales 0.5,1,2]
-        [--activation_checkpointing on,moe,off] [--offload off,on] [--steps 8] [--warmup 3] [--gpu_memory_gb 80]
+        [--activation_checkpointing on,moe,off] [--ep_chunks 1,2] [--offload off,on] [--steps 8] [--warmup 3] [--gpu_memory_gb 80]
         [section.key=value ...]
 
 Every trial is a short real run of launch/pretrain.py (same launcher, same code as training) recorded in
@@ -59,6 +59,10 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation_checkpointing", type=_checkpointing_modes, default=[True, "moe"],
                    help="comma-separated: on (whole layers), moe, attention (that half of each layer), off "
                         "(default: on,moe)")
+    # default 1,2: whether pipelining the all-to-alls in 2 token chunks pays depends on the interconnect and on the
+    # rows per expert (PERF_NOTES change 16); trials with EP measure both (without EP it changes nothing: not run)
+    p.add_argument("--ep_chunks", type=_ints, default=[1, 2],
+                   help="comma-separated parallel.ep_chunks values for trials with ep_size > 1 (default: 1,2)")
     p.add_argument("--offload", type=_switches, default=[False])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the throughput median")
@@ -92,7 +96,7 @@ def run_search_command(args: argparse.Namespace) -> int:
             raise ConfigError(errors[0])
         world = sum(gpus.values())
     trials = grid(args.micro_batch_sizes, args.zero_stages, args.ep_sizes or [cfg.parallel.ep_size],
-                  args.bucket_scales, args.activation_checkpointing, args.offload)
+                  args.bucket_scales, args.activation_checkpointing, args.offload, args.ep_chunks)
 
     def fits(trial: Trial) -> tuple[bool, float | None, str]:
         # the run plan's own checks, so a trial is skipped exactly when its real run would stop on the config

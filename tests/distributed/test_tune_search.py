@@ -6,6 +6,8 @@ import csv
 import json
 import os
 
+import yaml
+
 from framework.config import load_run_config
 from framework.config.deepspeed import build_ds_config, read_ds_json
 from framework.tuning.search import Trial, grid, python_launcher, run_search
@@ -17,6 +19,9 @@ def test_two_trial_search_resumes_and_skips(tmp_path):
     corpus = write_corpus(str(tmp_path / "train.jsonl"), 200, 0)
     trials = grid([2], [2, 3], [2], [1.0], [False], [False])
     assert [t.name for t in trials] == ["mbs2-z2-ep2-b1-ac0-off0", "mbs2-z3-ep2-b1-ac0-off0"]
+    # token chunks only where there is an all-to-all to pipeline
+    assert [t.name for t in grid([2], [3], [1, 2], [1.0], [False], [False], [1, 2])] == [
+        "mbs2-z3-ep1-b1-ac0-off0", "mbs2-z3-ep2-b1-ac0-off0", "mbs2-z3-ep2-b1-ac0-off0-c2"]
     args = dict(config=TINY_YAML, out_dir=str(tmp_path / "search"), launcher=python_launcher(2, None, free_port()),
                 base_overrides=[f"data.paths=[{corpus}]"], steps=4, warmup=1, auto=lambda ep: (1000, 100))
     best = run_search(trials=trials, fits=lambda t: (True, 0.1, ""), **args)
@@ -33,9 +38,14 @@ def test_two_trial_search_resumes_and_skips(tmp_path):
     trial_json = json.load(open(tmp_path / "search" / "trials" / best["trial"] / "trial_ds_config.json"))
     assert ds["zero_optimization"]["stage"] == trial_json["zero_optimization"]["stage"]
 
-    # resumed: recorded trials are not run again; a trial the estimate rejects is recorded as skipped, not run
-    extra = Trial(4, 3, 2, 1.0, False, False)
-    run_search(trials=trials + [extra], fits=lambda t: (t != extra, 99.0, "needs 99 GiB"), **args)
+    # resumed: recorded trials are not run again; a trial the estimate rejects is recorded as skipped, not run; a
+    # trial with the all-to-alls in 2 token chunks runs with parallel.ep_chunks=2
+    chunked, extra = Trial(2, 3, 2, 1.0, False, False, 2), Trial(4, 3, 2, 1.0, False, False)
+    run_search(trials=trials + [chunked, extra], fits=lambda t: (t != extra, 99.0, "needs 99 GiB"), **args)
     rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
-    assert len(rows) == 3 and rows[-1]["status"] == "skipped" and rows[-1]["note"] == "needs 99 GiB"
+    assert [(r["trial"], r["status"], r["ep_chunks"]) for r in rows[2:]] == [
+        ("mbs2-z3-ep2-b1-ac0-off0-c2", "ok", "2"), (extra.name, "skipped", "1")]
+    assert rows[-1]["note"] == "needs 99 GiB"
+    resolved = yaml.safe_load(open(tmp_path / "search" / "trials" / chunked.name / "run" / "run_config.yaml"))
+    assert resolved["parallel"]["ep_chunks"] == 2
     assert not (tmp_path / "search" / "trials" / extra.name).exists()
