@@ -148,6 +148,11 @@ def build_ds_config(cfg: RunConfig, world_size: int, bf16: bool, user: dict[str,
     zero["stage"] = stage
     ds["zero_optimization"] = zero
     ds["bf16"] = {"enabled": bf16}
+    if world_size == 1 and stage in (1, 2):
+        # One process: the mean over data-parallel ranks is the sum. "sum" skips ZeRO-1/2's division of every
+        # gradient bucket by 1, a read and a write of all bf16 gradients per step (PERF_NOTES change 17). ZeRO-3
+        # divides unconditionally and refuses "sum".
+        ds.setdefault("gradient_allreduce_op", "sum")
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
     ds.setdefault("wall_clock_breakdown", False)
     # torch's fused AdamW on the GPU (one kernel over all of a partition's states; the default foreach one makes several

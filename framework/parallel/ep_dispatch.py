@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from framework.moe.dispatch import Experts
 from framework.moe.router import Routing
 from framework.ops.expert_sort import tokens_per_expert
 from framework.ops.permute import expand_rows, gather_sum, weighted_gather_sum
@@ -68,7 +69,7 @@ class AllToAllDispatcher:
         self.num_local = num_experts // ep_size
         self.chunks = chunks
 
-    def route(self, x_TH: torch.Tensor, routing: Routing, num_experts: int, experts) -> torch.Tensor:
+    def route(self, x_TH: torch.Tensor, routing: Routing, num_experts: int, experts: Experts) -> torch.Tensor:
         ep, e = self.ep_size, self.num_local
         ids_TK = routing.expert_ids
         spans = _spans(ids_TK.shape[0], self.chunks)
@@ -118,7 +119,8 @@ class AllToAllDispatcher:
                                  send_splits, self.group)
         return _Sent(pair_token_P, pair_index_TR, send_splits, recv_splits, rows, slots)
 
-    def _compute(self, chunk: _Sent, rows_here: int, counts_e: torch.Tensor, experts, top_k: int) -> torch.Tensor:
+    def _compute(self, chunk: _Sent, rows_here: int, counts_e: torch.Tensor, experts: Experts,
+                 top_k: int) -> torch.Tensor:
         """The received pairs of one chunk through the local experts: [Pr, H] routing-weighted sums per pair."""
         rows_recv = all_to_all_wait(*chunk.rows)
         slots_recv = all_to_all_wait(*chunk.slots)

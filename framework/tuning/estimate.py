@@ -198,7 +198,9 @@ def zero3_state(params: list[ParamSpec], num_gpus: int, ep_size: int, z: ZeroSet
     # Backward: a leaf layer's full local gradients wait for the layer's backward hook; reduce_scatter_coalesced
     # concatenates a bucket's gradients into one more buffer before the reduce-scatter.
     backward = gathered + BF16 * module + z.comm_bytes * z.reduce_bucket_size
-    flatten = z.grad_bytes + (FP32 if z.grad_bytes != FP32 else 0)  # flatten(bf16 grads) then .to(fp32)
+    # the sub-group's fp32 gradient: read straight from the (adjacent) bf16 partitions, or flattened when they are
+    # fp32 already (framework/zero/optimizer_step.py)
+    flatten = FP32
     adam = FP32 + (FP32 if z.torch_adam else 0)  # fp32 grad of the sub-group + foreach AdamW's sqrt(v)
     return ZeroState(
         parameters=BF16 * (part + whole), optimizer_states=0 if z.offload else 3 * FP32 * part,

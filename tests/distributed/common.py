@@ -31,7 +31,9 @@ def ds_config(stage: int, world: int) -> dict:
             "reduce_bucket_size": 500}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=500)
-    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+    # one process under ZeRO-1/2: "sum", as framework/config/deepspeed.py resolves it (no division by 1)
+    one = {"gradient_allreduce_op": "sum"} if world == 1 and stage in (1, 2) else {}
+    return {**one, "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
             "train_batch_size": MICRO * world, "gradient_clipping": CLIP, "steps_per_print": 10**9,
             # fused, as the framework runs on GPUs: the clipping factor goes to the optimizer's kernel as grad_scale
             # (framework/zero/optimizer_step.py); torch has fused AdamW on CPU too

@@ -5,7 +5,8 @@ Topologies: world 2 / EP 2 (experts split, no EDP sharding), world 4 / EP 2 (exp
 world 4 / EP 4; and world 2 / EP 2 / ZeRO-3 with tied word embeddings (one partitioned parameter used by the embedding
 and the LM head: its gradient is the sum of both uses); and every other family (Mixtral, Qwen2-MoE, OLMoE,
 DeepSeek-V3) at world 2 / EP 2 under ZeRO-3 and ZeRO-2; and world 2 / EP 2 with the all-to-alls pipelined in 2 token
-chunks (parallel.ep_chunks) under both stages.
+chunks (parallel.ep_chunks) under both stages; and one process under ZeRO-2, which reduces with "sum" (nothing to
+divide by).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ TOL = 1e-5
 # both stages: shared experts and dense layers partitioned over all ranks, routed experts over EDP, DeepSeek-V3's bias
 # buffer.
 RUNS = {(2, 2, False, None, 1): (3, 2), (4, 2, False, None, 1): (3, 2), (4, 4, False, None, 1): (3,),
-        (2, 2, True, None, 1): (3,), (2, 2, False, None, 2): (3, 2),
+        (2, 2, True, None, 1): (3,), (2, 2, False, None, 2): (3, 2), (1, 1, False, None, 1): (2,),
         **{(2, 2, False, f, 1): (3, 2) for f in sorted(FAMILIES) if f != "qwen3_moe"}}
 
 

@@ -44,12 +44,12 @@ def ds_config(stage: int, world: int, bf16: bool) -> dict:
             "zero_optimization": zero}
 
 
-def run(stage: int, ep: int, backend: str, dtype: torch.dtype, out_dir: str, name: str) -> None:
+def run(stage: int, ep: int, backend: str, dtype: torch.dtype, out_dir: str, name: str, chunks: int = 1) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = init_parallel_groups(ep, CONFIG["num_experts"])
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to try the script without a GPU
     model = framework.load_model(dict(CONFIG), backend=backend, dtype=dtype, device=device, seed=0,
-                                 placement=expert_placement(groups, stage))
+                                 placement=expert_placement(groups, stage, chunks))
     engine, *_ = initialize(model, ds_config(stage, world, dtype == torch.bfloat16), groups)
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, CONFIG["vocab_size"], (world * MICRO, SEQ), generator=g).to(device)
@@ -71,6 +71,8 @@ def main() -> None:
     for stage in (3, 2):
         for ep in (1, world):
             run(stage, ep, backend, torch.bfloat16, out_dir, f"stage{stage}_ep{ep}")
+        # the all-to-alls pipelined in 2 token chunks on NCCL (asynchronous exchanges, parallel.ep_chunks)
+        run(stage, world, backend, torch.bfloat16, out_dir, f"stage{stage}_ep{world}_c2", chunks=2)
     dist.barrier()
 
 

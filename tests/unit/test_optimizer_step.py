@@ -51,3 +51,54 @@ def test_fused_adamw_with_grad_scale_equals_a_scaled_gradient():
         opt_a.step()
         opt_b.step()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_adjacent_slices_is_the_cat_or_none():
+    from framework.zero.optimizer_step import adjacent_slices
+
+    buf = torch.arange(20.0)
+    parts = [buf.narrow(0, 2, 3), buf.narrow(0, 5, 4), buf.narrow(0, 9, 1)]
+    view = adjacent_slices(parts)
+    assert torch.equal(view, torch.cat(parts)) and view.data_ptr() == parts[0].data_ptr()
+    assert adjacent_slices([parts[0], parts[2]]) is None  # a gap
+    assert adjacent_slices([parts[1], parts[0]]) is None  # out of order
+    assert adjacent_slices([parts[0], torch.zeros(4)]) is None  # another tensor (a frozen parameter's zeros)
+    assert adjacent_slices([buf.view(4, 5)[:, 0]]) is None  # not contiguous
+    assert adjacent_slices([]) is None
+
+
+@pytest.mark.parametrize("grad_dtype,adjacent", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                                 (torch.float32, True)])
+def test_stage3_fp32_grad_equals_deepspeeds(grad_dtype, adjacent, monkeypatch):
+    """The replacement of ZeRO-3's _prepare_fp32_grad_for_sub_group gives the gradient DeepSpeed 0.19.8's own method
+    gives (run side by side on the same state), reading the partitions in place when they are adjacent slices of a
+    bf16 buffer and falling back to DeepSpeed otherwise."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero import stage3
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from framework.zero import optimizer_step
+
+    monkeypatch.setattr(stage3.dist, "get_rank", lambda group=None: 0)  # DeepSpeed's method asks; no group here
+
+    original = DeepSpeedZeroOptimizer_Stage3._prepare_fp32_grad_for_sub_group
+    original = getattr(original, "__wrapped__", original)  # DeepSpeed's, also after install() replaced it
+    torch.manual_seed(0)
+    buf = torch.randn(50).to(grad_dtype)
+    parts = [buf.narrow(0, 0, 20), buf.narrow(0, 20, 30)]
+    if not adjacent:
+        parts = [parts[0], torch.zeros(30, dtype=grad_dtype)]  # a parameter without gradient: zeros, not the buffer
+
+    def state():
+        return SimpleNamespace(fp32_partitioned_groups_flat=[torch.zeros(50)], averaged_gradients=[list(parts)],
+                               offload_optimizer=False, flatten=torch._utils._flatten_dense_tensors,
+                               _get_sub_group_process_group=lambda sub_group_id: None)
+
+    mine, theirs = state(), state()
+    optimizer_step._stage3_prepare_fp32_grad(original, mine, 0)
+    original(theirs, 0)
+    got, want = mine.fp32_partitioned_groups_flat[0].grad, theirs.fp32_partitioned_groups_flat[0].grad
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert mine.averaged_gradients[0] is None and theirs.averaged_gradients[0] is None
+    assert got.data_ptr() != buf.data_ptr()  # a new tensor: the fused optimizer may rewrite it

@@ -141,6 +141,7 @@ def test_search_measures_whole_layer_and_moe_half_recomputation_by_default():
     parser = argparse.ArgumentParser()
     search_cli.add_search_args(parser)
     assert parser.parse_args(["--config", TINY]).activation_checkpointing == [True, "moe"]
+    assert parser.parse_args(["--config", TINY]).ep_chunks == [1, 2]  # whole and pipelined all-to-alls
 
 
 def test_search_counts_the_processes_the_runner_starts(tmp_path, monkeypatch):
@@ -163,7 +164,7 @@ def test_search_counts_the_processes_the_runner_starts(tmp_path, monkeypatch):
     out.mkdir()
     args = parser.parse_args(["--config", TINY, "--hostfile", hostfile, "--num_gpus", "2", "--out", str(out),
                               "--micro_batch_sizes", "1", "--ep_sizes", "3", "--activation_checkpointing", "on",
-                              "data.synthetic=true"])
+                              "--ep_chunks", "1", "data.synthetic=true"])
     search_cli.run_search_command(args)
     assert worlds == ["parallel.ep_size (3) must divide the number of processes (4); choose one of [1, 2, 4]"]
     args.num_gpus = 8

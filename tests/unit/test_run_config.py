@@ -182,3 +182,15 @@ def test_ds_json_key_errors(user, message):
     with pytest.raises(ConfigError) as err:
         build_ds_config(cfg, 2, False, user, "y.json")
     assert str(err.value).startswith("y.json: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_one_process_zero12_sums_instead_of_dividing_by_one():
+    """At world size 1, ZeRO-1/2 reduce with "sum" (no division of every gradient bucket by 1); averaging stays on
+    for several processes and for ZeRO-3 (which refuses "sum"), and a user's own choice is kept."""
+    for stage, world, expected in [(2, 1, "sum"), (1, 1, "sum"), (2, 2, None), (3, 1, None)]:
+        cfg = load_run_config(os.path.join(CONFIGS, "tiny.yaml"), [f"parallel.zero_stage={stage}",
+                                                                    "train.global_batch_size=4"])
+        assert build_ds_config(cfg, world, True).get("gradient_allreduce_op") == expected, (stage, world)
+    cfg = load_run_config(os.path.join(CONFIGS, "tiny.yaml"), ["parallel.zero_stage=2"])
+    user = {"gradient_allreduce_op": "mean", "zero_optimization": {"stage": 2}}
+    assert build_ds_config(cfg, 1, True, user)["gradient_allreduce_op"] == "mean"
