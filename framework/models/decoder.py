@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 
 from framework.models.attention import SUPPORTED_ATTENTION, document_boundaries, register_varlen_attention
 from framework.models.options import ModelOptions
+from framework.models.recompute import checkpoint_contexts
 from framework.models.norm import RMSNorm
 from framework.moe.aux_loss import RouterStats, load_balancing_loss, router_z_loss
 from framework.moe.layer import MoEBlock
@@ -97,12 +98,13 @@ class DecoderLayer(nn.Module):
         """recompute "attention" / "moe": checkpoint that half of the layer (the caller checkpoints whole layers)."""
         if recompute == "attention":
             attn_out = checkpoint(self._attention, h_BSH, position_embeddings, attention_mask, cu_seqlens,
-                                  use_reentrant=False)
+                                  use_reentrant=False, context_fn=checkpoint_contexts)
         else:
             attn_out = self._attention(h_BSH, position_embeddings, attention_mask, cu_seqlens)
         h_BSH = h_BSH + attn_out
         if recompute == "moe":
-            mlp_out, stats = checkpoint(self._mlp, h_BSH, token_mask_T, use_reentrant=False)
+            mlp_out, stats = checkpoint(self._mlp, h_BSH, token_mask_T, use_reentrant=False,
+                                        context_fn=checkpoint_contexts)
         else:
             mlp_out, stats = self._mlp(h_BSH, token_mask_T)
         return h_BSH + mlp_out, stats
@@ -243,7 +245,7 @@ class MoECausalLM(nn.Module):
         for layer in self.model.layers:
             if recompute is True:
                 h, layer_stats = checkpoint(layer, h, position_embeddings, mask, token_mask_T, cu_seqlens,
-                                            use_reentrant=False)
+                                            use_reentrant=False, context_fn=checkpoint_contexts)
             else:
                 h, layer_stats = layer(h, position_embeddings, mask, token_mask_T, cu_seqlens, recompute or None)
             if layer_stats is not None:

@@ -16,7 +16,8 @@ because autograd runs, of the ready nodes, the one created last first, creating 
 c-1's expert work makes the backward issue chunk c's reverse exchange before chunk c-1's expert backward. The price:
 each chunk's grouped GEMMs get 1/C of the rows.
 Host syncs: one per layer, the `.tolist()` of the exchanged counts (all chunks in one exchange) that
-all_to_all_single needs as split sizes (the backward pass reuses them).
+all_to_all_single needs as split sizes. The backward pass reuses them, and so does a checkpoint's recomputation of
+the layer (framework/models/recompute.py): no second count exchange, no second sync.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from framework.models.recompute import replay
 from framework.moe.dispatch import Experts
 from framework.moe.router import Routing
 from framework.ops.expert_sort import tokens_per_expert
@@ -77,15 +79,26 @@ class AllToAllDispatcher:
         hit_TR.scatter_(1, torch.div(ids_TK, e, rounding_mode="floor"), True)
 
         # counts[r, c, :e]: chunk c's rows for rank r's experts; counts[r, c, e]: chunk c's pairs for rank r. All
-        # chunks in one exchange, one host sync.
+        # chunks in one exchange, one host sync; none when a checkpoint recomputes this layer (the first run's).
         send_counts = torch.stack([torch.cat([tokens_per_expert(ids_TK[a:b], num_experts).view(ep, e),
                                               hit_TR[a:b].sum(0, dtype=torch.int64).unsqueeze(1)], dim=1)
                                    for a, b in spans], dim=1)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        region = replay()
+        kept = region.take() if region is not None else None
+        if kept is not None:
+            sent_before, recv_counts, host = kept
+            # the recomputation routes as the first run did (checkpointing already relies on it); if it ever did
+            # not, the splits below would not fit the rows: stop on the device rather than exchange wrong rows
+            torch._assert_async((send_counts == sent_before).all(),
+                                "the recomputation of an MoE layer routed differently from its first run")
+        else:
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            host = torch.cat([send_counts[:, :, e].t().reshape(-1), recv_counts[:, :, e].t().reshape(-1),
+                              recv_counts[:, :, :e].sum((0, 2))]).tolist()  # the one sync
+            if region is not None:
+                region.record((send_counts, recv_counts, host))
         chunks = len(spans)
-        host = torch.cat([send_counts[:, :, e].t().reshape(-1), recv_counts[:, :, e].t().reshape(-1),
-                          recv_counts[:, :, :e].sum((0, 2))]).tolist()  # the one sync
         pairs_sent = [host[c * ep:(c + 1) * ep] for c in range(chunks)]
         pairs_recv = [host[(chunks + c) * ep:(chunks + c + 1) * ep] for c in range(chunks)]
         rows_here = host[2 * chunks * ep:]

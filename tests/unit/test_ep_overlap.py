@@ -84,3 +84,57 @@ def test_spans_cover_the_tokens_in_order():
     assert _spans(7, 2) == [(0, 3), (3, 7)]
     assert _spans(2, 4) == [(0, 1), (1, 2)]  # no empty chunk: fewer chunks than asked
     assert _spans(0, 3) == [(0, 0)]
+
+
+def test_recomputation_reuses_the_count_exchange(group, monkeypatch):
+    """Under the decoder's checkpoints (framework/models/recompute.py), recomputing an EP MoE layer in the backward
+    reuses the first run's exchanged counts: one count exchange and one host sync per layer and step instead of two,
+    with the gradients of no checkpoint. A recomputation that routed differently stops with a clear error."""
+    from torch.utils.checkpoint import checkpoint
+
+    from framework.models.recompute import checkpoint_contexts
+
+    exchanges = []
+    real = dist.all_to_all_single
+
+    def counted(out, inp, *args, **kwargs):
+        exchanges.append("counts" if inp.dtype == torch.int64 else "rows")
+        return real(out, inp, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_to_all_single", counted)
+    torch.manual_seed(0)
+    router = TopKRouter(H, E, K, True)
+    torch.nn.init.normal_(router.weight)
+    dispatcher = AllToAllDispatcher(group, 1, E, chunks=2)
+
+    def layer(x):
+        return dispatcher.route(x, router(x), E, lambda rows, counts: rows * 2.0)
+
+    grads = []
+    for recompute in (False, True):
+        exchanges.clear()
+        x = torch.randn(9, H, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = checkpoint(layer, x, use_reentrant=False, context_fn=checkpoint_contexts) if recompute else layer(x)
+        y.square().sum().backward()
+        grads.append((x.grad, router.weight.grad.clone()))
+        router.weight.grad = None
+        assert exchanges.count("counts") == 1, (recompute, exchanges)
+        # rows and slots out, returns back: 2 chunks x 3 exchanges forward, again in the recomputation, and reversed
+        assert exchanges.count("rows") == (18 if recompute else 12), (recompute, exchanges)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+    flip = {"calls": 0}
+
+    def routed_differently(x):
+        flip["calls"] += 1
+        routing = router(x)
+        if flip["calls"] == 2:  # the recomputation: another expert for token 0's first slot
+            ids = routing.expert_ids.clone()
+            ids[0, 0] = (ids[0, 0] + 1) % E if (ids[0, 1] != (ids[0, 0] + 1) % E) else (ids[0, 0] + 2) % E
+            routing = routing._replace(expert_ids=ids)
+        return dispatcher.route(x, routing, E, lambda rows, counts: rows * 2.0)
+
+    x = torch.randn(9, H, requires_grad=True)
+    y = checkpoint(routed_differently, x, use_reentrant=False, context_fn=checkpoint_contexts)
+    with pytest.raises(RuntimeError, match="routed differently from its first run"):
+        y.square().sum().backward()
