@@ -2,7 +2,8 @@
 
     python benchmarks/e2e.py --num_gpus 4 --ep 4 [--layers 8] [--seq 4096] [--cases 1:1,4:0] [--steps 12]
         [--backends grouped_mm,megablocks] [--zero_stages 3,2] [--anchors autoep,leaf] [--anchor_script PATH]
-        [--data random|demo] [--repeats N] [--override section.key=value ...] [--out DIR]
+        [--data random|demo] [--repeats N] [--override section.key=value ...]
+        [--variant LABEL:section.key=value[;...] ...] [--out DIR]
     python benchmarks/e2e.py --config model_configs/moonlight-16b-a3b.yaml --num_gpus 1 --ep 1 --layers 4 \
         --anchors family          # another family: the plain ZeRO-3 anchor on its stock model (anchor_family.py)
 
@@ -19,6 +20,10 @@ whose ranks are symmetric). The table also gives each row's first and last loss 
 --repeats N launches every row N times, interleaved (ours, anchors, ours, anchors, ...), and reports the median of the
 runs' medians with their range: the same code measured 256-288 TFLOP/s/GPU in three launches on one 2x H200 machine
 (benchmarks/PERF_NOTES.md, session 5), so a few-percent difference needs repeats to be told from noise.
+--variant LABEL:OVERRIDES adds, for every backend and ZeRO stage, a row of ours with those overrides (';'-separated
+section.key=value; `deepspeed=PATH` runs that row with another DeepSpeed JSON), launched interleaved with the rest and
+compared with the same row without them: an A/B of one setting on one machine in one call, e.g.
+`--variant chunks2:parallel.ep_chunks=2`.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ FORMULA = ("model FLOPs/token = 6 x the matmul parameters a token touches (atten
            "experts, router, shared experts, dense MLPs, LM head) + causal attention scores (framework/train/flops.py)")
 
 
-def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
-    backend, stage = what
+def run_ours(args, what: tuple[str, int, str, list[str]], out: str, port: int) -> dict:
+    backend, stage, variant, extra = what
+    deepspeed = next((o.split("=", 1)[1] for o in extra if o.startswith("deepspeed=")), args.deepspeed)
+    extra = [o for o in extra if not o.startswith("deepspeed=")]
     data = ["data.synthetic=true"] if args.data == "random" else [f"data.paths=[{demo_text_folder(args.out)}]"]
     overrides = [f"model.num_layers={args.layers}", f"data.seq_len={args.seq}", *data,
                  f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs * args.num_gpus}",
@@ -56,16 +63,16 @@ def run_ours(args, what: tuple[str, int], out: str, port: int) -> dict:
                  # the anchors' optimizer settings: constant lr 1e-4, no warmup (a higher lr collapses the random-token
                  # routing onto a few experts within ten steps, which measures imbalance rather than the code)
                  "train.lr=1e-4", "train.lr_schedule=constant", "train.warmup_steps=0", "train.weight_decay=0.01",
-                 f"train.output_dir={out}", *args.override]
+                 f"train.output_dir={out}", *args.override, *extra]
     if args.profile_steps:  # traced after the timed steps, so the profiler's overhead stays out of the medians
         overrides.append(f"train.profile_steps=[{args.steps + 1},{args.steps + args.profile_steps}]")
     cmd = runner(args.num_gpus, port) + [os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config]
-    cmd += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + overrides
+    cmd += (["--deepspeed", deepspeed] if deepspeed else []) + overrides
     log = run_logged(cmd, out + ".log")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
     timed = steps[args.warmup:args.steps]
-    return {"row": f"ours {backend} ep{args.ep} z{stage}",
+    return {"row": f"ours {backend} ep{args.ep} z{stage}" + (f" [{variant}]" if variant else ""),
             "tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
             "tflops_per_gpu": statistics.median(s["tflops_per_gpu"] for s in timed),
             "mem_gb": max(s["mem_gb"] for s in steps), "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
@@ -147,6 +154,8 @@ def main() -> None:
                    help="our input: random tokens like the anchors (default) or the demo corpus's real text")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON for our runs (default: the shipped one)")
     p.add_argument("--override", action="append", default=[], help="extra section.key=value for our runs")
+    p.add_argument("--variant", action="append", default=[],
+                   help="LABEL:section.key=value[;...] (or deepspeed=PATH): also run ours with these, as its own row")
     p.add_argument("--repeats", type=int, default=1, help="launch every row this many times, interleaved")
     p.add_argument("--out", default="e2e_results")
     args = p.parse_args()
@@ -156,18 +165,29 @@ def main() -> None:
     if shared_anchors and not os.path.isfile(args.anchor_script):
         p.error(f"--anchors {','.join(shared_anchors)} needs the shared anchor script, not found at "
                 f"{args.anchor_script}; pass --anchor_script PATH (a copy of deepspeed_e2e.py next to the repo)")
-    os.makedirs(args.out, exist_ok=True)
+    variants = [("", [])]
+    for spec in args.variant:
+        label, _, settings = spec.partition(":")
+        extra = [o for o in settings.split(";") if o]
+        if (not re.fullmatch(r"[\w.-]+", label) or not extra or any("=" not in o for o in extra)
+                or label in {v for v, _ in variants}):
+            p.error(f"--variant {spec!r}: expected LABEL:section.key=value[;section.key=value...] (or "
+                    "LABEL:deepspeed=PATH), LABEL new and of letters, digits, '.', '_', '-'")
+        variants.append((label, extra))
+    ours = [(b, int(z), v, extra) for b in args.backends.split(",") if b for z in args.zero_stages.split(",")
+            for v, extra in variants]
     cases = []
     for case in args.cases.split(","):
         mbs, _, gc = case.partition(":")
         if not mbs.isdigit() or gc not in CHECKPOINTING:
             p.error(f"--cases {case!r}: expected MBS:GC with GC one of {', '.join(CHECKPOINTING)}")
         cases.append((int(mbs), gc))
-    ours = [(b, int(z)) for b in args.backends.split(",") if b for z in args.zero_stages.split(",")]
+    os.makedirs(args.out, exist_ok=True)
     tables = []
     for mbs, gc in cases:
         args.mbs, args.gc = mbs, gc
-        jobs = [(f"ours {b} z{z}", run_ours, (b, z), f"ours-{b}-z{z}-mbs{mbs}-gc{gc}") for b, z in ours]
+        jobs = [(f"ours {b} z{z} {v}", run_ours, (b, z, v, extra),
+                 f"ours-{b}-z{z}{'-' + v if v else ''}-mbs{mbs}-gc{gc}") for b, z, v, extra in ours]
         jobs += [(f"anchor {m}", run_anchor, m, f"anchor-{m}-mbs{mbs}-gc{gc}") for m in args.anchors.split(",") if m]
         launches: dict[str, list[dict]] = {label: [] for label, *_ in jobs}
         for repeat in range(1, args.repeats + 1):
@@ -197,6 +217,10 @@ def main() -> None:
                 print(f"{r['row']:<34} FAILED: {r['error'][-300:]}")
                 continue
             ratio = f"  {r['tflops_per_gpu'] / base['tflops_per_gpu']:.2f}x {base['row']}" if base else ""
+            plain = next((o for o in rows if r["row"].endswith("]") and o["row"] == r["row"].rsplit(" [", 1)[0]
+                          and "error" not in o), None)
+            if plain:  # a --variant row: against the same row without it
+                ratio += f"  {r['tflops_per_gpu'] / plain['tflops_per_gpu']:.3f}x without [{r['row'].rsplit(' [', 1)[1]}"
             spread = " ({:.1f}-{:.1f})".format(*r["tflops_range"]) if r["launches"] > 1 else ""
             print(f"{r['row']:<34}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>13.1f}{r['mem_gb']:>8.1f}"
                   f"{r['first_loss']:>10.4f}{r['last_loss']:>10.4f}{ratio}{spread}")

@@ -1,5 +1,7 @@
-"""benchmarks/e2e.py on CPU: model_configs/tiny.yaml on 2 gloo processes, EP=2, ZeRO-3, launched twice (--repeats 2).
-The row combines both launches (median throughput, range, same losses), and e2e.json holds what the table printed."""
+"""benchmarks/e2e.py on CPU: model_configs/tiny.yaml on 2 gloo processes, EP=2, ZeRO-3, launched twice (--repeats 2),
+with a --variant row (the all-to-alls in 2 token chunks) interleaved. Each row combines its launches (median
+throughput, range, same losses), the variant row is compared with the plain one, and e2e.json holds what the table
+printed."""
 
 from __future__ import annotations
 
@@ -21,19 +23,26 @@ def test_e2e_repeats_two_launches_and_combines_them(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     proc = subprocess.run([sys.executable, SCRIPT, "--config", TINY_YAML, "--num_gpus", "2", "--ep", "2",
                            "--layers", "2", "--seq", "64", "--cases", "1:0", "--steps", "3", "--warmup", "1",
-                           "--anchors=", "--zero_stages", "3", "--repeats", "2", "--out", str(tmp_path)],
+                           "--anchors=", "--zero_stages", "3", "--repeats", "2", "--out", str(tmp_path),
+                           "--variant", "c2:parallel.ep_chunks=2"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     launches = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    assert [r["repeat"] for r in launches] == [1, 2] and all("error" not in r for r in launches), launches
-    assert launches[0]["last_loss"] == launches[1]["last_loss"]  # same seed, same steps: the same training
-    row = json.loads((tmp_path / "e2e.json").read_text())["cases"][0]["rows"][0]
-    assert row["launches"] == 2
-    assert row["tokens_per_s_per_gpu"] == statistics.median(r["tokens_per_s_per_gpu"] for r in launches)
-    assert "median of 2 launches" in proc.stdout
-    assert sorted(os.listdir(tmp_path)) == ["e2e.json", "ours-grouped_mm-z3-mbs1-gc0-r1",
-                                            "ours-grouped_mm-z3-mbs1-gc0-r1.log", "ours-grouped_mm-z3-mbs1-gc0-r2",
-                                            "ours-grouped_mm-z3-mbs1-gc0-r2.log"]
+    assert [(r["repeat"], r["row"]) for r in launches] == [
+        (1, "ours grouped_mm ep2 z3"), (1, "ours grouped_mm ep2 z3 [c2]"), (2, "ours grouped_mm ep2 z3"),
+        (2, "ours grouped_mm ep2 z3 [c2]")], launches
+    assert all("error" not in r for r in launches), launches
+    # same seed, same steps: the same training, and the chunked exchange trains the same model
+    assert launches[0]["last_loss"] == launches[2]["last_loss"]
+    assert abs(launches[1]["last_loss"] - launches[0]["last_loss"]) <= 1e-5 * abs(launches[0]["last_loss"])
+    rows = json.loads((tmp_path / "e2e.json").read_text())["cases"][0]["rows"]
+    assert [r["launches"] for r in rows] == [2, 2]
+    assert rows[0]["tokens_per_s_per_gpu"] == statistics.median(r["tokens_per_s_per_gpu"] for r in launches[::2])
+    assert "median of 2 launches" in proc.stdout and "x without [c2]" in proc.stdout
+    with open(tmp_path / "ours-grouped_mm-z3-c2-mbs1-gc0-r1" / "run_config.yaml") as f:
+        assert "ep_chunks: 2" in f.read()
+    assert sorted(os.listdir(tmp_path)) == ["e2e.json"] + sorted(
+        f"ours-grouped_mm-z3{v}-mbs1-gc0-r{r}{ext}" for v in ("", "-c2") for r in (1, 2) for ext in ("", ".log"))
 
 
 def test_combine_repeats_takes_medians_and_fails_on_any_failed_launch():
