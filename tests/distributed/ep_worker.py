@@ -28,6 +28,7 @@ from framework.parallel.expert_parallel import expert_placement, gather_full_exp
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
 from tests.distributed.common import MICRO, STEPS, ds_config, global_batch, model_config  # noqa: E402
+from tests.distributed.worker_exit import exit_without_teardown  # noqa: E402
 
 
 def full_tensors(engine, groups, read) -> dict[str, torch.Tensor]:
@@ -91,3 +92,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown()
