@@ -72,7 +72,8 @@ def run_ours(args, what: tuple[str, int, str, list[str]], out: str, port: int) -
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
     timed = steps[args.warmup:args.steps]
-    return {"row": f"ours {backend} ep{args.ep} z{stage}" + (f" [{variant}]" if variant else ""),
+    plain = f"ours {backend} ep{args.ep} z{stage}"
+    return {"row": plain + (f" [{variant}]" if variant else ""), "variant": variant, "plain_row": plain,
             "tokens_per_s_per_gpu": statistics.median(s["tokens_per_s_per_gpu"] for s in timed),
             "tflops_per_gpu": statistics.median(s["tflops_per_gpu"] for s in timed),
             "mem_gb": max(s["mem_gb"] for s in steps), "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
@@ -217,10 +218,10 @@ def main() -> None:
                 print(f"{r['row']:<34} FAILED: {r['error'][-300:]}")
                 continue
             ratio = f"  {r['tflops_per_gpu'] / base['tflops_per_gpu']:.2f}x {base['row']}" if base else ""
-            plain = next((o for o in rows if r["row"].endswith("]") and o["row"] == r["row"].rsplit(" [", 1)[0]
-                          and "error" not in o), None)
+            plain = next((o for o in rows if r.get("variant") and o["row"] == r["plain_row"] and "error" not in o),
+                         None)
             if plain:  # a --variant row: against the same row without it
-                ratio += f"  {r['tflops_per_gpu'] / plain['tflops_per_gpu']:.3f}x without [{r['row'].rsplit(' [', 1)[1]}"
+                ratio += f"  {r['tflops_per_gpu'] / plain['tflops_per_gpu']:.3f}x without [{r['variant']}]"
             spread = " ({:.1f}-{:.1f})".format(*r["tflops_range"]) if r["launches"] > 1 else ""
             print(f"{r['row']:<34}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>13.1f}{r['mem_gb']:>8.1f}"
                   f"{r['first_loss']:>10.4f}{r['last_loss']:>10.4f}{ratio}{spread}")

@@ -22,10 +22,20 @@ from framework.ops.permute import expand_rows, weighted_gather_sum
 Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class DispatchMeta(NamedTuple):
+class SortedMeta(NamedTuple):
+    """TorchDispatcher's metadata for combine."""
+
     inverse_R: torch.Tensor  # flat (token, k) slot s became dispatched row inverse_R[s]
     weights_TK: torch.Tensor  # combine weights
-    extra: tuple = ()  # backend-specific indices (megablocks: the sorted slots, bins)
+
+
+class MegablocksMeta(NamedTuple):
+    """MegablocksDispatcher's metadata for combine: MegaBlocks' sort indices and bins."""
+
+    indices_R: torch.Tensor  # flat (token, k) slot of each dispatched row
+    bin_ids_R: torch.Tensor
+    bins_E: torch.Tensor
+    weights_TK: torch.Tensor  # combine weights
 
 
 class Dispatcher(Protocol):
@@ -42,11 +52,12 @@ class LocalDispatcher:
         return self.combine(experts(rows_RH, tokens_per_expert_E), meta)
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing,
-                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
-        """Rows [R, H] grouped by expert, tokens per expert [E] (int, on device), metadata for combine."""
+                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, NamedTuple]:
+        """Rows [R, H] grouped by expert, tokens per expert [E] (int, on device), this dispatcher's metadata for
+        combine."""
         raise NotImplementedError
 
-    def combine(self, rows_RH: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    def combine(self, rows_RH: torch.Tensor, meta: NamedTuple) -> torch.Tensor:
         """[T, H]: for each token, the routing-weighted sum of its K expert outputs."""
         raise NotImplementedError
 
@@ -59,7 +70,7 @@ class TorchDispatcher(LocalDispatcher):
     def dispatch(self, x_TH, routing, num_experts):
         src, inverse, counts = sort_by_expert(routing.expert_ids, num_experts)
         rows = expand_rows(x_TH, src, inverse.view(routing.expert_ids.shape))
-        return rows, counts, DispatchMeta(inverse, routing.weights)
+        return rows, counts, SortedMeta(inverse, routing.weights)
 
     def combine(self, rows_RH, meta):
         num_tokens, top_k = meta.weights_TK.shape
@@ -85,10 +96,9 @@ class MegablocksDispatcher(LocalDispatcher):
             bins = ops.inclusive_cumsum(counts, 0)
             bins = bins.view(1) if bins.dim() == 0 else bins
         rows = ops.gather(x_TH.contiguous(), indices, bin_ids, bins, top_k)
-        return rows, counts, DispatchMeta(indices, routing.weights, (indices, bin_ids, bins))
+        return rows, counts, MegablocksMeta(indices, bin_ids, bins, routing.weights)
 
     def combine(self, rows_RH, meta):
-        indices, bin_ids, bins = meta.extra
         top_k = meta.weights_TK.shape[-1]
         weights = meta.weights_TK.reshape(-1).to(rows_RH.dtype)
-        return self._ops.scatter(rows_RH, indices, bin_ids, weights, bins, top_k)
+        return self._ops.scatter(rows_RH, meta.indices_R, meta.bin_ids_R, weights, meta.bins_E, top_k)

@@ -1,8 +1,7 @@
 """Variable-split all-to-all with autograd: the backward pass is the reverse exchange.
 
-Two forms. `all_to_all` exchanges and returns. `all_to_all_start` / `all_to_all_wait` split one exchange in two so
-that work issued between them runs while the rows travel (NCCL: on its own stream; the wait makes the current stream,
-not the host, wait). Their backward is split the same way, reversed: the wait's backward issues the reverse exchange
+`all_to_all_start` / `all_to_all_wait` split one exchange in two so that work issued between them runs while the
+rows travel (NCCL: on its own stream; the wait makes the current stream, not the host, wait). Their backward is split the same way, reversed: the wait's backward issues the reverse exchange
 and the start's backward waits for it, so the gradient work autograd runs between those two nodes overlaps it. Which
 work that is follows from autograd's order: of the nodes ready to run, the one created last in the forward runs
 first (framework/parallel/ep_dispatch.py orders its chunks by that rule).
@@ -12,27 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Send rows in_splits[r] of `x` to rank r of `group`; receive out_splits[r] rows from rank r."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
 class Exchange:
@@ -86,7 +64,8 @@ class _Wait(torch.autograd.Function):
 
 def all_to_all_start(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group
                      ) -> tuple[torch.Tensor, Exchange]:
-    """`all_to_all`'s exchange, issued: the rows (not to be read before `all_to_all_wait`) and the exchange."""
+    """Send rows in_splits[r] of `x` to rank r of `group`, receiving out_splits[r] rows from rank r: the receive
+    buffer (not to be read before `all_to_all_wait`) and the exchange in flight."""
     exchange = Exchange(out_splits, in_splits, group)
     return _Start.apply(x, exchange), exchange
 

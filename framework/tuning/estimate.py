@@ -198,15 +198,14 @@ def zero3_state(params: list[ParamSpec], num_gpus: int, ep_size: int, z: ZeroSet
     # Backward: a leaf layer's full local gradients wait for the layer's backward hook; reduce_scatter_coalesced
     # concatenates a bucket's gradients into one more buffer before the reduce-scatter.
     backward = gathered + BF16 * module + z.comm_bytes * z.reduce_bucket_size
-    # the sub-group's fp32 gradient: read straight from the (adjacent) bf16 partitions, or flattened when they are
-    # fp32 already (framework/zero/optimizer_step.py)
-    flatten = FP32
-    adam = FP32 + (FP32 if z.torch_adam else 0)  # fp32 grad of the sub-group + foreach AdamW's sqrt(v)
+    # the sub-group's fp32 gradient (converted straight from the adjacent bf16 partitions, no flattened copy:
+    # framework/zero/optimizer_step.py) + foreach AdamW's sqrt(v)
+    adam = FP32 + (FP32 if z.torch_adam else 0)
     return ZeroState(
         parameters=BF16 * (part + whole), optimizer_states=0 if z.offload else 3 * FP32 * part,
         gradients={"loss": grads, "layer_backward": grads, "optimizer_step": grads},
         buffers={"loss": bucket + gathered, "layer_backward": bucket + backward, "optimizer_step": bucket},
-        step_temporaries=0 if z.offload else max(flatten, adam) * largest,
+        step_temporaries=0 if z.offload else adam * largest,
         cpu=_cpu_bytes(z, part, largest, grad_buffer=z.grad_bytes * part), optimizer_elements=part,
         largest_step_group=largest)
 
