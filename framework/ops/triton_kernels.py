@@ -1,10 +1,11 @@
-"""Triton kernels for the memory-bound steps of the MoE layer and the loss (CUDA only; importing needs Triton).
+"""Triton kernels for the memory-bound steps of the MoE layer, the loss and the optimizer (CUDA only; importing needs
+Triton).
 
 Legend: T tokens, K top-k (or slots per token), R rows, H hidden, I expert FFN.
 Each kernel does in one pass what eager torch does in three or four (a gather, a temporary [R, H] or [R, I], a
 multiply, a reduction): these steps move bytes, not FLOPs, so one read and one write is the whole cost. All
-arithmetic is in fp32; loads and stores are in the tensors' dtype. Callers (swiglu.py, permute.py) own autograd and
-the torch fallbacks used on CPU.
+arithmetic is in fp32; loads and stores are in the tensors' dtype. Callers (swiglu.py, permute.py, adamw.py) own
+autograd and the torch fallbacks used on CPU.
 Loss legend: C tokens of a chunk, V vocabulary.
 """
 
@@ -228,3 +229,44 @@ def sort_by_expert(ids_R: torch.Tensor, num_experts: int, copies: int
     _expert_positions[(n_blocks,)](ids_R, ends, src, inverse, counts, n, n_blocks, copies, num_experts, e_pad,
                                    BLOCK=block)
     return src, inverse, counts
+
+
+@triton.jit
+def _adamw_step(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, scale_ptr, n_elements, lr_wd, beta1,
+                one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt,
+                HAS_SCALE: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    # torch's fused AdamW (ADAMW mode) element by element, in the same order. div_rn and sqrt_rn: Triton's fp32 `/`
+    # and tl.sqrt are approximate (a few ulp), torch's kernels round correctly.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+    p = tl.load(param_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+    p = p - lr_wd * p
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - tl.div_rn(step_size * m, denom)
+    tl.store(param_ptr + offs, p, mask=mask)
+    tl.store(exp_avg_ptr + offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    if HAS_OUT:
+        tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                out: torch.Tensor | None, grad_scale: torch.Tensor | None, *, lr_wd: float, beta1: float, beta2: float,
+                eps: float, step_size: float, bias_correction2_sqrt: float) -> None:
+    """One AdamW step in place on contiguous fp32 param/exp_avg/exp_avg_sq from grad (any float dtype), writing
+    param in out's dtype too when out is given; the scalars as framework/ops/adamw.py computes them."""
+    n = param.numel()
+    if n:
+        # 1 - beta in double here: the kernel's fp32 1 - beta would round beta first.
+        _adamw_step[(triton.cdiv(n, _BLOCK),)](
+            param, grad, exp_avg, exp_avg_sq, out if out is not None else param,
+            grad_scale if grad_scale is not None else param, n, lr_wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+            step_size, bias_correction2_sqrt, HAS_SCALE=grad_scale is not None, HAS_OUT=out is not None,
+            BLOCK=_BLOCK, num_warps=4)

@@ -13,7 +13,8 @@ stage3_param_persistence_threshold (routers, norms) are also kept whole. One red
 ZeRO-1/2: bf16 weights whole (experts: the rank's E/ep), fp32 master and Adam partitioned (dense over N, experts over
 EDP), gradients whole (1) or partitioned (2), reduce buckets only during backward.
 Optimizer step: per ZeRO-3 sub-group (sub_group_size elements, split per partition group) or per ZeRO-1/2 optimizer
-group, DeepSpeed makes an fp32 copy of the gradients, and torch's foreach AdamW allocates sqrt(v) for the whole group.
+group: under ZeRO-3 with bf16 gradients torch's AdamW steps in place from the gradient buffer (nothing allocated);
+otherwise DeepSpeed makes an fp32 copy of the group's gradients (ZeRO-1/2: after a flattened bf16 one).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ZeroSettings:
     contiguous_gradients: bool
     overlap_comm: bool
     offload: bool
-    torch_adam: bool  # torch's AdamW (foreach on GPU, allocates sqrt(v)); else DeepSpeed's fused / CPU Adam
+    torch_adam: bool  # torch's AdamW (stepped in place or fused: no temporaries); else DeepSpeed's CPU Adam
     grad_bytes: int  # ZeRO gradient storage: data_types.grad_accum_dtype, default the model's bf16
     comm_bytes: int  # communication_data_type, default bf16
     gradient_accumulation_steps: int = 1  # > 1: ZeRO-1/2 gradients outlive a micro batch's backward
@@ -112,7 +113,7 @@ class ZeroState:
     optimizer_states: int  # fp32 master + Adam m, v on the GPU (0 when offloaded)
     gradients: dict[str, int]  # by phase: loss, layer_backward, optimizer_step
     buffers: dict[str, int]  # reduce buckets, gathered / prefetched parameters, reduce-scatter staging
-    step_temporaries: int  # fp32 gradient copy + Adam's sqrt(v) of the largest group stepped at once
+    step_temporaries: int  # the fp32 (and flattened bf16) gradient copies of the largest group stepped at once
     cpu: int  # per rank, with the optimizer offloaded
     optimizer_elements: int  # elements this rank's optimizer updates
     largest_step_group: int  # elements of the largest sub-group / group stepped at once
@@ -198,14 +199,14 @@ def zero3_state(params: list[ParamSpec], num_gpus: int, ep_size: int, z: ZeroSet
     # Backward: a leaf layer's full local gradients wait for the layer's backward hook; reduce_scatter_coalesced
     # concatenates a bucket's gradients into one more buffer before the reduce-scatter.
     backward = gathered + BF16 * module + z.comm_bytes * z.reduce_bucket_size
-    # the sub-group's fp32 gradient (converted straight from the adjacent bf16 partitions, no flattened copy:
-    # framework/zero/optimizer_step.py) + foreach AdamW's sqrt(v)
-    adam = FP32 + (FP32 if z.torch_adam else 0)
+    # torch's AdamW steps a sub-group in place from its bf16 gradient slice (framework/zero/optimizer_step.py): no
+    # temporary. Otherwise (fp32 gradients, or DeepSpeed's own Adam) the sub-group's fp32 gradient is made first.
+    in_place = z.torch_adam and z.grad_bytes == BF16
     return ZeroState(
         parameters=BF16 * (part + whole), optimizer_states=0 if z.offload else 3 * FP32 * part,
         gradients={"loss": grads, "layer_backward": grads, "optimizer_step": grads},
         buffers={"loss": bucket + gathered, "layer_backward": bucket + backward, "optimizer_step": bucket},
-        step_temporaries=0 if z.offload else adam * largest,
+        step_temporaries=0 if z.offload or in_place else FP32 * largest,
         cpu=_cpu_bytes(z, part, largest, grad_buffer=z.grad_bytes * part), optimizer_elements=part,
         largest_step_group=largest)
 
@@ -227,8 +228,9 @@ def zero12_state(params: list[ParamSpec], num_gpus: int, ep_size: int, z: ZeroSe
     # setup_buckets: one reduce buffer (two with overlap_comm) from the first gradient to the end of backward
     buckets = (2 if z.overlap_comm else 1) * BF16 * z.reduce_bucket_size if z.contiguous_gradients else 0
     offload_buffer = BF16 * biggest if z.offload else 0  # temp_grad_buffer_for_gpu_offload, from init
+    # DeepSpeed flattens the group's bf16 gradient and converts it to fp32 before the step, which itself (torch's
+    # fused AdamW, or framework/zero/optimizer_step.py's in-place one) allocates nothing
     flatten = BF16 + FP32
-    adam = FP32 + (FP32 if z.torch_adam else 0)
     return ZeroState(
         parameters=BF16 * whole, optimizer_states=0 if z.offload else 3 * FP32 * part,
         # zero_grad frees them after the step; with accumulation they carry over into the next micro batch
@@ -236,7 +238,7 @@ def zero12_state(params: list[ParamSpec], num_gpus: int, ep_size: int, z: ZeroSe
                    "optimizer_step": grads},
         buffers={"loss": offload_buffer, "layer_backward": offload_buffer + buckets + in_flight,
                  "optimizer_step": offload_buffer},
-        step_temporaries=0 if z.offload else max(flatten, adam) * largest,
+        step_temporaries=0 if z.offload else flatten * largest,
         cpu=_cpu_bytes(z, part, largest, grad_buffer=0), optimizer_elements=part, largest_step_group=largest)
 
 

@@ -34,7 +34,7 @@ def format_report(est: MemoryEstimate, gpu_memory_gb: float = 80.0, gpus_per_nod
     dtype = "fp32" if z.grad_bytes == 4 and est.zero_stage == 3 else "bf16"
     grads = {3: f"gradients ({dtype} partitions)", 2: "gradients (bf16 partition)"}.get(est.zero_stage,
                                                                                       "gradients (bf16)")
-    optimizer = "torch AdamW (foreach)" if z.torch_adam else ("DeepSpeed CPU Adam" if z.offload else "DeepSpeed Adam")
+    optimizer = "torch AdamW" if z.torch_adam else ("DeepSpeed CPU Adam" if z.offload else "DeepSpeed Adam")
     lines = [
         f"model     {shape.num_layers} layers ({shape.num_moe_layers} MoE: {shape.num_experts} experts, top-"
         f"{shape.top_k}), {_human(est.num_params)} parameters, {_human(est.num_expert_params)} in experts",

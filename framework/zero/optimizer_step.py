@@ -2,7 +2,7 @@
 
 Measured (benchmarks/PERF_NOTES.md, changes 14 and 18): on one H100 at micro batch 1 with checkpointing (4 layers at
 Qwen3-30B-A3B widths, 3.1 B parameters and their fp32 states on the GPU) DeepSpeed 0.19.8's ZeRO-3 step took ~100 ms
-of a ~150 ms step's device time, and three of its passes are redundant:
+of a ~150 ms step's device time, and several of its passes are redundant:
 - The clipping norm: `get_grad_norm_direct` (stage3.py and stage_1_and_2.py) copies every fp32 gradient partition to
   fp64 (`.to(get_norm_dtype())`) before `.norm()`: 12 bytes moved per parameter (13.9 ms of copies, 8.3 ms of norms).
   On CUDA the norms here accumulate in fp32 and read the fp32 gradients in place (4 bytes per parameter), as
@@ -21,6 +21,14 @@ of a ~150 ms step's device time, and three of its passes are redundant:
   bf16 copy at the step's memory peak. When the slices are not adjacent (a frozen parameter's zeros), the buffer is
   already fp32 (a view would then be the gradient itself, which the fused optimizer rewrites) or the optimizer is
   offloaded, DeepSpeed's own method runs.
+
+- Under ZeRO-3 with torch's AdamW (the shipped optimizer) and bf16 gradients, the fp32 gradient is not made at all:
+  the conversion above (2 + 4 bytes per parameter), torch's fused AdamW (which writes the unscaled gradient back, 4
+  bytes) and the fp32 -> bf16 parameter copy `_reassign_or_swap_out_partitioned_parameters` makes after the step (4 +
+  2 bytes) become one pass (framework/ops/adamw.py) that reads the bf16 gradient slice and the fp32 parameter and
+  states and writes the states, the fp32 parameter and its bf16 copy: 28 bytes per parameter instead of 44, and no
+  fp32 gradient at the step's memory peak. The optimizer's state (step, exp_avg, exp_avg_sq) is torch AdamW's own, so
+  checkpoints and the fallbacks read and write the same thing.
 
 DeepSpeed builds its ZeRO optimizer inside deepspeed.initialize with no hook for any of these choices, so `install()`
 changes them on DeepSpeed's two ZeRO optimizer classes, once per process, before any engine exists
@@ -52,18 +60,33 @@ def combined_scale(total_norm, loss_scale: float, clip_grad: float, device: torc
 
 
 def _stage3_unscale_and_clip(original, self, sub_group_id, total_norm):
-    if self.offload_optimizer or not _fused_torch_adam(self.optimizer):
-        return original(self, sub_group_id, total_norm)
-    device = self.fp32_partitioned_groups_flat[sub_group_id].device
-    self.optimizer.grad_scale = combined_scale(total_norm, self.loss_scale, self.clip_grad, device)
-    return None
+    if sub_group_id in _pending(self) or (not self.offload_optimizer and _fused_torch_adam(self.optimizer)):
+        device = self.fp32_partitioned_groups_flat[sub_group_id].device
+        self.optimizer.grad_scale = combined_scale(total_norm, self.loss_scale, self.clip_grad, device)
+        return None
+    self.optimizer.grad_scale = None  # DeepSpeed's pass divides: no factor may reach torch's step twice
+    return original(self, sub_group_id, total_norm)
 
 
 def _stage12_unscale_and_clip(original, self, grad_groups_flat, total_norm):
-    if self.cpu_offload or not _fused_torch_adam(self.optimizer):
-        return original(self, grad_groups_flat, total_norm)
-    device = grad_groups_flat[0].device if grad_groups_flat else self.device
-    self.optimizer.grad_scale = combined_scale(total_norm, self.loss_scale, self.clip_grad, device)
+    if not self.cpu_offload and (_in_place_step_applies(self) or _fused_torch_adam(self.optimizer)):
+        device = grad_groups_flat[0].device if grad_groups_flat else self.device
+        self.optimizer.grad_scale = combined_scale(total_norm, self.loss_scale, self.clip_grad, device)
+        return None
+    self.optimizer.grad_scale = None
+    return original(self, grad_groups_flat, total_norm)
+
+
+def _stage12_optimizer_step(original, self, group_no):
+    fp32 = self.single_partition_of_fp32_groups[group_no]
+    if self.cpu_offload or not _in_place_step_applies(self) or fp32.grad is None:
+        result = original(self, group_no)
+        _forget_host_step(self.optimizer.state.get(fp32, {}).get("step"))  # torch's step moved it
+        return result
+    # DeepSpeed made the fp32 gradient already (inline in its step); done here, the step neither writes the
+    # unscaled gradient back, as torch's fused AdamW does with grad_scale, nor needs a pass of its own to unscale
+    step_adamw(self.optimizer, fp32, fp32.grad, self.optimizer.param_groups[group_no], None)
+    self._lazy_init_hp_params_optimizer_state()  # as DeepSpeed's _optimizer_step does after a step
     return None
 
 
@@ -84,6 +107,20 @@ def adjacent_slices(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base.view(-1).narrow(0, start - base.storage_offset(), end - start)
 
 
+def in_place_adamw(optimizer) -> bool:
+    """torch's AdamW with the settings framework/ops/adamw.py implements (no amsgrad, maximize or tensor lr): its
+    step can run here from a low-precision gradient."""
+    return type(optimizer) is torch.optim.AdamW and all(
+        not group.get("amsgrad") and not group.get("maximize") and not group.get("differentiable")
+        and not isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups)
+
+
+def _pending(zero_optimizer) -> dict[int, torch.Tensor]:
+    """ZeRO-3 sub-groups whose bf16 gradient (a view of DeepSpeed's gradient buffer) waits for the in-place step."""
+    # lives on DeepSpeed's optimizer, which is built inside deepspeed.initialize: no constructor of ours to put it in
+    return zero_optimizer.__dict__.setdefault("_framework_low_precision_grads", {})
+
+
 def _stage3_prepare_fp32_grad(original, self, sub_group_id):
     fp32 = self.fp32_partitioned_groups_flat[sub_group_id]
     grads = self.averaged_gradients[sub_group_id]
@@ -92,12 +129,90 @@ def _stage3_prepare_fp32_grad(original, self, sub_group_id):
         return original(self, sub_group_id)
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 - DeepSpeed is imported by install() anyway
 
-    fp32.grad = flat.to(fp32.dtype)  # a new fp32 tensor, as DeepSpeed's flatten(...).to(...) makes
+    if _in_place_step_applies(self):
+        _pending(self)[sub_group_id] = flat  # read by _stage3_optimizer_step: no fp32 copy
+    else:
+        fp32.grad = flat.to(fp32.dtype)  # a new fp32 tensor, as DeepSpeed's flatten(...).to(...) makes
     if not get_accelerator().is_synchronized_device():
         for grad in grads:  # as DeepSpeed does for the partitions its copy read
             grad.record_stream(get_accelerator().current_stream())
     self.averaged_gradients[sub_group_id] = None
     return None
+
+
+def _in_place_step_applies(self) -> bool:
+    return (in_place_adamw(self.optimizer) and getattr(self, "torch_autocast_gradscaler", None) is None
+            and not getattr(self, "zenflow", False) and not getattr(self, "use_muon", False))
+
+
+def _stage3_optimizer_step(original, self, sub_group_id):
+    grad = _pending(self).pop(sub_group_id, None)
+    fp32 = self.fp32_partitioned_groups_flat[sub_group_id]
+    if grad is None:
+        result = original(self, sub_group_id)
+        _forget_host_step(self.optimizer.state.get(fp32, {}).get("step"))  # torch's step moved it
+        return result
+    group = self.optimizer.param_groups[self.sub_group_to_group_id[sub_group_id]]
+    low = self.fp16_partitioned_groups_flat[sub_group_id]
+    out = low if (low is not None and low.dtype != fp32.dtype and low.is_contiguous()
+                  and low.numel() == fp32.numel()) else None
+    step_adamw(self.optimizer, fp32, grad, group, out)
+    if out is not None:
+        _written(self).add(sub_group_id)
+    return False  # DeepSpeed's "swappable" answer: nothing is swapped without an offloaded optimizer
+
+
+def _written(zero_optimizer) -> set[int]:
+    return zero_optimizer.__dict__.setdefault("_framework_bf16_written", set())
+
+
+def _stage3_reassign_partitioned_parameters(original, self, sub_group_id):
+    if sub_group_id in _written(self):
+        _written(self).discard(sub_group_id)
+        self._unflatten_partitioned_parameters(sub_group_id)  # the bf16 partition already holds the new values
+        return None
+    return original(self, sub_group_id)
+
+
+def step_adamw(optimizer: torch.optim.AdamW, param: torch.Tensor, grad: torch.Tensor, group: dict,
+               out: torch.Tensor | None) -> None:
+    """One AdamW step of `param` (an fp32 flat partition) from `grad` (any float dtype, same numel) divided by
+    `optimizer.grad_scale` (when set: the unscale-and-clip factor), with `group`'s hyperparameters, on `optimizer`'s
+    own state for `param` (made as torch's AdamW makes it on its first step); `out`, if given, receives the updated
+    parameter in its dtype."""
+    from framework.ops.adamw import adamw_step_  # noqa: PLC0415
+
+    state = optimizer.state[param]
+    if not state:
+        # torch's layout: the step count is a device tensor for a fused or capturable AdamW, a CPU one otherwise
+        on_device = group.get("fused") or group.get("capturable")
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    beta1, beta2 = group["betas"]
+    adamw_step_(param, grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"], step=_advance_host_step(state["step"]),
+                grad_scale=getattr(optimizer, "grad_scale", None), out=out)
+
+
+_HOST_STEP = "_framework_host_step"
+
+
+def _advance_host_step(step: torch.Tensor) -> int:
+    """Add 1 to `state["step"]` and return the new count as a number, which the bias corrections need. Reading a
+    device-resident count would sync the device every step, so the count is mirrored in an attribute of the tensor
+    itself: a state loaded from a checkpoint (new tensors) is read once, and a step torch's optimizer made instead
+    drops the mirror (_forget_host_step)."""
+    known = getattr(step, _HOST_STEP, None)
+    count = (int(step.item()) if known is None else known) + 1
+    step.add_(1)
+    setattr(step, _HOST_STEP, count)
+    return count
+
+
+def _forget_host_step(step: torch.Tensor | None) -> None:
+    if step is not None and hasattr(step, _HOST_STEP):
+        delattr(step, _HOST_STEP)
 
 
 def _norm_dtype() -> torch.dtype:
@@ -115,7 +230,7 @@ _INSTALLED = False
 
 
 def install() -> None:
-    """Make the three changes on DeepSpeed's ZeRO optimizers for this process (idempotent)."""
+    """Make these changes on DeepSpeed's ZeRO optimizers for this process (idempotent)."""
     global _INSTALLED
     if _INSTALLED:
         return
@@ -123,8 +238,13 @@ def install() -> None:
 
     for module in (stage3, stage_1_and_2):
         module.get_norm_dtype = _norm_dtype
-    stage3.DeepSpeedZeroOptimizer_Stage3._prepare_fp32_grad_for_sub_group = _replaced(
-        stage3.DeepSpeedZeroOptimizer_Stage3._prepare_fp32_grad_for_sub_group, _stage3_prepare_fp32_grad)
+    zero3 = stage3.DeepSpeedZeroOptimizer_Stage3
+    for name, replacement in (("_prepare_fp32_grad_for_sub_group", _stage3_prepare_fp32_grad),
+                              ("_optimizer_step", _stage3_optimizer_step),
+                              ("_reassign_or_swap_out_partitioned_parameters", _stage3_reassign_partitioned_parameters)):
+        setattr(zero3, name, _replaced(getattr(zero3, name), replacement))
+    zero12 = stage_1_and_2.DeepSpeedZeroOptimizer
+    zero12._optimizer_step = _replaced(zero12._optimizer_step, _stage12_optimizer_step)
     for cls, wrapper in ((stage3.DeepSpeedZeroOptimizer_Stage3, _stage3_unscale_and_clip),
                          (stage_1_and_2.DeepSpeedZeroOptimizer, _stage12_unscale_and_clip)):
         cls.unscale_and_clip_grads = _replaced(cls.unscale_and_clip_grads, wrapper)

@@ -1,12 +1,13 @@
 """The Triton kernels of framework/ops against the same ops' torch paths (FRAMEWORK_DISABLE_TRITON's code) on CUDA,
-at Qwen3-30B-A3B widths, bf16 and fp32, including an odd row count and an intermediate size that is not a power of 2."""
+at Qwen3-30B-A3B widths, bf16 and fp32, including an odd row count and an intermediate size that is not a power of 2;
+the AdamW step kernel against torch's fused CUDA AdamW."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from framework.ops import expert_sort, linear_cross_entropy, permute, swiglu
+from framework.ops import adamw, expert_sort, linear_cross_entropy, permute, swiglu
 from framework.ops.triton_available import triton_importable
 
 pytestmark = pytest.mark.gpu
@@ -172,3 +173,41 @@ def test_sort_by_expert_kernel_equals_stable_argsort(tokens, k, experts, skew):
     ref = expert_sort.sort_by_expert_reference(ids, experts)
     for name, a, b in zip(("src", "inverse", "counts"), got, ref):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("scale", [None, 3.7])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_adamw_step_kernel_matches_fused_adamw(grad_dtype, scale):
+    """The Triton AdamW step against torch.optim.AdamW(fused=True), the ZeRO step's optimizer, over 3 steps: the
+    gradient read in its own dtype and unscaled in-kernel (torch's side gets it in fp32, its grad_scale attribute
+    unscaling it in its kernel), the bf16 params written as it goes, the gradient left as it was."""
+    assert triton_importable(), "Triton is missing on this GPU machine"
+    torch.manual_seed(0)
+    n = 3 * 2**20 + 17
+    init = torch.randn(n, device="cuda")
+    ref = torch.nn.Parameter(init.clone())
+    opt = torch.optim.AdamW([ref], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    grad_scale = torch.tensor(scale, device="cuda") if scale is not None else None
+    if grad_scale is not None:
+        opt.grad_scale = grad_scale
+    param, exp_avg, exp_avg_sq = init.clone(), torch.zeros_like(init), torch.zeros_like(init)
+    out = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    spread = torch.logspace(-6, 1, n, device="cuda")  # some elements small enough for eps to matter
+    for step in range(1, 4):
+        grad = torch.randn(n, device="cuda") * spread[torch.randperm(n, device="cuda")] * (scale or 1.0)
+        grad = grad.to(grad_dtype)
+        grad_before = grad.clone()
+        ref.grad = grad.to(torch.float32, copy=True)  # fused AdamW writes the unscaled gradient back into it
+        opt.step()
+        adamw.adamw_step_(param, grad, exp_avg, exp_avg_sq, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+                          weight_decay=0.1, step=step, grad_scale=grad_scale, out=out)
+        assert torch.equal(grad, grad_before)
+        state = opt.state[ref]
+        # torch's kernel mixes its double scalars into the fp32 values (double products and sums, rounded once);
+        # this one is fp32 throughout: ulps apart. exp_avg's terms cancel where the gradient opposes it, so its
+        # absolute tolerance is ulps of its largest element.
+        torch.testing.assert_close(param, ref.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(exp_avg_sq, state["exp_avg_sq"], rtol=1e-6, atol=1e-7)
+        m_atol = 2e-7 * state["exp_avg"].abs().max().item()
+        torch.testing.assert_close(exp_avg, state["exp_avg"], rtol=1e-6, atol=m_atol)
+        assert torch.equal(out, param.to(torch.bfloat16))

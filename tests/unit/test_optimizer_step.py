@@ -93,7 +93,8 @@ def test_stage3_fp32_grad_equals_deepspeeds(grad_dtype, adjacent, monkeypatch):
     def state():
         return SimpleNamespace(fp32_partitioned_groups_flat=[torch.zeros(50)], averaged_gradients=[list(parts)],
                                offload_optimizer=False, flatten=torch._utils._flatten_dense_tensors,
-                               _get_sub_group_process_group=lambda sub_group_id: None)
+                               _get_sub_group_process_group=lambda sub_group_id: None,
+                               optimizer=None)  # not torch's AdamW: the fp32 gradient is made
 
     mine, theirs = state(), state()
     optimizer_step._stage3_prepare_fp32_grad(original, mine, 0)
@@ -102,3 +103,80 @@ def test_stage3_fp32_grad_equals_deepspeeds(grad_dtype, adjacent, monkeypatch):
     assert got.dtype == torch.float32 and torch.equal(got, want)
     assert mine.averaged_gradients[0] is None and theirs.averaged_gradients[0] is None
     assert got.data_ptr() != buf.data_ptr()  # a new tensor: the fused optimizer may rewrite it
+
+
+def _zero3_state(parts, fp32, bf16, optimizer, unflattened):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(fp32_partitioned_groups_flat=[fp32], averaged_gradients=[list(parts)],
+                           fp16_partitioned_groups_flat=[bf16], offload_optimizer=False, swap_optimizer=False,
+                           flatten=torch._utils._flatten_dense_tensors,
+                           _get_sub_group_process_group=lambda sub_group_id: None, optimizer=optimizer,
+                           sub_group_to_group_id={0: 0}, torch_autocast_gradscaler=None, zenflow=False,
+                           use_muon=False, loss_scale=1.0, clip_grad=1.0,
+                           _unflatten_partitioned_parameters=unflattened.append)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_stage3_in_place_adamw_equals_deepspeeds_step(clip, monkeypatch):
+    """ZeRO-3's sub-group step through the replacements (the bf16 gradient slice read in place, one AdamW pass that
+    also writes the bf16 partition) against DeepSpeed 0.19.8's own methods with torch's AdamW on the same state:
+    prepare (fp32 gradient), unscale and clip, optimizer.step(), fp32 -> bf16 copy; three steps, clipping engaged."""
+    from deepspeed.runtime.zero import stage3
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Zero3
+
+    from framework.zero import optimizer_step
+
+    monkeypatch.setattr(stage3.dist, "get_rank", lambda group=None: 0)
+    deepspeeds = {name: getattr(getattr(Zero3, name), "__wrapped__", getattr(Zero3, name)) for name in
+                  ("_prepare_fp32_grad_for_sub_group", "unscale_and_clip_grads", "_optimizer_step",
+                   "_reassign_or_swap_out_partitioned_parameters")}
+    torch.manual_seed(0)
+    n = 1000
+    start = torch.randn(n)
+    states = []
+    for _ in range(2):
+        fp32 = start.clone()
+        opt = torch.optim.AdamW([fp32], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        unflattened: list[int] = []
+        states.append((_zero3_state([], fp32, fp32.to(torch.bfloat16), opt, unflattened), unflattened))
+    (mine, mine_unflat), (theirs, theirs_unflat) = states
+    mine.clip_grad = theirs.clip_grad = clip
+    for step in range(3):
+        buf = (torch.randn(n) * (step + 1)).to(torch.bfloat16)  # norms above the clip: the factor matters
+        parts = [buf.narrow(0, 0, 300), buf.narrow(0, 300, n - 300)]
+        norm = buf.float().norm()
+        mine.averaged_gradients = [list(parts)]
+        theirs.averaged_gradients = [list(parts)]
+        optimizer_step._stage3_prepare_fp32_grad(deepspeeds["_prepare_fp32_grad_for_sub_group"], mine, 0)
+        assert mine.fp32_partitioned_groups_flat[0].grad is None  # no fp32 gradient is made
+        optimizer_step._stage3_unscale_and_clip(deepspeeds["unscale_and_clip_grads"], mine, 0, norm)
+        optimizer_step._stage3_optimizer_step(deepspeeds["_optimizer_step"], mine, 0)
+        optimizer_step._stage3_reassign_partitioned_parameters(
+            deepspeeds["_reassign_or_swap_out_partitioned_parameters"], mine, 0)
+        for name, args in (("_prepare_fp32_grad_for_sub_group", ()), ("unscale_and_clip_grads", (norm,)),
+                           ("_optimizer_step", ()), ("_reassign_or_swap_out_partitioned_parameters", ())):
+            deepspeeds[name](theirs, 0, *args)
+        theirs.fp32_partitioned_groups_flat[0].grad = None
+        fp32_mine, fp32_theirs = mine.fp32_partitioned_groups_flat[0], theirs.fp32_partitioned_groups_flat[0]
+        torch.testing.assert_close(fp32_mine, fp32_theirs, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            want = theirs.optimizer.state[fp32_theirs][key]
+            # exp_avg's beta1 * m + (1 - beta1) * g cancels where g opposes m: ulps of the terms, not of the result
+            torch.testing.assert_close(mine.optimizer.state[fp32_mine][key], want, rtol=1e-6,
+                                       atol=2e-7 * want.abs().max().item())
+        assert mine.optimizer.state[fp32_mine]["step"].item() == step + 1
+        assert torch.equal(mine.fp16_partitioned_groups_flat[0], fp32_mine.to(torch.bfloat16))
+    assert mine_unflat == theirs_unflat == [0, 0, 0]
+    assert not optimizer_step._pending(mine) and not optimizer_step._written(mine)
+
+
+def test_host_step_mirror_follows_the_tensor():
+    from framework.zero.optimizer_step import _advance_host_step, _forget_host_step
+
+    step = torch.tensor(5.0)
+    assert _advance_host_step(step) == 6 and step.item() == 6.0
+    step.add_(1)  # a step torch's optimizer made
+    _forget_host_step(step)
+    assert _advance_host_step(step) == 8 and step.item() == 8.0
+    assert _advance_host_step(torch.tensor(0.0)) == 1  # a state loaded from a checkpoint: new tensor, read once
