@@ -6,7 +6,8 @@ parameters gathered and reduced as a unit: ranks that route to different experts
 and one fetch and one reduction per layer replace DeepSpeed's hooks on each of its ~10 submodules), and, for
 ZeRO-1/2, checking that the MoE blocks were built as DeepSpeed MoE layers (framework/zero/deepspeed_moe.py: the only
 way the stage-1/2 optimizer shards expert states over the EDP group and reduces expert gradients there). The
-optimizer step's clipping norm and unscaling are framework/zero/optimizer_step.py's.
+optimizer step's passes are framework/zero/optimizer_step.py's; gradients of one-rank partitions skip ZeRO-3's reduce
+bucket (framework/zero/local_grads.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from framework.models.decoder import DecoderLayer  # every family's layer class 
 from framework.moe.layer import MoEBlock
 from framework.parallel.ep_dispatch import AllToAllDispatcher
 from framework.parallel.groups import ParallelGroups
-from framework.zero import optimizer_step
+from framework.zero import local_grads, optimizer_step
 
 # DeepSpeed's AutoEP family tag: stage3.py averages these gradients over the whole DP world (each EP rank's expert
 # gradient already holds every EP peer's tokens) and adds an all-reduce over the EP group to the gradient norm.
@@ -110,6 +111,7 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], groups: ParallelGrou
 
     check_ds_config(ds_config, groups.ep_size)
     optimizer_step.install()
+    local_grads.install()
     tag_expert_params(model, groups)
     check_expert_tags(model, groups)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)

@@ -1,10 +1,14 @@
 """One rank of the expert-parallel parity runs (started by test_ep_zero.py with RANK/WORLD_SIZE/MASTER_* set).
 
-    python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...] [tied] [family=F] [chunks=C]
+    python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...] [tied] [family=F] [chunks=C] [gas=G]
+        [bucket_only]
 
-For each ZeRO stage: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size (its all-to-alls pipelined in C token chunks, parallel.ep_chunks), 3 AdamW steps with
-clipping on a fixed global batch; rank 0 writes losses, the step-0 full gradients, the global grad norms and the final
-full parameters to OUT_DIR/stage{S}.pt.
+For each ZeRO stage: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size (its all-to-alls
+pipelined in C token chunks, parallel.ep_chunks), 3 AdamW steps with clipping on a fixed global batch, each rank's
+share of it in G accumulated micro batches; rank 0 writes losses, the step-0 full gradients, the global grad norms,
+the final full parameters and how many ZeRO-3 gradients went straight to their partitions
+(framework/zero/local_grads.py; none with `bucket_only`, which keeps DeepSpeed's reduce bucket for all) to
+OUT_DIR/stage{S}.pt.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from framework.cluster.process_group import init_deepspeed_distributed  # noqa: 
 from framework.models.registry import family_for, moe_shape  # noqa: E402
 from framework.parallel.expert_parallel import expert_placement, gather_full_experts  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
+from framework.zero import local_grads  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
 from tests.distributed.common import MICRO, STEPS, ds_config, global_batch, model_config  # noqa: E402
 from tests.distributed.worker_exit import exit_without_teardown  # noqa: E402
@@ -41,18 +46,34 @@ def full_tensors(engine, groups, read) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_and_record(engine, groups, forward: Callable[[], Any], steps: int) -> dict:
-    """`steps` optimizer steps on `forward()`'s loss; records the loss averaged over ranks, the global grad norm, the
-    full gradients after the first backward and the full fp32 parameters at the end."""
+def count_straight_grads(bucket_only: bool) -> list[bool]:
+    """Record local_grads' decision for every ZeRO-3 gradient (forced to DeepSpeed's bucket with bucket_only)."""
+    decisions: list[bool] = []
+    decide = local_grads._goes_straight
+
+    def recorded(optimizer, param) -> bool:
+        decisions.append(False if bucket_only else decide(optimizer, param))
+        return decisions[-1]
+
+    local_grads._goes_straight = recorded
+    return decisions
+
+
+def train_and_record(engine, groups, micro_forwards: list[Callable[[], Any]], steps: int) -> dict:
+    """`steps` optimizer steps, each accumulating the losses of `micro_forwards()`; records the loss averaged over
+    micro batches and ranks, the global grad norm, the full gradients of the first step and the full fp32 parameters
+    at the end."""
     world = dist.get_world_size()
     result = {"losses": [], "norms": []}
     for step in range(steps):
-        out = forward()
-        engine.backward(out.loss)
-        if step == 0:
-            result["grads"] = full_tensors(engine, groups, safe_get_full_grad)
-        engine.step()
-        loss = out.loss.detach().float().clone()
+        loss = torch.zeros(())
+        for i, forward in enumerate(micro_forwards):
+            out = forward()
+            engine.backward(out.loss)
+            if step == 0 and i == len(micro_forwards) - 1:
+                result["grads"] = full_tensors(engine, groups, safe_get_full_grad)
+            engine.step()  # DeepSpeed steps at the accumulation boundary only
+            loss += out.loss.detach().float() / len(micro_forwards)
         dist.all_reduce(loss)
         result["losses"].append(loss.item() / world)
         result["norms"].append(float(engine.get_global_grad_norm()))
@@ -62,18 +83,27 @@ def train_and_record(engine, groups, forward: Callable[[], Any], steps: int) -> 
     return result
 
 
-def run(stage: int, ep: int, out_dir: str, tied: bool = False, family: str | None = None, chunks: int = 1) -> None:
+def run(stage: int, ep: int, out_dir: str, tied: bool = False, family: str | None = None, chunks: int = 1,
+        gas: int = 1, decisions: list[bool] | None = None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     config = model_config(tied, family)
     groups = init_parallel_groups(ep, moe_shape(family_for(config).load_config(config))[1])
     # Experts are sliced on the meta device: each rank allocates and initialises only its own block.
     model = framework.load_model(config, backend="grouped_mm", attn_implementation="eager", seed=0,
                                  placement=expert_placement(groups, stage, chunks))
-    engine, *_ = initialize(model, ds_config(stage, world), groups)
+    micro = MICRO // gas
+    engine, *_ = initialize(model, dict(ds_config(stage, world), train_micro_batch_size_per_gpu=micro,
+                                        gradient_accumulation_steps=gas), groups)
     ids, mask, labels = global_batch(world, vocab_size=config["vocab_size"])
-    sl = slice(rank * MICRO, (rank + 1) * MICRO)
-    result = train_and_record(engine, groups, lambda: engine(ids[sl], attention_mask=mask[sl], labels=labels[sl]),
-                              STEPS)
+
+    def forward(i: int):
+        sl = slice(rank * MICRO + i * micro, rank * MICRO + (i + 1) * micro)
+        return lambda: engine(ids[sl], attention_mask=mask[sl], labels=labels[sl])
+
+    if decisions is not None:
+        decisions.clear()
+    result = train_and_record(engine, groups, [forward(i) for i in range(gas)], STEPS)
+    result["straight_grads"] = sum(decisions or [])
     if rank == 0:
         torch.save(result, os.path.join(out_dir, f"stage{stage}.pt"))
     engine.destroy() if hasattr(engine, "destroy") else None
@@ -84,9 +114,11 @@ def main() -> None:
     tied = "tied" in rest
     family = next((a.split("=", 1)[1] for a in rest if a.startswith("family=")), None)
     chunks = int(next((a.split("=", 1)[1] for a in rest if a.startswith("chunks=")), 1))
+    gas = int(next((a.split("=", 1)[1] for a in rest if a.startswith("gas=")), 1))
+    decisions = count_straight_grads("bucket_only" in rest)
     init_deepspeed_distributed("gloo")
     for stage in (int(s) for s in rest if s.isdigit()):
-        run(stage, ep, out_dir, tied, family, chunks)
+        run(stage, ep, out_dir, tied, family, chunks, gas, decisions)
     dist.barrier()
 
 

@@ -6,7 +6,9 @@ world 4 / EP 4; and world 2 / EP 2 / ZeRO-3 with tied word embeddings (one parti
 and the LM head: its gradient is the sum of both uses); and every other family (Mixtral, Qwen2-MoE, OLMoE,
 DeepSeek-V3) at world 2 / EP 2 under ZeRO-3 and ZeRO-2; and world 2 / EP 2 with the all-to-alls pipelined in 2 token
 chunks (parallel.ep_chunks) under both stages; and one process under ZeRO-2, which reduces with "sum" (nothing to
-divide by).
+divide by), and under ZeRO-3, whose gradients all skip the reduce bucket (framework/zero/local_grads.py; so do the
+experts' wherever EP spans the world). With 2 accumulated micro batches, ZeRO-3 at world 2 / EP 2 gives the same
+numbers with and without that shortcut.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ TOL = 1e-5
 # both stages: shared experts and dense layers partitioned over all ranks, routed experts over EDP, DeepSeek-V3's bias
 # buffer.
 RUNS = {(2, 2, False, None, 1): (3, 2), (4, 2, False, None, 1): (3, 2), (4, 4, False, None, 1): (3,),
-        (2, 2, True, None, 1): (3,), (2, 2, False, None, 2): (3, 2), (1, 1, False, None, 1): (2,),
+        (2, 2, True, None, 1): (3,), (2, 2, False, None, 2): (3, 2), (1, 1, False, None, 1): (2, 3),
         **{(2, 2, False, f, 1): (3, 2) for f in sorted(FAMILIES) if f != "qwen3_moe"}}
 
 
@@ -46,16 +48,18 @@ def run(request, tmp_path_factory):
     run_workers(WORKER, [str(out), str(ep), *map(str, stages), *(["tied"] if tied else []),
                          *([f"family={family}"] if family else []), f"chunks={chunks}"], world=world)
     results = {stage: torch.load(out / f"stage{stage}.pt") for stage in stages}
-    return world, results, single_process_run(world=world, tied=tied, family=family), tied
+    return world, ep, results, single_process_run(world=world, tied=tied, family=family), tied
 
 
 def test_ep_matches_single_process(run):
-    world, results, reference, tied = run
+    world, ep, results, reference, tied = run
     # tied: one parameter, named once (as the embedding) by the engine and the reference alike
     assert ("lm_head.weight" in reference["grads"]) != tied
     assert reference["norms"][0] > 0.5  # clipping (max norm 0.5) is active, so the global norm matters
     for stage, got in results.items():
         assert got["grad_scale"] is not None and float(got["grad_scale"]) > 1.0, stage  # clipped in AdamW's kernel
+        # ZeRO-3 gradients of one-rank partitions (every one at world 1, the experts where EDP is 1) skip the bucket
+        assert (got["straight_grads"] > 0) == (stage == 3 and world == ep), (stage, got["straight_grads"])
         for step, (a, b) in enumerate(zip(got["losses"], reference["losses"])):
             assert abs(a - b) <= TOL * abs(b), (stage, step, a, b)
         for step, (a, b) in enumerate(zip(got["norms"], reference["norms"])):
@@ -72,3 +76,20 @@ def test_ep_matches_single_process(run):
             assert rel_err(got["params"][name], p) <= TOL, (stage, name, rel_err(got["params"][name], p))
             # the comparison means something only if 3 steps moved the weights well beyond the tolerance
             assert rel_err(p, reference["initial"][name]) > 100 * TOL, name
+
+
+def test_zero3_accumulation_skipping_the_bucket_equals_deepspeeds(tmp_path):
+    """2 micro batches accumulated per step at world 2 / EP 2 under ZeRO-3: the experts' gradients placed straight
+    into their partitions (divided by the world, then added) give DeepSpeed's own bucket path's numbers exactly."""
+    results = {}
+    for mode in ("straight", "bucket_only"):
+        out = tmp_path / mode
+        out.mkdir()
+        run_workers(WORKER, [str(out), "2", "3", "gas=2", *([mode] if mode == "bucket_only" else [])], world=2)
+        results[mode] = torch.load(out / "stage3.pt")
+    straight, bucket = results["straight"], results["bucket_only"]
+    assert straight["straight_grads"] > 0 and bucket["straight_grads"] == 0
+    assert straight["losses"] == bucket["losses"] and straight["norms"] == bucket["norms"]
+    for key in ("grads", "params"):
+        for name, t in bucket[key].items():
+            assert torch.equal(straight[key][name], t), (key, name)
