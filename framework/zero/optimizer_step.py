@@ -28,7 +28,8 @@ of a ~150 ms step's device time, and several of its passes are redundant:
   2 bytes) become one pass (framework/ops/adamw.py) that reads the bf16 gradient slice and the fp32 parameter and
   states and writes the states, the fp32 parameter and its bf16 copy: 28 bytes per parameter instead of 44, and no
   fp32 gradient at the step's memory peak. The optimizer's state (step, exp_avg, exp_avg_sq) is torch AdamW's own, so
-  checkpoints and the fallbacks read and write the same thing.
+  checkpoints and the fallbacks read and write the same thing. ZeRO-1/2 make their fp32 gradient and bf16 copy
+  inline in DeepSpeed's step, so there the same pass only replaces torch's AdamW (no gradient written back).
 
 DeepSpeed builds its ZeRO optimizer inside deepspeed.initialize with no hook for any of these choices, so `install()`
 changes them on DeepSpeed's two ZeRO optimizer classes, once per process, before any engine exists
@@ -107,14 +108,6 @@ def adjacent_slices(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base.view(-1).narrow(0, start - base.storage_offset(), end - start)
 
 
-def in_place_adamw(optimizer) -> bool:
-    """torch's AdamW with the settings framework/ops/adamw.py implements (no amsgrad, maximize or tensor lr): its
-    step can run here from a low-precision gradient."""
-    return type(optimizer) is torch.optim.AdamW and all(
-        not group.get("amsgrad") and not group.get("maximize") and not group.get("differentiable")
-        and not isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups)
-
-
 def _pending(zero_optimizer) -> dict[int, torch.Tensor]:
     """ZeRO-3 sub-groups whose bf16 gradient (a view of DeepSpeed's gradient buffer) waits for the in-place step."""
     # lives on DeepSpeed's optimizer, which is built inside deepspeed.initialize: no constructor of ours to put it in
@@ -141,8 +134,14 @@ def _stage3_prepare_fp32_grad(original, self, sub_group_id):
 
 
 def _in_place_step_applies(self) -> bool:
-    return (in_place_adamw(self.optimizer) and getattr(self, "torch_autocast_gradscaler", None) is None
-            and not getattr(self, "zenflow", False) and not getattr(self, "use_muon", False))
+    """The ZeRO optimizer wraps torch's AdamW with the settings framework/ops/adamw.py implements (no amsgrad,
+    maximize or tensor lr), and nothing else takes part in its step (a GradScaler, ZenFlow, Muon)."""
+    optimizer = self.optimizer
+    return (type(optimizer) is torch.optim.AdamW and all(
+        not group.get("amsgrad") and not group.get("maximize") and not group.get("differentiable")
+        and not isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups)
+        and getattr(self, "torch_autocast_gradscaler", None) is None and not getattr(self, "zenflow", False)
+        and not getattr(self, "use_muon", False))
 
 
 def _stage3_optimizer_step(original, self, sub_group_id):
