@@ -8,7 +8,12 @@ of a ~150 ms step's device time, and several of its passes are redundant:
   On CUDA the norms here accumulate in fp32 and read the fp32 gradients in place (4 bytes per parameter), as
   torch.nn.utils.clip_grad_norm_ does; CUDA's tree reduction keeps that within 1e-5 of fp64 at a billion elements
   (tests/gpu/test_optimizer_step_gpu.py), and the clipping factor it feeds is as close. Elsewhere (CPU processes,
-  whose sequential fp32 sums drift by 1e-3 at 1e7 elements) DeepSpeed's fp64 stays.
+  whose sequential fp32 sums drift by 1e-3 at 1e7 elements) DeepSpeed's fp64 stays. DeepSpeed still converts each
+  gradient to that dtype before its norm (`g.to(dtype).norm()`: for the bf16 partitions 2 bytes read, 4 written and 4
+  read again); the per-tensor norms are taken here in one multi-tensor pass that reads the bf16 gradients and
+  accumulates in the norm dtype (torch._foreach_norm with dtype, as torch's clip_grad_norm_ does), and DeepSpeed's
+  method then combines one-element tensors holding those norms, so its reductions over ranks, its model-parallel
+  filter and its invalid-norm sentinel are its own.
 - Unscaling and clipping: `unscale_and_clip_grads` multiplies every fp32 gradient by 1 / (clip factor x loss scale)
   in a pass of its own (read and write: 11.4 ms) before `optimizer.step()`. torch's fused Adam/AdamW divide the
   gradients by `optimizer.grad_scale` inside their one kernel (the attribute torch.amp.GradScaler uses), so the factor
@@ -214,14 +219,24 @@ def _forget_host_step(step: torch.Tensor | None) -> None:
         delattr(step, _HOST_STEP)
 
 
+def _grad_norm_from_norms(original, self, gradients, params, norm_type=2):
+    if float(norm_type) != 2.0 or not gradients:
+        return original(self, gradients, params, norm_type)
+    # ZeRO-1/2 skip the alignment padding in gradients (not in params); the norms list must line up the same way
+    real = [g for g in gradients if not getattr(g, "_zero_padding", False)]
+    norms = torch._foreach_norm(real, 2, dtype=_norm_dtype()) if real else []
+    # a one-element tensor's 2-norm is its value: DeepSpeed's per-tensor .to(dtype).norm() on these is exact
+    return original(self, [n.reshape(1) for n in norms], params, norm_type)
+
+
 def _norm_dtype() -> torch.dtype:
     return torch.float32 if torch.cuda.is_available() else torch.float64
 
 
 def _replaced(original, replacement):
     @functools.wraps(original)
-    def method(self, *args):
-        return replacement(original, self, *args)
+    def method(self, *args, **kwargs):
+        return replacement(original, self, *args, **kwargs)
     return method
 
 
@@ -237,6 +252,8 @@ def install() -> None:
 
     for module in (stage3, stage_1_and_2):
         module.get_norm_dtype = _norm_dtype
+    for cls in (stage3.DeepSpeedZeroOptimizer_Stage3, stage_1_and_2.DeepSpeedZeroOptimizer):
+        cls.get_grad_norm_direct = _replaced(cls.get_grad_norm_direct, _grad_norm_from_norms)
     zero3 = stage3.DeepSpeedZeroOptimizer_Stage3
     for name, replacement in (("_prepare_fp32_grad_for_sub_group", _stage3_prepare_fp32_grad),
                               ("_optimizer_step", _stage3_optimizer_step),

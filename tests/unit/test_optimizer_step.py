@@ -180,3 +180,39 @@ def test_host_step_mirror_follows_the_tensor():
     _forget_host_step(step)
     assert _advance_host_step(step) == 8 and step.item() == 8.0
     assert _advance_host_step(torch.tensor(0.0)) == 1  # a state loaded from a checkpoint: new tensor, read once
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_grad_norm_from_per_tensor_norms_equals_deepspeeds(stage, monkeypatch):
+    """DeepSpeed 0.19.8's get_grad_norm_direct on the gradients themselves against the same method fed one-element
+    tensors holding their norms from one multi-tensor pass (no per-gradient dtype copy); ZeRO-1/2's alignment padding
+    is left out of the norm either way."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    from framework.zero import optimizer_step
+
+    module = stage3 if stage == 3 else stage_1_and_2
+    cls = stage3.DeepSpeedZeroOptimizer_Stage3 if stage == 3 else stage_1_and_2.DeepSpeedZeroOptimizer
+    original = getattr(cls.get_grad_norm_direct, "__wrapped__", cls.get_grad_norm_direct)
+    monkeypatch.setattr(module.dist, "all_reduce", lambda tensor, op=None, group=None: None)  # one rank
+    torch.manual_seed(0)
+    grads = [(torch.randn(n) * s).to(torch.bfloat16) for n, s in [(1000, 1e-3), (37, 1.0), (5, 30.0)]]
+    params = [torch.empty_like(g) for g in grads]
+    if stage == 2:
+        pad = torch.full((3,), 100.0, dtype=torch.bfloat16)
+        pad._zero_padding = True  # DeepSpeed's marker: not a parameter's gradient
+        grads = grads + [pad]
+    fake = SimpleNamespace(model_parallel_rank=0, model_parallel_group=None, dp_process_group=None,
+                           device=torch.device("cpu"), _model_parallel_all_reduce=lambda tensor, op: None,
+                           _assert_same_partition_group=lambda params: None,
+                           _get_param_partition_group=lambda p: None,
+                           _grad_norm_counts_every_rank=lambda params, group: False,
+                           _autoep_expert_parallel_group=lambda params: None)
+    want = original(fake, grads, params)
+    got = optimizer_step._grad_norm_from_norms(original, fake, grads, params)
+    exact = torch.cat([g.double() for g in grads[:3]]).norm()
+    # ZeRO-1/2 return the total in fp32, ZeRO-3 in the norm dtype (fp64 on CPU)
+    assert abs(got.item() - want.item()) <= 1e-7 * want.item()
+    assert abs(got.item() - exact.item()) <= 1e-7 * exact.item()
