@@ -6,8 +6,6 @@ import csv
 import json
 import os
 
-import yaml
-
 from framework.config import load_run_config
 from framework.config.deepspeed import build_ds_config, read_ds_json
 from framework.tuning.search import Trial, grid, python_launcher, run_search
@@ -38,14 +36,14 @@ def test_two_trial_search_resumes_and_skips(tmp_path):
     trial_json = json.load(open(tmp_path / "search" / "trials" / best["trial"] / "trial_ds_config.json"))
     assert ds["zero_optimization"]["stage"] == trial_json["zero_optimization"]["stage"]
 
-    # resumed: recorded trials are not run again; a trial the estimate rejects is recorded as skipped, not run; a
-    # trial with the all-to-alls in 2 token chunks runs with parallel.ep_chunks=2
+    # resumed: recorded trials are not run again; a trial the estimate rejects is recorded as skipped, not run, with
+    # its token chunks in the results; a chunked trial's overrides resolve to parallel.ep_chunks=2
     chunked, extra = Trial(2, 3, 2, 1.0, False, False, 2), Trial(4, 3, 2, 1.0, False, False)
-    run_search(trials=trials + [chunked, extra], fits=lambda t: (t != extra, 99.0, "needs 99 GiB"), **args)
+    run_search(trials=trials + [chunked, extra], fits=lambda t: (t not in (chunked, extra), 99.0, "needs 99 GiB"),
+               **args)
     rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
     assert [(r["trial"], r["status"], r["ep_chunks"]) for r in rows[2:]] == [
-        ("mbs2-z3-ep2-b1-ac0-off0-c2", "ok", "2"), (extra.name, "skipped", "1")]
+        ("mbs2-z3-ep2-b1-ac0-off0-c2", "skipped", "2"), (extra.name, "skipped", "1")]
     assert rows[-1]["note"] == "needs 99 GiB"
-    resolved = yaml.safe_load(open(tmp_path / "search" / "trials" / chunked.name / "run" / "run_config.yaml"))
-    assert resolved["parallel"]["ep_chunks"] == 2
+    assert load_run_config(TINY_YAML, [*args["base_overrides"], *chunked.overrides()]).parallel.ep_chunks == 2
     assert not (tmp_path / "search" / "trials" / extra.name).exists()
