@@ -1,10 +1,11 @@
 """Variable-split all-to-all with autograd: the backward pass is the reverse exchange.
 
 `all_to_all_start` / `all_to_all_wait` split one exchange in two so that work issued between them runs while the
-rows travel (NCCL: on its own stream; the wait makes the current stream, not the host, wait). Their backward is split the same way, reversed: the wait's backward issues the reverse exchange
-and the start's backward waits for it, so the gradient work autograd runs between those two nodes overlaps it. Which
-work that is follows from autograd's order: of the nodes ready to run, the one created last in the forward runs
-first (framework/parallel/ep_dispatch.py orders its chunks by that rule).
+rows travel (NCCL: on its own stream; the wait makes the current stream, not the host, wait). Their backward is
+split the same way, reversed: the wait's backward issues the reverse exchange and the start's backward waits for it,
+so the gradient work autograd runs between those two nodes overlaps it. Which work that is follows from autograd's
+order: of the nodes ready to run, the one created last in the forward runs first (framework/parallel/ep_dispatch.py
+orders its chunks by that rule).
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ path. `install()` replaces the one method DeepSpeed's gradient hook calls, once 
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from framework.zero.method_patch import replace_method
 
 # DeepSpeed's private map from parameter id to its slice of grad_partitions_flat_buffer (name-mangled in stage3.py)
 _PARTITIONS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
@@ -67,11 +67,5 @@ def install() -> None:
         return
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Zero3  # noqa: PLC0415
 
-    original = Zero3.reduce_independent_p_g_buckets_and_remove_grads
-
-    @functools.wraps(original)
-    def method(self, param):
-        return _reduce_or_place(original, self, param)
-
-    Zero3.reduce_independent_p_g_buckets_and_remove_grads = method
+    replace_method(Zero3, "reduce_independent_p_g_buckets_and_remove_grads", _reduce_or_place)
     _INSTALLED = True

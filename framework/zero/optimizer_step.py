@@ -43,9 +43,9 @@ changes them on DeepSpeed's two ZeRO optimizer classes, once per process, before
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from framework.zero.method_patch import replace_method
 
 
 def _fused_torch_adam(optimizer) -> bool:
@@ -114,7 +114,8 @@ def adjacent_slices(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def _pending(zero_optimizer) -> dict[int, torch.Tensor]:
-    """ZeRO-3 sub-groups whose bf16 gradient (a view of DeepSpeed's gradient buffer) waits for the in-place step."""
+    """ZeRO-3 sub-groups whose bf16 gradient (a view of DeepSpeed's gradient buffer) goes to the in-place step, from
+    the gradient's preparation to the parameters' reassignment after the step."""
     # lives on DeepSpeed's optimizer, which is built inside deepspeed.initialize: no constructor of ours to put it in
     return zero_optimizer.__dict__.setdefault("_framework_low_precision_grads", {})
 
@@ -150,29 +151,26 @@ def _in_place_step_applies(self) -> bool:
 
 
 def _stage3_optimizer_step(original, self, sub_group_id):
-    grad = _pending(self).pop(sub_group_id, None)
+    grad = _pending(self).get(sub_group_id)  # dropped by _stage3_reassign_partitioned_parameters, next
     fp32 = self.fp32_partitioned_groups_flat[sub_group_id]
     if grad is None:
         result = original(self, sub_group_id)
         _forget_host_step(self.optimizer.state.get(fp32, {}).get("step"))  # torch's step moved it
         return result
     group = self.optimizer.param_groups[self.sub_group_to_group_id[sub_group_id]]
-    low = self.fp16_partitioned_groups_flat[sub_group_id]
-    out = low if (low is not None and low.dtype != fp32.dtype and low.is_contiguous()
-                  and low.numel() == fp32.numel()) else None
-    step_adamw(self.optimizer, fp32, grad, group, out)
-    if out is not None:
-        _written(self).add(sub_group_id)
+    step_adamw(self.optimizer, fp32, grad, group, _bf16_partition(self, sub_group_id))
     return False  # DeepSpeed's "swappable" answer: nothing is swapped without an offloaded optimizer
 
 
-def _written(zero_optimizer) -> set[int]:
-    return zero_optimizer.__dict__.setdefault("_framework_bf16_written", set())
+def _bf16_partition(self, sub_group_id: int) -> torch.Tensor | None:
+    """The sub-group's flat low-precision partition when the in-place step can write it directly."""
+    low, fp32 = self.fp16_partitioned_groups_flat[sub_group_id], self.fp32_partitioned_groups_flat[sub_group_id]
+    ok = low is not None and low.dtype != fp32.dtype and low.is_contiguous() and low.numel() == fp32.numel()
+    return low if ok else None
 
 
 def _stage3_reassign_partitioned_parameters(original, self, sub_group_id):
-    if sub_group_id in _written(self):
-        _written(self).discard(sub_group_id)
+    if _pending(self).pop(sub_group_id, None) is not None and _bf16_partition(self, sub_group_id) is not None:
         self._unflatten_partitioned_parameters(sub_group_id)  # the bf16 partition already holds the new values
         return None
     return original(self, sub_group_id)
@@ -233,13 +231,6 @@ def _norm_dtype() -> torch.dtype:
     return torch.float32 if torch.cuda.is_available() else torch.float64
 
 
-def _replaced(original, replacement):
-    @functools.wraps(original)
-    def method(self, *args, **kwargs):
-        return replacement(original, self, *args, **kwargs)
-    return method
-
-
 _INSTALLED = False
 
 
@@ -252,16 +243,13 @@ def install() -> None:
 
     for module in (stage3, stage_1_and_2):
         module.get_norm_dtype = _norm_dtype
-    for cls in (stage3.DeepSpeedZeroOptimizer_Stage3, stage_1_and_2.DeepSpeedZeroOptimizer):
-        cls.get_grad_norm_direct = _replaced(cls.get_grad_norm_direct, _grad_norm_from_norms)
-    zero3 = stage3.DeepSpeedZeroOptimizer_Stage3
-    for name, replacement in (("_prepare_fp32_grad_for_sub_group", _stage3_prepare_fp32_grad),
-                              ("_optimizer_step", _stage3_optimizer_step),
-                              ("_reassign_or_swap_out_partitioned_parameters", _stage3_reassign_partitioned_parameters)):
-        setattr(zero3, name, _replaced(getattr(zero3, name), replacement))
-    zero12 = stage_1_and_2.DeepSpeedZeroOptimizer
-    zero12._optimizer_step = _replaced(zero12._optimizer_step, _stage12_optimizer_step)
-    for cls, wrapper in ((stage3.DeepSpeedZeroOptimizer_Stage3, _stage3_unscale_and_clip),
-                         (stage_1_and_2.DeepSpeedZeroOptimizer, _stage12_unscale_and_clip)):
-        cls.unscale_and_clip_grads = _replaced(cls.unscale_and_clip_grads, wrapper)
+    zero3, zero12 = stage3.DeepSpeedZeroOptimizer_Stage3, stage_1_and_2.DeepSpeedZeroOptimizer
+    for cls in (zero3, zero12):
+        replace_method(cls, "get_grad_norm_direct", _grad_norm_from_norms)
+    replace_method(zero3, "_prepare_fp32_grad_for_sub_group", _stage3_prepare_fp32_grad)
+    replace_method(zero3, "_optimizer_step", _stage3_optimizer_step)
+    replace_method(zero3, "_reassign_or_swap_out_partitioned_parameters", _stage3_reassign_partitioned_parameters)
+    replace_method(zero3, "unscale_and_clip_grads", _stage3_unscale_and_clip)
+    replace_method(zero12, "_optimizer_step", _stage12_optimizer_step)
+    replace_method(zero12, "unscale_and_clip_grads", _stage12_unscale_and_clip)
     _INSTALLED = True
