@@ -23,12 +23,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing
 
+from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 from launch.pretrain import main  # noqa: E402
 
 DEMO_CONFIG = os.path.join(REPO, "model_configs", "finetune_demo.yaml")
 
 if __name__ == "__main__":
-    code = main(task="finetune", script=__file__, demo_config=DEMO_CONFIG, doc=__doc__)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # as launch/pretrain.py: no interpreter teardown of gloo's threads after a finished run
+    exit_without_teardown(main(task="finetune", script=__file__, demo_config=DEMO_CONFIG, doc=__doc__))

@@ -124,10 +124,6 @@ def main(argv: list[str] | None = None, task: str = "pretrain", script: str = __
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Leave without the interpreter's teardown: every file is closed and every rank has passed the trainer's final
-    # barrier, and tearing down torch.distributed's gloo threads at exit sometimes aborts a finished rank ("terminate
-    # called without an active exception", exit -6; seen in CI under load, after a complete run).
-    os._exit(code)
+    from framework.cluster.process_exit import exit_without_teardown  # noqa: PLC0415
+
+    exit_without_teardown(main())

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import framework  # noqa: E402
 from framework.moe.bias_balancing import RouterBiasBalancer  # noqa: E402
 from tests.helpers import TINY_DEEPSEEK_RUN  # noqa: E402
-from tests.distributed.worker_exit import exit_without_teardown  # noqa: E402
+from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 
 RATE, STEPS, MICRO_BATCHES = 0.01, 3, 2
 
@@ -60,4 +60,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    exit_without_teardown()
+    exit_without_teardown(0)

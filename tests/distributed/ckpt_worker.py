@@ -39,7 +39,7 @@ from framework.zero.reshard import ensure_adam_states  # noqa: E402
 from tests.distributed import common  # noqa: E402
 from tests.distributed.common import LR, MICRO, model_config  # noqa: E402
 from tests.distributed.ep_worker import full_tensors  # noqa: E402
-from tests.distributed.worker_exit import exit_without_teardown  # noqa: E402
+from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 
 STEPS, SAVE_AT = 4, 2
 TAG = f"step{SAVE_AT}"
@@ -241,4 +241,4 @@ def run(out_dir: str, phase: str, cases: list[str]) -> None:
 
 if __name__ == "__main__":
     main()
-    exit_without_teardown()
+    exit_without_teardown(0)

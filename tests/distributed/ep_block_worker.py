@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from framework.parallel.expert_parallel import expert_placement, gather_full_experts  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from tests.distributed.block_case import E, case_inputs, make_block  # noqa: E402
-from tests.distributed.worker_exit import exit_without_teardown  # noqa: E402
+from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
@@ -56,4 +56,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_without_teardown()
+    exit_without_teardown(0)

@@ -33,7 +33,7 @@ from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero import local_grads  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
 from tests.distributed.common import MICRO, STEPS, ds_config, global_batch, model_config  # noqa: E402
-from tests.distributed.worker_exit import exit_without_teardown  # noqa: E402
+from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 
 
 def full_tensors(engine, groups, read) -> dict[str, torch.Tensor]:
@@ -124,4 +124,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_without_teardown()
+    exit_without_teardown(0)

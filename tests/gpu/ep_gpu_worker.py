@@ -26,7 +26,7 @@ from framework.parallel.expert_parallel import expert_placement  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
 from tests.distributed.ep_worker import train_and_record  # noqa: E402
-from tests.distributed.worker_exit import exit_without_teardown  # noqa: E402
+from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 
 CONFIG = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
               mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
@@ -79,4 +79,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_without_teardown()
+    exit_without_teardown(0)
