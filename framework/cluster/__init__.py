@@ -4,7 +4,8 @@ Owns the launch checks that need the hostfile, before any training process exist
 (hostfile.py), the hosts and GPUs it gives and their expert-parallel layout over the nodes (world.py),
 `.deepspeed_env` files (ds_env.py), and the `python launch/pretrain.py --hostfile H ...` form that checks all of that
 (after the run plan, framework/config/plan.py) and then re-runs itself under
-`deepspeed.launcher.runner` (prelaunch.py). These modules import neither torch nor deepspeed; process_exit.py is how a finished process leaves. See launch/MULTINODE.md.
+`deepspeed.launcher.runner` (prelaunch.py); also how a finished process leaves (process_exit.py). These modules import
+neither torch nor deepspeed. See launch/MULTINODE.md.
 """
 
 from framework.cluster.ds_env import check_deepspeed_env, deepspeed_env_files

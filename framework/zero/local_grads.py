@@ -57,15 +57,8 @@ def _reduce_or_place(original, self, param) -> None:
     return None
 
 
-_INSTALLED = False
-
-
 def install() -> None:
     """Route one-rank partitions' gradients straight to their partitions for this process (idempotent)."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Zero3  # noqa: PLC0415
 
     replace_method(Zero3, "reduce_independent_p_g_buckets_and_remove_grads", _reduce_or_place)
-    _INSTALLED = True

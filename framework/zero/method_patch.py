@@ -13,11 +13,15 @@ from typing import Any, Callable
 
 def replace_method(cls: type, name: str, replacement: Callable[..., Any]) -> None:
     """`cls.name(self, ...)` becomes `replacement(original, self, ...)`, where `original` is the method it replaces
-    (also kept as the new method's `__wrapped__`)."""
+    (also kept as the new method's `__wrapped__`). Idempotent: a method this replacement already wraps stays as it is,
+    so every engine built in a process may install the same changes."""
     original = getattr(cls, name)
+    if getattr(original, "_replaced_by", None) is replacement:
+        return
 
     @functools.wraps(original)
     def method(self, *args, **kwargs):
         return replacement(original, self, *args, **kwargs)
 
+    method._replaced_by = replacement
     setattr(cls, name, method)

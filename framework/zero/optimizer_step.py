@@ -86,9 +86,7 @@ def _stage12_unscale_and_clip(original, self, grad_groups_flat, total_norm):
 def _stage12_optimizer_step(original, self, group_no):
     fp32 = self.single_partition_of_fp32_groups[group_no]
     if self.cpu_offload or not _in_place_step_applies(self) or fp32.grad is None:
-        result = original(self, group_no)
-        _forget_host_step(self.optimizer.state.get(fp32, {}).get("step"))  # torch's step moved it
-        return result
+        return _deepspeeds_step(original, self, group_no, fp32)
     # DeepSpeed made the fp32 gradient already (inline in its step); done here, the step neither writes the
     # unscaled gradient back, as torch's fused AdamW does with grad_scale, nor needs a pass of its own to unscale
     step_adamw(self.optimizer, fp32, fp32.grad, self.optimizer.param_groups[group_no], None)
@@ -154,9 +152,7 @@ def _stage3_optimizer_step(original, self, sub_group_id):
     grad = _pending(self).get(sub_group_id)  # dropped by _stage3_reassign_partitioned_parameters, next
     fp32 = self.fp32_partitioned_groups_flat[sub_group_id]
     if grad is None:
-        result = original(self, sub_group_id)
-        _forget_host_step(self.optimizer.state.get(fp32, {}).get("step"))  # torch's step moved it
-        return result
+        return _deepspeeds_step(original, self, sub_group_id, fp32)
     group = self.optimizer.param_groups[self.sub_group_to_group_id[sub_group_id]]
     step_adamw(self.optimizer, fp32, grad, group, _bf16_partition(self, sub_group_id))
     return False  # DeepSpeed's "swappable" answer: nothing is swapped without an offloaded optimizer
@@ -212,6 +208,14 @@ def _advance_host_step(step: torch.Tensor) -> int:
     return count
 
 
+def _deepspeeds_step(original, self, group: int, fp32: torch.Tensor):
+    """DeepSpeed's own `_optimizer_step` of `group`, whose optimizer step moves `fp32`'s step count past the host
+    mirror: the mirror is dropped, to be read again by the next in-place step."""
+    result = original(self, group)
+    _forget_host_step(self.optimizer.state.get(fp32, {}).get("step"))
+    return result
+
+
 def _forget_host_step(step: torch.Tensor | None) -> None:
     if step is not None and hasattr(step, _HOST_STEP):
         delattr(step, _HOST_STEP)
@@ -231,14 +235,8 @@ def _norm_dtype() -> torch.dtype:
     return torch.float32 if torch.cuda.is_available() else torch.float64
 
 
-_INSTALLED = False
-
-
 def install() -> None:
     """Make these changes on DeepSpeed's ZeRO optimizers for this process (idempotent)."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
     from deepspeed.runtime.zero import stage3, stage_1_and_2  # noqa: PLC0415
 
     for module in (stage3, stage_1_and_2):
@@ -252,4 +250,3 @@ def install() -> None:
     replace_method(zero3, "unscale_and_clip_grads", _stage3_unscale_and_clip)
     replace_method(zero12, "_optimizer_step", _stage12_optimizer_step)
     replace_method(zero12, "unscale_and_clip_grads", _stage12_unscale_and_clip)
-    _INSTALLED = True

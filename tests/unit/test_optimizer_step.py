@@ -216,3 +216,24 @@ def test_grad_norm_from_per_tensor_norms_equals_deepspeeds(stage, monkeypatch):
     # ZeRO-1/2 return the total in fp32, ZeRO-3 in the norm dtype (fp64 on CPU)
     assert abs(got.item() - want.item()) <= 1e-7 * want.item()
     assert abs(got.item() - exact.item()) <= 1e-7 * exact.item()
+
+
+def test_installing_twice_wraps_deepspeeds_methods_once():
+    """Every engine built in a process installs the replacements again: each DeepSpeed method is wrapped once."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Zero3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero12
+
+    from framework.zero import local_grads, optimizer_step
+
+    names = {Zero3: ("get_grad_norm_direct", "_prepare_fp32_grad_for_sub_group", "_optimizer_step",
+                     "_reassign_or_swap_out_partitioned_parameters", "unscale_and_clip_grads",
+                     "reduce_independent_p_g_buckets_and_remove_grads"),
+             Zero12: ("get_grad_norm_direct", "_optimizer_step", "unscale_and_clip_grads")}
+    optimizer_step.install()
+    local_grads.install()
+    first = {(cls, name): getattr(cls, name) for cls, group in names.items() for name in group}
+    optimizer_step.install()
+    local_grads.install()
+    for (cls, name), method in first.items():
+        assert getattr(cls, name) is method, name
+        assert not hasattr(method.__wrapped__, "_replaced_by"), name  # wraps DeepSpeed's own method
