@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.ops.softmax_topk import softmax_topk
+
 
 class Routing(NamedTuple):
     """One layer's routing decision for T tokens."""
@@ -37,12 +39,8 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         logits_TE = F.linear(x_TH, self.weight)
-        # Softmax in fp32 like HF: a bf16 softmax flips the top-k set of ~1% of tokens.
-        probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        top_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
-        return Routing(top_TK.to(logits_TE.dtype), ids_TK, probs_TE, logits_TE)
+        weights_TK, ids_TK, probs_TE = softmax_topk(logits_TE, self.top_k, self.norm_topk_prob)
+        return Routing(weights_TK, ids_TK, probs_TE, logits_TE)
 
 
 class GroupLimitedSigmoidRouter(nn.Module):

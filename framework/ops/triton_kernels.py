@@ -231,6 +231,109 @@ def sort_by_expert(ids_R: torch.Tensor, num_experts: int, copies: int
     return src, inverse, counts
 
 
+# The router after its linear: softmax in fp32, top-k by K rounds of a row argmax (ties to the lower expert id, as a
+# stable descending sort), the chosen probabilities renormalised. One launch each way where eager torch runs six
+# kernels forward and seven backward, whose launches paced the MoE layer's host time at 4,096 tokens (PERF_NOTES 23).
+@triton.jit
+def _softmax_topk_fwd(logits_ptr, probs_ptr, ids_ptr, weights_ptr, n_rows, E: tl.constexpr, E_PAD: tl.constexpr,
+                      K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < E)
+    x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.where(row_mask[:, None], x, 0.0)  # rows past the end: finite, never stored
+    e = tl.exp(x - tl.max(x, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=mask)
+    ks = tl.arange(0, K_PAD)
+    remaining = tl.where(mask, p, -1.0)  # probabilities are >= 0: -1 marks taken and padded experts
+    top = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    for k in tl.static_range(K):
+        best = tl.argmax(remaining, axis=1, tie_break_left=True)
+        top = tl.where(ks[None, :] == k, tl.max(remaining, axis=1)[:, None], top)
+        ids = tl.where(ks[None, :] == k, best[:, None], ids)
+        remaining = tl.where(cols[None, :] == best[:, None], -1.0, remaining)
+    if NORMALIZE:
+        top = top / tl.sum(top, axis=1)[:, None]  # padded k columns hold 0
+    k_mask = row_mask[:, None] & (ks[None, :] < K)
+    tl.store(ids_ptr + rows[:, None] * K + ks[None, :], ids.to(tl.int64), mask=k_mask)
+    tl.store(weights_ptr + rows[:, None] * K + ks[None, :], top.to(weights_ptr.dtype.element_ty), mask=k_mask)
+
+
+@triton.jit
+def _softmax_topk_bwd(probs_ptr, ids_ptr, grad_weights_ptr, grad_probs_ptr, grad_probs_row_stride, grad_logits_ptr,
+                      n_rows, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                      NORMALIZE: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr, HAS_GRAD_PROBS: tl.constexpr,
+                      BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < E)
+    p = tl.load(probs_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0.0)
+    if HAS_GRAD_PROBS:
+        g = tl.load(grad_probs_ptr + rows[:, None] * grad_probs_row_stride + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+    if HAS_GRAD_WEIGHTS:
+        ks = tl.arange(0, K_PAD)
+        k_mask = row_mask[:, None] & (ks[None, :] < K)
+        ids = tl.load(ids_ptr + rows[:, None] * K + ks[None, :], mask=k_mask, other=0)
+        gw = tl.load(grad_weights_ptr + rows[:, None] * K + ks[None, :], mask=k_mask, other=0.0).to(tl.float32)
+        if NORMALIZE:  # w = top / s: d top_j = (gw_j - sum_k gw_k w_k) / s
+            top = tl.load(probs_ptr + rows[:, None] * E + ids, mask=k_mask, other=0.0)
+            s = tl.where(row_mask, tl.sum(top, axis=1), 1.0)
+            gw = (gw - (tl.sum(gw * top, axis=1) / s)[:, None]) / s[:, None]
+        for k in tl.static_range(K):  # scatter each chosen column's gradient into its expert
+            id_k = tl.sum(tl.where(ks[None, :] == k, ids, 0), axis=1)
+            g_k = tl.sum(tl.where(ks[None, :] == k, gw, 0.0), axis=1)
+            g = tl.where(cols[None, :] == id_k[:, None], g + g_k[:, None], g)
+    grad = p * (g - tl.sum(p * g, axis=1)[:, None])  # the softmax backward
+    tl.store(grad_logits_ptr + rows[:, None] * E + cols[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _router_tiles(num_experts: int, top_k: int) -> tuple[int, int, int]:
+    e_pad = triton.next_power_of_2(num_experts)
+    return e_pad, max(triton.next_power_of_2(top_k), 2), max(min(2048 // e_pad, 128), 1)
+
+
+def softmax_topk_forward(logits_TE: torch.Tensor, top_k: int, normalize: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [T, K] in the logits' dtype, ids [T, K] int64, probs [T, E] fp32) for contiguous logits."""
+    tokens, experts = logits_TE.shape
+    probs = torch.empty(tokens, experts, dtype=torch.float32, device=logits_TE.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits_TE.device)
+    weights = torch.empty(tokens, top_k, dtype=logits_TE.dtype, device=logits_TE.device)
+    e_pad, k_pad, block_t = _router_tiles(experts, top_k)
+    if tokens:
+        _softmax_topk_fwd[(triton.cdiv(tokens, block_t),)](logits_TE, probs, ids, weights, tokens, experts, e_pad,
+                                                           top_k, k_pad, normalize, BLOCK_T=block_t)
+    return weights, ids, probs
+
+
+def softmax_topk_backward(probs_TE: torch.Tensor, ids_TK: torch.Tensor, grad_weights_TK: torch.Tensor | None,
+                          grad_probs_TE: torch.Tensor | None, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The logits' gradient [T, E] in `dtype`; either incoming gradient may be None (no gradient reached it). The
+    probabilities' gradient may be a broadcast row (row stride 0: what a plain sum over tokens sends back)."""
+    tokens, experts = probs_TE.shape
+    top_k = ids_TK.shape[1]
+    if grad_weights_TK is not None:
+        grad_weights_TK = grad_weights_TK.contiguous()
+    if grad_probs_TE is not None and grad_probs_TE.stride(1) != 1:
+        grad_probs_TE = grad_probs_TE.contiguous()
+    row_stride = grad_probs_TE.stride(0) if grad_probs_TE is not None else 0
+    grad_logits = torch.empty(tokens, experts, dtype=dtype, device=probs_TE.device)
+    e_pad, k_pad, block_t = _router_tiles(experts, top_k)
+    if tokens:
+        _softmax_topk_bwd[(triton.cdiv(tokens, block_t),)](
+            probs_TE, ids_TK, grad_weights_TK, grad_probs_TE, row_stride, grad_logits, tokens, experts, e_pad, top_k,
+            k_pad, normalize, grad_weights_TK is not None, grad_probs_TE is not None, BLOCK_T=block_t)
+    return grad_logits
+
+
 @triton.jit
 def _adamw_step(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, scale_ptr, n_elements, lr_wd, beta1,
                 one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt,

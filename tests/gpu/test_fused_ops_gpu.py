@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.ops import adamw, expert_sort, linear_cross_entropy, permute, swiglu
+from framework.ops import adamw, expert_sort, linear_cross_entropy, permute, softmax_topk, swiglu
 from framework.ops.triton_available import triton_importable
 
 pytestmark = pytest.mark.gpu
@@ -21,7 +21,7 @@ def _run_both(fn, monkeypatch):
     """fn() once with the kernels, once with the torch path."""
     assert triton_importable(), "Triton is missing on this GPU machine"
     fused = fn()
-    for module in (swiglu, permute, expert_sort, linear_cross_entropy):
+    for module in (swiglu, permute, expert_sort, linear_cross_entropy, softmax_topk):
         monkeypatch.setattr(module, "use_triton", lambda t: False)
     monkeypatch.setattr(linear_cross_entropy, "_add_weight_grad_", lambda g, a, b: g.add_(a.t() @ b))
     ref = fn()
@@ -173,6 +173,48 @@ def test_sort_by_expert_kernel_equals_stable_argsort(tokens, k, experts, skew):
     ref = expert_sort.sort_by_expert_reference(ids, experts)
     for name, a, b in zip(("src", "inverse", "counts"), got, ref):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("tokens,experts,k,dtype", [(4099, 128, 8, torch.bfloat16), (4099, 128, 8, torch.float32),
+                                                    (1027, 60, 4, torch.bfloat16), (515, 8, 2, torch.float32),
+                                                    (33, 64, 1, torch.bfloat16)])
+def test_softmax_topk_kernels_match_the_eager_router(tokens, experts, k, dtype, normalize):
+    """The router kernels against the eager chain (softmax in fp32, torch.topk, renormalise, cast) and its autograd,
+    with gradients reaching the weights, the probabilities or both. The kernel's top-k is the stable descending order
+    of its probabilities (ties to the lower id); it equals torch.topk's choice on every token without a tie at the k-th
+    place, and the weights and gradients are compared expert by expert, as torch orders tied experts its own way."""
+    assert triton_importable(), "Triton is missing on this GPU machine"
+    torch.manual_seed(0)
+    logits = (torch.randn(tokens, experts, device="cuda") * 2).to(dtype)
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    weights, ids, probs = softmax_topk._SoftmaxTopK.apply(ours_in, k, normalize)
+    ref_weights, ref_ids, ref_probs = softmax_topk.softmax_topk_reference(ref_in, k, normalize)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert rel(probs, ref_probs) < 1e-6
+    ordered = torch.sort(probs.detach(), dim=-1, descending=True, stable=True)
+    assert torch.equal(ids, ordered.indices[:, :k])
+    tied = ordered.values[:, k - 1] == ordered.values[:, k] if k < experts else torch.zeros_like(ids[:, 0], dtype=bool)
+    assert torch.equal(ids.sort(-1).values[~tied], ref_ids.sort(-1).values[~tied])
+    # slot j of ours holds expert ids[t, j]; `pos` is that expert's slot in torch's order
+    pos = (ids.unsqueeze(-1) == ref_ids.unsqueeze(1)).to(torch.int8).argmax(-1)
+    same = ~tied
+    assert rel(weights[same], torch.gather(ref_weights, 1, pos)[same]) < tol
+    grad_weights = torch.randn(tokens, k, device="cuda").to(dtype)
+    grad_probs = torch.randn(tokens, experts, device="cuda")
+    for use_weights, use_probs in ((True, True), (True, False), (False, True)):
+        if k == 1 and normalize and not use_probs:
+            continue  # one renormalised weight is 1 whatever the logits: its gradient is zero up to rounding
+        ours_in.grad = ref_in.grad = None
+        ours_out = [(weights, torch.gather(grad_weights, 1, pos))] if use_weights else []
+        ref_out = [(ref_weights, grad_weights)] if use_weights else []
+        if use_probs:
+            ours_out.append((probs, grad_probs))
+            ref_out.append((ref_probs, grad_probs))
+        torch.autograd.backward(*zip(*ours_out), retain_graph=True)
+        torch.autograd.backward(*zip(*ref_out), retain_graph=True)
+        assert ours_in.grad.dtype == dtype
+        assert rel(ours_in.grad[same], ref_in.grad[same]) < max(tol, 1e-5), (use_weights, use_probs)
 
 
 @pytest.mark.parametrize("scale", [None, 3.7])
