@@ -1,6 +1,6 @@
 """The MoE layer's six grouped GEMMs one by one, against the dense ceiling and the memory roofline (one GPU, bf16).
 
-    python benchmarks/grouped_gemm.py [--tokens 4096 16384 65536] [--iters 50]
+    python benchmarks/expert_gemms.py [--tokens 4096 16384 65536] [--iters 50]
 
 One Qwen3-30B-A3B layer's expert GEMMs on T*k rows routed uniformly at random (each token picks k distinct experts):
 the forward of gate_up and down, the input gradient ("dgrad") of each, and the weight gradient ("wgrad") of each in
