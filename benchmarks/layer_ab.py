@@ -79,7 +79,8 @@ def main() -> None:
                   f"{v['launches']:4.0f}  {v['stock_host']}")
         c, b = s["candidate"], s["baseline"]
         print(f"{t:>6} {'change':<10} {100 * (c['synced'] / b['synced'] - 1):+6.1f}% {'':6} "
-              f"{c['host'] - b['host']:+6.2f} {c['kernels'] - b['kernels']:+8.2f} {c['launches'] - b['launches']:+4.0f}")
+              f"{c['host'] - b['host']:+6.2f} {c['kernels'] - b['kernels']:+8.2f} "
+              f"{c['launches'] - b['launches']:+4.0f}")
 
 
 if __name__ == "__main__":
