@@ -148,6 +148,54 @@ def print_kernels(step, label: str, top: int, iters: int = 5) -> None:
         print(f"  {ms:7.3f} ms {100 * ms / total:5.1f}%  x{e.count // iters:<3} {e.key[:90]}")
 
 
+def timeline_rows(trace_events: list[dict], start_us: float, end_us: float) -> list[dict]:
+    """The kernels launched between `start_us` and `end_us` of a Chrome trace (torch profiler, CPU + CUDA), in device
+    order: each one's launch time on the host and start on the device relative to `start_us`, its duration and the
+    time the device sat idle before it (all in us)."""
+    launches = {e["args"]["correlation"]: e["ts"] for e in trace_events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    rows = []
+    for e in trace_events:
+        host = launches.get(e.get("args", {}).get("correlation")) if e.get("cat") == "kernel" else None
+        if host is not None and start_us <= host <= end_us:
+            rows.append({"name": e["name"], "host": host - start_us, "start": e["ts"] - start_us, "dur": e["dur"]})
+    rows.sort(key=lambda r: r["start"])
+    for prev, row in zip([None] + rows, rows):
+        row["idle_before"] = 0.0 if prev is None else max(row["start"] - prev["start"] - prev["dur"], 0.0)
+    return rows
+
+
+def print_timeline(step, label: str) -> None:
+    """One profiled step kernel by kernel: when the host launched it, when the device ran it, and how long the device
+    waited for it. Idle time before the step's first long kernel is host time the synced step pays in full."""
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from torch.profiler import ProfilerActivity, profile, record_function  # noqa: PLC0415
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("timeline_step"):
+            step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    marker = next(e for e in events if e.get("name") == "timeline_step" and e.get("ph") == "X")
+    rows = timeline_rows(events, marker["ts"], marker["ts"] + marker["dur"])
+    first_long = next((i for i, r in enumerate(rows) if r["dur"] >= 100), len(rows))
+    idle_before = sum(r["idle_before"] for r in rows[:first_long + 1])
+    idle_after = sum(r["idle_before"] for r in rows[first_long + 1:])
+    print(f"\n{label}: device idle {idle_before / 1e3:.2f} ms up to the first kernel of >= 100 us, "
+          f"{idle_after / 1e3:.2f} ms after it (profiled: host times are inflated)")
+    print(f"  {'host ms':>8} {'device ms':>10} {'us':>7} {'idle us':>8}")
+    for r in rows:
+        print(f"  {r['host'] / 1e3:8.3f} {r['start'] / 1e3:10.3f} {r['dur']:7.1f} {r['idle_before']:8.1f}  "
+              f"{r['name'][:60]}")
+
+
 def overheads(step, iters: int) -> dict:
     """Where a step's wall time goes beside its kernels: per-step time when the host may run ahead over several steps,
     the host's enqueue time alone (the GPU kept busy so that it never waits), the kernels' device time, the time of a
@@ -213,6 +261,8 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["grouped_mm", "megablocks"])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", type=int, default=0, help="print this many top kernels (device time) per row")
+    parser.add_argument("--timeline", action="store_true",
+                        help="per row also: one profiled step kernel by kernel (host launch, device start, idle)")
     parser.add_argument("--overheads", action="store_true",
                         help="per row also: host enqueue time, kernel time, CUDA-graph replay time, host syncs")
     parser.add_argument("--config", help="run YAML of the model whose first MoE layer to time (default: Qwen3-30B-A3B)")
@@ -243,6 +293,8 @@ def main() -> None:
             ms = time_ms(step, args.iters)
             if args.profile:
                 print_kernels(step, f"T={tokens} {name}", args.profile)
+            if args.timeline:
+                print_timeline(step, f"T={tokens} {name}")
             rows.append({"tokens": tokens, "impl": name, "ms": ms, "tflops": flops / ms / 1e9})
             if args.overheads:
                 rows[-1]["overheads"] = overheads(step, args.iters)
