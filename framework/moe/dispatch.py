@@ -18,7 +18,8 @@ from framework.ops.expert_sort import sort_by_expert
 from framework.ops.permute import expand_rows, weighted_gather_sum
 
 
-# rows [R, H] grouped by expert, rows per expert [E] -> expert outputs [R, H]
+# rows [R, H] grouped by expert, cumulative row ends per expert [E] (int32, framework/ops/expert_sort.group_ends)
+# -> expert outputs [R, H]
 Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -41,20 +42,20 @@ class MegablocksMeta(NamedTuple):
 class Dispatcher(Protocol):
     def route(self, x_TH: torch.Tensor, routing: Routing, num_experts: int, experts: Experts) -> torch.Tensor:
         """[T, H]: for each token, the routing-weighted sum of its K experts' outputs, `experts` called on rows
-        grouped by expert with the rows per expert (int, on the device)."""
+        grouped by expert with their cumulative row ends per expert (int32, on the device)."""
 
 
 class LocalDispatcher:
     """Tokens and experts on this process: one `dispatch`, the experts, one `combine`."""
 
     def route(self, x_TH, routing, num_experts, experts):
-        rows_RH, tokens_per_expert_E, meta = self.dispatch(x_TH, routing, num_experts)
-        return self.combine(experts(rows_RH, tokens_per_expert_E), meta)
+        rows_RH, group_ends_E, meta = self.dispatch(x_TH, routing, num_experts)
+        return self.combine(experts(rows_RH, group_ends_E), meta)
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing,
                  num_experts: int) -> tuple[torch.Tensor, torch.Tensor, NamedTuple]:
-        """Rows [R, H] grouped by expert, tokens per expert [E] (int, on device), this dispatcher's metadata for
-        combine."""
+        """Rows [R, H] grouped by expert, their cumulative row ends per expert [E] (int32, on device), this
+        dispatcher's metadata for combine."""
         raise NotImplementedError
 
     def combine(self, rows_RH: torch.Tensor, meta: NamedTuple) -> torch.Tensor:
@@ -68,9 +69,9 @@ class TorchDispatcher(LocalDispatcher):
     (framework/ops/permute.py), torch elsewhere."""
 
     def dispatch(self, x_TH, routing, num_experts):
-        src, inverse, counts = sort_by_expert(routing.expert_ids, num_experts)
+        src, inverse, ends = sort_by_expert(routing.expert_ids, num_experts)
         rows = expand_rows(x_TH, src, inverse.view(routing.expert_ids.shape))
-        return rows, counts, SortedMeta(inverse, routing.weights)
+        return rows, ends, SortedMeta(inverse, routing.weights)
 
     def combine(self, rows_RH, meta):
         num_tokens, top_k = meta.weights_TK.shape
@@ -96,7 +97,7 @@ class MegablocksDispatcher(LocalDispatcher):
             bins = ops.inclusive_cumsum(counts, 0)
             bins = bins.view(1) if bins.dim() == 0 else bins
         rows = ops.gather(x_TH.contiguous(), indices, bin_ids, bins, top_k)
-        return rows, counts, MegablocksMeta(indices, bin_ids, bins, routing.weights)
+        return rows, bins.to(torch.int32), MegablocksMeta(indices, bin_ids, bins, routing.weights)
 
     def combine(self, rows_RH, meta):
         top_k = meta.weights_TK.shape[-1]

@@ -32,8 +32,8 @@ class GroupedExperts(nn.Module):
         self.backend = backend
         self._compute = compute_fn(backend)
 
-    def forward(self, rows_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return self._compute(rows_RH, tokens_per_expert_E, self.gate_up_proj, self.down_proj, self.act_fn)
+    def forward(self, rows_RH: torch.Tensor, group_ends_E: torch.Tensor) -> torch.Tensor:
+        return self._compute(rows_RH, group_ends_E, self.gate_up_proj, self.down_proj, self.act_fn)
 
     def extra_repr(self) -> str:
         e, two_i, h = self.gate_up_proj.shape

@@ -192,7 +192,7 @@ def _expert_block_counts(ids_ptr, block_counts_ptr, n, n_blocks, E: tl.constexpr
 
 
 @triton.jit
-def _expert_positions(ids_ptr, ends_ptr, src_ptr, inverse_ptr, counts_ptr, n, n_blocks, K: tl.constexpr,
+def _expert_positions(ids_ptr, ends_ptr, src_ptr, inverse_ptr, group_ends_ptr, n, n_blocks, K: tl.constexpr,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
     block = tl.program_id(0)
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -206,16 +206,15 @@ def _expert_positions(ids_ptr, ends_ptr, src_ptr, inverse_ptr, counts_ptr, n, n_
     pos = end - in_block + rank - 1
     tl.store(inverse_ptr + offs, pos, mask=mask)
     tl.store(src_ptr + pos, offs // K, mask=mask)
-    if block == 0:  # per-expert totals: differences of the cumsum at each expert's last block
+    if block == 0:  # each expert's row end: the cumsum at its last block
         last = tl.load(ends_ptr + experts.to(tl.int64) * n_blocks + n_blocks - 1, mask=experts < E, other=0)
-        before = tl.load(ends_ptr + experts.to(tl.int64) * n_blocks - 1, mask=(experts > 0) & (experts < E), other=0)
-        tl.store(counts_ptr + experts, last - before, mask=experts < E)
+        tl.store(group_ends_ptr + experts, last, mask=experts < E)
 
 
 def sort_by_expert(ids_R: torch.Tensor, num_experts: int, copies: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(src [R]: the source row of each sorted slot, slot // copies; inverse [R]: each slot's sorted position;
-    counts [E]), all int64, for contiguous int64 ids in [0, num_experts)."""
+    """(src [R]: the source row of each sorted slot, slot // copies; inverse [R]: each slot's sorted position; both
+    int64; ends [E] int32: cumulative row ends per expert) for contiguous int64 ids in [0, num_experts)."""
     n = ids_R.numel()
     e_pad = max(triton.next_power_of_2(num_experts), 16)
     block = max(8192 // e_pad, 16)  # the [BLOCK, E] one-hot tile stays ~64 values per thread
@@ -223,12 +222,12 @@ def sort_by_expert(ids_R: torch.Tensor, num_experts: int, copies: int
     block_counts = torch.empty(num_experts, n_blocks, dtype=torch.int32, device=ids_R.device)
     src = torch.empty(n, dtype=torch.int64, device=ids_R.device)
     inverse = torch.empty(n, dtype=torch.int64, device=ids_R.device)
-    counts = torch.empty(num_experts, dtype=torch.int64, device=ids_R.device)
+    group_ends = torch.empty(num_experts, dtype=torch.int32, device=ids_R.device)
     _expert_block_counts[(n_blocks,)](ids_R, block_counts, n, n_blocks, num_experts, e_pad, BLOCK=block)
-    ends = block_counts.view(-1).cumsum(0)
-    _expert_positions[(n_blocks,)](ids_R, ends, src, inverse, counts, n, n_blocks, copies, num_experts, e_pad,
+    ends = block_counts.view(-1).cumsum(0, dtype=torch.int32)  # int32 in and out: no cast kernel beside the scan
+    _expert_positions[(n_blocks,)](ids_R, ends, src, inverse, group_ends, n, n_blocks, copies, num_experts, e_pad,
                                    BLOCK=block)
-    return src, inverse, counts
+    return src, inverse, group_ends
 
 
 # The router after its linear: softmax in fp32, top-k by K rounds of a row argmax (ties to the lower expert id, as a

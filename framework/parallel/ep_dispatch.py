@@ -30,7 +30,7 @@ import torch.distributed as dist
 from framework.models.recompute import replay
 from framework.moe.dispatch import Experts
 from framework.moe.router import Routing
-from framework.ops.expert_sort import tokens_per_expert
+from framework.ops.expert_sort import group_ends, tokens_per_expert
 from framework.ops.permute import expand_rows, gather_sum, weighted_gather_sum
 from framework.parallel.all_to_all import Exchange, all_to_all_start, all_to_all_wait
 
@@ -102,13 +102,13 @@ class AllToAllDispatcher:
         pairs_sent = [host[c * ep:(c + 1) * ep] for c in range(chunks)]
         pairs_recv = [host[(chunks + c) * ep:(chunks + c + 1) * ep] for c in range(chunks)]
         rows_here = host[2 * chunks * ep:]
-        experts_counts = recv_counts[:, :, :e].sum(0)  # [C, e] rows per local expert, on the device
+        experts_ends = group_ends(recv_counts[:, :, :e].sum(0))  # [C, e] row ends per local expert, on the device
 
         sent = [self._send(x_TH[a:b], ids_TK[a:b], routing.weights[a:b], hit_TR[a:b], send, recv)
                 for (a, b), send, recv in zip(spans, pairs_sent, pairs_recv)]
         back = []
         for c, chunk in enumerate(sent):
-            pair_out = self._compute(chunk, rows_here[c], experts_counts[c], experts, ids_TK.shape[1])
+            pair_out = self._compute(chunk, rows_here[c], experts_ends[c], experts, ids_TK.shape[1])
             back.append(all_to_all_start(pair_out, chunk.send_splits, chunk.recv_splits, self.group))
         outs = [gather_sum(all_to_all_wait(*b), chunk.pair_index_TR, chunk.pair_token_P)
                 for chunk, b in zip(sent, back)]
@@ -132,7 +132,7 @@ class AllToAllDispatcher:
                                  send_splits, self.group)
         return _Sent(pair_token_P, pair_index_TR, send_splits, recv_splits, rows, slots)
 
-    def _compute(self, chunk: _Sent, rows_here: int, counts_e: torch.Tensor, experts: Experts,
+    def _compute(self, chunk: _Sent, rows_here: int, ends_e: torch.Tensor, experts: Experts,
                  top_k: int) -> torch.Tensor:
         """The received pairs of one chunk through the local experts: [Pr, H] routing-weighted sums per pair."""
         rows_recv = all_to_all_wait(*chunk.rows)
@@ -143,4 +143,4 @@ class AllToAllDispatcher:
         slots_Q, expert_index = _first_sorted(keys, rows_here)
         expert_index_PK = expert_index.view(rows_recv.shape[0], top_k)
         rows_QH = expand_rows(rows_recv, torch.div(slots_Q, top_k, rounding_mode="floor"), expert_index_PK)
-        return weighted_gather_sum(experts(rows_QH, counts_e), expert_index_PK, weights_recv.to(rows_QH.dtype))
+        return weighted_gather_sum(experts(rows_QH, ends_e), expert_index_PK, weights_recv.to(rows_QH.dtype))

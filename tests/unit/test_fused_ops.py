@@ -152,3 +152,22 @@ def test_rms_norm_matches_transformers_module():
             outs.append((y.float(), xi.grad.float(), m.weight.grad.float()))
         for a, b in zip(*outs):
             assert ((a - b).norm() / b.norm()).item() < tol, dtype
+
+
+def test_sort_by_expert_reference_gives_grouped_mm_offsets():
+    """The local dispatch metadata: rows sorted stably by expert, and the row ends per expert as int32 cumulative
+    sums (`torch._grouped_mm`'s offs), against a per-slot loop; group_counts inverts group_ends."""
+    from framework.ops.expert_sort import group_counts, group_ends, sort_by_expert
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 6, (11, 3))
+    ids[:, 0] = 2  # expert 2 crowded, some experts empty
+    src, inverse, ends = sort_by_expert(ids, 7)
+    flat = ids.reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=lambda s: (flat[s], s))
+    assert src.tolist() == [s // 3 for s in order]
+    assert [order[r] for r in inverse.tolist()] == list(range(len(flat)))
+    counts = [flat.count(e) for e in range(7)]
+    assert ends.dtype == torch.int32 and ends.tolist() == [sum(counts[:e + 1]) for e in range(7)]
+    assert group_counts(ends).tolist() == counts
+    assert group_ends(torch.tensor([[0, 2], [3, 0]])).tolist() == [[0, 2], [3, 3]]

@@ -11,9 +11,8 @@ import torch
 from framework.ops.swiglu import glu
 
 
-def grouped_mm_experts(rows_RH: torch.Tensor, counts_E: torch.Tensor, gate_up_E2IH: torch.Tensor,
+def grouped_mm_experts(rows_RH: torch.Tensor, group_ends_E: torch.Tensor, gate_up_E2IH: torch.Tensor,
                        down_EHI: torch.Tensor, act) -> torch.Tensor:
-    # offs are cumulative row ends; they stay on the device, so no host sync here.
-    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    gate_up_R2I = torch._grouped_mm(rows_RH, gate_up_E2IH.transpose(-2, -1), offs=offs)
-    return torch._grouped_mm(glu(gate_up_R2I, act), down_EHI.transpose(-2, -1), offs=offs)
+    # The group ends are _grouped_mm's `offs` as they are, and they stay on the device: no host sync here.
+    gate_up_R2I = torch._grouped_mm(rows_RH, gate_up_E2IH.transpose(-2, -1), offs=group_ends_E)
+    return torch._grouped_mm(glu(gate_up_R2I, act), down_EHI.transpose(-2, -1), offs=group_ends_E)
