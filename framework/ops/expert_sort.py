@@ -4,8 +4,8 @@ Legend: T tokens, K top-k (slots per token), R = T*K slots, E experts.
 The rows per expert leave as cumulative row ends (int32, `torch._grouped_mm`'s `offs`): the counting sort has them
 anyway, and the grouped GEMM would otherwise spend a cast and a scan of its own on them (PERF_NOTES change 24).
 On CUDA one stable counting sort (two Triton kernels and an int32 cumsum, framework/ops/triton_kernels.py) gives the
-three outputs at once; eager torch needs a radix argsort, an arange and a scatter for the inverse, and a scatter_add for the
-counts, each a launch of its own, and the host cost of those launches paced the layer at 4,096 tokens
+three outputs at once; eager torch needs a radix argsort, an arange and a scatter for the inverse, and a scatter_add
+for the counts, each a launch of its own, and the host cost of those launches paced the layer at 4,096 tokens
 (benchmarks/PERF_NOTES.md, change 13). The torch path below is the CPU path and the kernels' reference.
 """
 

@@ -159,8 +159,8 @@ def test_rms_norm_on_cuda_matches_transformers_and_saves_input_and_rstd(shape):
 @pytest.mark.parametrize("tokens,k,experts,skew", [(4096, 8, 128, False), (65536, 8, 128, False), (4099, 8, 128, True),
                                                     (1027, 4, 60, False), (2053, 8, 256, True), (3, 2, 4, False)])
 def test_sort_by_expert_kernel_equals_stable_argsort(tokens, k, experts, skew):
-    """The counting sort equals torch's stable argsort (order, inverse and the int32 row ends), exactly: including a skew that
-    sends 70% of the slots to expert 0 and expert counts that are not powers of 2."""
+    """The counting sort equals torch's stable argsort (order, inverse and the int32 row ends), exactly: including a
+    skew that sends 70% of the slots to expert 0 and expert counts that are not powers of 2."""
     if not triton_importable():
         pytest.fail("Triton is not importable on this CUDA machine")
     from framework.ops.triton_kernels import sort_by_expert
