@@ -32,12 +32,19 @@ def runner(num_gpus: int, port: int) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port", str(port)]
 
 
+def _raise_on_sigterm(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
 def run_logged(cmd: list[str], log: str, timeout: float | None = None, env: dict[str, str] | None = None) -> str:
     """Run cmd from the repo root with its output in `log` (returned); raise Failure on a nonzero status or timeout.
     `env` adds to (or overrides) this process's environment."""
     full_env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
     start = time.time()
+    # A SIGTERM (`timeout`, a scheduler) would end this process at once and leave the run's own process group
+    # holding the GPU for whatever is launched next; as an exception it reaches the kill below.
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
@@ -55,6 +62,8 @@ def run_logged(cmd: list[str], log: str, timeout: float | None = None, env: dict
             if not isinstance(e, subprocess.TimeoutExpired):
                 raise
             rc = f"timeout after {timeout:g} s"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     print(f"[{time.time() - start:6.1f} s] rc={rc} {os.path.basename(log)}: {' '.join(cmd[-4:])[-140:]}", flush=True)
     if rc != 0:
         with open(log) as f:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,14 @@ from pathlib import Path
 
 OURS = "ours:grouped_mm"
 STOCK = "transformers-5 grouped_mm block"
+
+
+class Stopped(Exception):
+    """SIGTERM arrived."""
+
+
+def _stop(_signum, _frame):
+    raise Stopped
 
 
 def run_layer(tree: Path, tokens: list[int], iters: int) -> dict:
@@ -64,15 +73,36 @@ def main() -> None:
     if not (trees["baseline"] / "benchmarks" / "moe_layer.py").is_file():
         raise SystemExit(f"--baseline {args.baseline}: no benchmarks/moe_layer.py there; pass a copy of the code")
     runs: dict[str, list[dict]] = {"candidate": [], "baseline": []}
-    for r in range(args.rounds):
-        order = ["candidate", "baseline"] if r % 2 == 0 else ["baseline", "candidate"]
-        for name in order:
-            runs[name].append(run_layer(trees[name], args.tokens, args.iters))
-            print(f"round {r + 1}: {name} done", flush=True)
-    print(f"\nmedians of {args.rounds} runs per tree (ms per forward+backward); stock block's host enqueue per run "
+    # A SIGTERM (`timeout`) still prints the medians of the runs done so far.
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for r in range(args.rounds):
+            order = ["candidate", "baseline"] if r % 2 == 0 else ["baseline", "candidate"]
+            for name in order:
+                run = run_layer(trees[name], args.tokens, args.iters)
+                runs[name].append(run)
+                print(f"round {r + 1} {name}: " + "; ".join(run_line(run, t) for t in args.tokens), flush=True)
+    except Stopped:
+        print("stopped: medians of the runs done so far", flush=True)
+    if all(runs.values()):
+        print_medians(runs, args.tokens)
+
+
+def run_line(run: dict, tokens: int) -> str:
+    ours = next(r for r in run["rows"] if r["tokens"] == tokens and r["impl"] == OURS)
+    stock = [r for r in run["rows"] if r["tokens"] == tokens and r["impl"] == STOCK]
+    o = ours["overheads"]
+    gauge = f" stock host {stock[0]['overheads']['enqueue_ms']:.2f}" if stock else ""
+    return (f"T={tokens} synced {ours['ms']:.2f} host {o['enqueue_ms']:.2f} kernels {o['kernel_ms']:.2f} "
+            f"#k {o['kernels']}{gauge}")
+
+
+def print_medians(runs: dict[str, list[dict]], tokens: list[int]) -> None:
+    counts = {name: len(r) for name, r in runs.items()}
+    print(f"\nmedians of {counts} runs per tree (ms per forward+backward); stock block's host enqueue per run "
           "gauges the host's drift")
     print(f"{'T':>6} {'tree':<10} {'synced':>7} {'%ceil':>6} {'host':>6} {'kernels':>8} {'#k':>4}  stock host")
-    for t in args.tokens:
+    for t in tokens:
         s = {name: summarize(runs[name], t) for name in runs}
         for name, v in s.items():
             print(f"{t:>6} {name:<10} {v['synced']:7.2f} {v['pct']:5.0f}% {v['host']:6.2f} {v['kernels']:8.2f} "
@@ -81,7 +111,6 @@ def main() -> None:
         print(f"{t:>6} {'change':<10} {100 * (c['synced'] / b['synced'] - 1):+6.1f}% {'':6} "
               f"{c['host'] - b['host']:+6.2f} {c['kernels'] - b['kernels']:+8.2f} "
               f"{c['launches'] - b['launches']:+4.0f}")
-
 
 if __name__ == "__main__":
     main()
