@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Where the MoE layer's host time goes, stage by stage, without a profiler.
+
+    python benchmarks/layer_host.py [--tokens 4096 16384] [--iters 50]
+
+One Qwen3-30B-A3B layer (ours, grouped_mm, local dispatch), forward+backward as benchmarks/moe_layer.py times it,
+cut into the stages its forward runs (router, sort, expansion, experts, combine, balance statistics) and the
+backward. Before each step ~100 ms of device work is queued, so no stage ever waits for the GPU and each time is the
+host's alone; medians over --iters steps. Beside them, what one launch costs on this host: a small torch op, an
+empty autograd Function, a one-element Triton kernel. Why: in the synced step the device idles until the host has
+enqueued everything up to the first grouped GEMM (PERF_NOTES, "Where the synced step waits"), and the torch
+profiler inflates exactly those host times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from framework.moe.aux_loss import router_stats  # noqa: E402
+from framework.moe.dispatch import TorchDispatcher  # noqa: E402
+from framework.moe.layer import MoEBlock  # noqa: E402
+from framework.moe.router import TopKRouter  # noqa: E402
+from framework.ops.expert_sort import sort_by_expert  # noqa: E402
+from framework.ops.permute import expand_rows, weighted_gather_sum  # noqa: E402
+
+H, I, E, K = 2048, 768, 128, 8
+STAGES = ("router", "sort", "expand", "experts", "combine", "stats", "backward")
+BEFORE_FIRST_GEMM = ("router", "sort", "expand")
+
+
+def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark: Callable[[str], None]
+                ) -> torch.Tensor:
+    """One forward+backward of `block` (local TorchDispatcher, no shared experts) as MoEBlock.forward runs it, with
+    `mark(stage)` called as each stage ends; returns the forward output (tests compare it with `block(x)`)."""
+    x_BSH.grad = None
+    for p in block.parameters():
+        p.grad = None
+    x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
+    routing = block.gate(x_TH)
+    mark("router")
+    src, inverse, ends = sort_by_expert(routing.expert_ids, block.num_experts)
+    mark("sort")
+    rows = expand_rows(x_TH, src, inverse.view(routing.expert_ids.shape))
+    mark("expand")
+    out = block.experts(rows, ends)
+    mark("experts")
+    y_TH = weighted_gather_sum(out, inverse.view(routing.expert_ids.shape), routing.weights)
+    mark("combine")
+    router_stats(routing, None, block.z_loss)
+    mark("stats")
+    y_BSH = y_TH.view_as(x_BSH)
+    y_BSH.backward(dy_BSH)
+    mark("backward")
+    return y_BSH
+
+
+def stage_times_us(block: MoEBlock, x: torch.Tensor, dy: torch.Tensor, iters: int) -> dict[str, float]:
+    """Median host microseconds per stage, the device kept busy."""
+    times: dict[str, list[float]] = {s: [] for s in STAGES}
+    for i in range(iters + 3):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2e8))  # ~100 ms queued first: nothing below waits for the GPU
+        stamps = [("start", time.perf_counter())]
+        staged_step(block, x, dy, lambda stage: stamps.append((stage, time.perf_counter())))
+        if i >= 3:  # warm-up
+            for (_, t0), (stage, t1) in zip(stamps, stamps[1:]):
+                times[stage].append((t1 - t0) * 1e6)
+    torch.cuda.synchronize()
+    return {s: statistics.median(v) for s, v in times.items()}
+
+
+def launch_costs_us(iters: int = 200) -> dict[str, float]:
+    """Host microseconds of one launch of each kind, the device kept busy (medians of `iters`)."""
+    import triton  # noqa: PLC0415
+    import triton.language as tl  # noqa: PLC0415
+
+    @triton.jit
+    def _copy_one(src_ptr, dst_ptr):
+        tl.store(dst_ptr, tl.load(src_ptr))
+
+    class _Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    small = torch.zeros(1, device="cuda")
+    dst = torch.zeros(1, device="cuda")
+    leaf = torch.zeros(1, device="cuda", requires_grad=True)
+    kinds = {"torch op (add_ of 1 element)": lambda: small.add_(1),
+             "torch.empty (1 element)": lambda: torch.empty(1, device="cuda"),
+             "autograd Function, empty": lambda: _Identity.apply(leaf),
+             "Triton kernel, 1 element": lambda: _copy_one[(1,)](small, dst)}
+    out = {}
+    for name, fn in kinds.items():
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2e8))
+        samples = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+        out[name] = statistics.median(samples)
+        torch.cuda.synchronize()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    block = MoEBlock(H, I, E, TopKRouter(H, E, K, True), torch.nn.SiLU(), backend="grouped_mm").cuda().bfloat16()
+    assert isinstance(block.dispatcher, TorchDispatcher)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    print(f"{torch.cuda.get_device_name()}; one Qwen3-30B-A3B layer (H={H} I={I} E={E} K={K}), grouped_mm; "
+          f"host microseconds, medians of {args.iters} steps, the device kept busy")
+    for name, us in launch_costs_us().items():
+        print(f"  one launch: {name:<32} {us:7.1f}")
+    for tokens in args.tokens:
+        x = torch.randn(1, tokens, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+        us = stage_times_us(block, x, dy, args.iters)
+        total = sum(us.values())
+        before = sum(us[s] for s in BEFORE_FIRST_GEMM)
+        print(f"\nT={tokens}: {total:.0f} us in all; {before:.0f} us before the first grouped GEMM's launch "
+              f"({' + '.join(BEFORE_FIRST_GEMM)})")
+        for stage in STAGES:
+            print(f"  {stage:<10} {us[stage]:8.1f}  {100 * us[stage] / total:4.0f}%")
+
+
+if __name__ == "__main__":
+    main()
