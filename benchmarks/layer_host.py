@@ -1,13 +1,19 @@
 #!/usr/bin/env python
 """Where the MoE layer's host time goes, stage by stage, without a profiler.
 
-    python benchmarks/layer_host.py [--tokens 4096 16384] [--iters 50]
+    python benchmarks/layer_host.py [--tokens 4096 16384] [--iters 30] [--mode synced ahead busy]
 
 One Qwen3-30B-A3B layer (ours, grouped_mm, local dispatch), forward+backward as benchmarks/moe_layer.py times it,
 cut into the stages its forward runs (router, sort, expansion, experts, combine, balance statistics) and the
-backward. Before each step ~100 ms of device work is queued, so no stage ever waits for the GPU and each time is the
-host's alone; medians over --iters steps. Beside them, what one launch costs on this host: a small torch op, an
-empty autograd Function, a one-element Triton kernel. Why: in the synced step the device idles until the host has
+backward; medians over --iters steps. The step has no host sync, so the host never waits inside it and each stage's
+time is the host's alone. Three ways to run the steps (--mode): `synced`, each step after a sync (the condition of
+moe_layer.py's timed steps); `ahead`, back to back with no sync (as in training, where the GPU is still busy with
+earlier work; at token counts where the device is much slower than the host the launch queue can fill and block);
+`busy`, each step after a sync and ~100 ms of queued device work (how moe_layer.py's `--overheads` measures its
+host enqueue). On an H200 (session 13) `busy` gave a larger host total (3.76 ms per step at T=4,096) than the
+per-step wall time with the host running ahead (2.58 ms), so it overstates the host. Beside them, what one launch of each kind costs on this host, in a
+tight loop: a small torch op, an empty autograd Function, a one-element Triton kernel (the real step's calls cost
+more than these: its Python is not in a hot loop). Why: in the synced step the device idles until the host has
 enqueued everything up to the first grouped GEMM (PERF_NOTES, "Where the synced step waits"), and the torch
 profiler inflates exactly those host times.
 """
@@ -63,12 +69,15 @@ def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark
     return y_BSH
 
 
-def stage_times_us(block: MoEBlock, x: torch.Tensor, dy: torch.Tensor, iters: int) -> dict[str, float]:
-    """Median host microseconds per stage, the device kept busy."""
+def stage_times_us(block: MoEBlock, x: torch.Tensor, dy: torch.Tensor, iters: int, mode: str) -> dict[str, float]:
+    """Median host microseconds per stage over `iters` steps (after 3 warm-up steps); `mode` as in the module doc."""
     times: dict[str, list[float]] = {s: [] for s in STAGES}
+    torch.cuda.synchronize()
     for i in range(iters + 3):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(2e8))  # ~100 ms queued first: nothing below waits for the GPU
+        if mode in ("synced", "busy"):
+            torch.cuda.synchronize()
+        if mode == "busy":
+            torch.cuda._sleep(int(2e8))  # ~100 ms queued first
         stamps = [("start", time.perf_counter())]
         staged_step(block, x, dy, lambda stage: stamps.append((stage, time.perf_counter())))
         if i >= 3:  # warm-up
@@ -121,7 +130,9 @@ def launch_costs_us(iters: int = 200) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--mode", nargs="+", choices=["synced", "ahead", "busy"],
+                        default=["synced", "ahead"])
     args = parser.parse_args()
     block = MoEBlock(H, I, E, TopKRouter(H, E, K, True), torch.nn.SiLU(), backend="grouped_mm").cuda().bfloat16()
     assert isinstance(block.dispatcher, TorchDispatcher)
@@ -129,20 +140,20 @@ def main() -> None:
         for p in block.parameters():
             p.normal_(0, 0.02)
     print(f"{torch.cuda.get_device_name()}; one Qwen3-30B-A3B layer (H={H} I={I} E={E} K={K}), grouped_mm; "
-          f"host microseconds, medians of {args.iters} steps, the device kept busy")
+          f"host microseconds, medians of {args.iters} steps")
     for name, us in launch_costs_us().items():
         print(f"  one launch: {name:<32} {us:7.1f}")
     for tokens in args.tokens:
         x = torch.randn(1, tokens, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
-        us = stage_times_us(block, x, dy, args.iters)
-        total = sum(us.values())
-        before = sum(us[s] for s in BEFORE_FIRST_GEMM)
-        print(f"\nT={tokens}: {total:.0f} us in all; {before:.0f} us before the first grouped GEMM's launch "
-              f"({' + '.join(BEFORE_FIRST_GEMM)})")
-        for stage in STAGES:
-            print(f"  {stage:<10} {us[stage]:8.1f}  {100 * us[stage] / total:4.0f}%")
-
+        for mode in args.mode:
+            us = stage_times_us(block, x, dy, args.iters, mode)
+            total = sum(us.values())
+            before = sum(us[s] for s in BEFORE_FIRST_GEMM)
+            print(f"\nT={tokens}, {mode}: {total:.0f} us in all; {before:.0f} us before the first grouped GEMM's "
+                  f"launch ({' + '.join(BEFORE_FIRST_GEMM)})")
+            for stage in STAGES:
+                print(f"  {stage:<10} {us[stage]:8.1f}  {100 * us[stage] / total:4.0f}%")
 
 if __name__ == "__main__":
     main()
