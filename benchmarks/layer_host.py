@@ -28,31 +28,39 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework.moe.aux_loss import router_stats  # noqa: E402
 from framework.moe.dispatch import TorchDispatcher  # noqa: E402
 from framework.moe.layer import MoEBlock  # noqa: E402
-from framework.moe.router import TopKRouter  # noqa: E402
+from framework.moe.router import Routing, TopKRouter  # noqa: E402
 from framework.ops.expert_sort import sort_by_expert  # noqa: E402
 from framework.ops.permute import expand_rows, weighted_gather_sum  # noqa: E402
+from framework.ops.softmax_topk import softmax_topk  # noqa: E402
 
 H, I, E, K = 2048, 768, 128, 8
-STAGES = ("router", "sort", "expand", "experts", "combine", "stats", "backward")
-BEFORE_FIRST_GEMM = ("router", "sort", "expand")
+STAGES = ("grads", "linear", "top-k", "sort", "expand", "experts", "combine", "stats", "backward")
+BEFORE_FIRST_GEMM = ("grads", "linear", "top-k", "sort", "expand")
 
 
 def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark: Callable[[str], None]
                 ) -> torch.Tensor:
-    """One forward+backward of `block` (local TorchDispatcher, no shared experts) as MoEBlock.forward runs it, with
+    """One forward+backward of `block` (TopKRouter, local TorchDispatcher, no shared experts) as MoEBlock.forward
+    runs it, with
     `mark(stage)` called as each stage ends; returns the forward output (tests compare it with `block(x)`)."""
     x_BSH.grad = None
     for p in block.parameters():
         p.grad = None
+    mark("grads")
     x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
-    routing = block.gate(x_TH)
-    mark("router")
+    router = block.gate  # TopKRouter.forward in two stages (its Module call is not timed)
+    logits_TE = F.linear(x_TH, router.weight)
+    mark("linear")
+    weights_TK, ids_TK, probs_TE = softmax_topk(logits_TE, router.top_k, router.norm_topk_prob)
+    routing = Routing(weights_TK, ids_TK, probs_TE, logits_TE)
+    mark("top-k")
     src, inverse, ends = sort_by_expert(routing.expert_ids, block.num_experts)
     mark("sort")
     rows = expand_rows(x_TH, src, inverse.view(routing.expert_ids.shape))
@@ -87,8 +95,9 @@ def stage_times_us(block: MoEBlock, x: torch.Tensor, dy: torch.Tensor, iters: in
     return {s: statistics.median(v) for s, v in times.items()}
 
 
-def launch_costs_us(iters: int = 200) -> dict[str, float]:
-    """Host microseconds of one launch of each kind, the device kept busy (medians of `iters`)."""
+def launch_costs_us(tokens: int, iters: int = 200) -> dict[str, float]:
+    """Host microseconds of one call of each kind in a tight loop (medians of `iters`), the router's linear at
+    `tokens` tokens among them, under each of torch's BLAS back ends (cuBLAS looks its kernel up per call)."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
@@ -108,24 +117,35 @@ def launch_costs_us(iters: int = 200) -> dict[str, float]:
     small = torch.zeros(1, device="cuda")
     dst = torch.zeros(1, device="cuda")
     leaf = torch.zeros(1, device="cuda", requires_grad=True)
+    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(E, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    identity = torch.nn.Identity()
     kinds = {"torch op (add_ of 1 element)": lambda: small.add_(1),
              "torch.empty (1 element)": lambda: torch.empty(1, device="cuda"),
+             "nn.Module call (Identity)": lambda: identity(small),
              "autograd Function, empty": lambda: _Identity.apply(leaf),
              "Triton kernel, 1 element": lambda: _copy_one[(1,)](small, dst)}
-    out = {}
-    for name, fn in kinds.items():
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(2e8))
-        samples = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-        out[name] = statistics.median(samples)
-        torch.cuda.synchronize()
+    out = {name: _median_call_us(fn, iters) for name, fn in kinds.items()}
+    blas = torch.backends.cuda.preferred_blas_library()
+    try:
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            out[f"router linear [{tokens}, {H}] x [{H}, {E}], {lib}"] = _median_call_us(lambda: F.linear(x, w), iters)
+    finally:
+        torch.backends.cuda.preferred_blas_library(blas)
     return out
 
+
+def _median_call_us(fn: Callable[[], object], iters: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -141,8 +161,8 @@ def main() -> None:
             p.normal_(0, 0.02)
     print(f"{torch.cuda.get_device_name()}; one Qwen3-30B-A3B layer (H={H} I={I} E={E} K={K}), grouped_mm; "
           f"host microseconds, medians of {args.iters} steps")
-    for name, us in launch_costs_us().items():
-        print(f"  one launch: {name:<32} {us:7.1f}")
+    for name, us in launch_costs_us(args.tokens[0]).items():
+        print(f"  one call: {name:<48} {us:7.1f}")
     for tokens in args.tokens:
         x = torch.randn(1, tokens, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
