@@ -11,10 +11,11 @@ moe_layer.py's timed steps); `ahead`, back to back with no sync (as in training,
 earlier work; at token counts where the device is much slower than the host the launch queue can fill and block);
 `busy`, each step after a sync and ~100 ms of queued device work (how moe_layer.py's `--overheads` measures its
 host enqueue). On an H200 (session 13) `busy` gave a larger host total (3.76 ms per step at T=4,096) than the
-per-step wall time with the host running ahead (2.58 ms), so it overstates the host. Beside them, what one launch of each kind costs on this host, in a
-tight loop: a small torch op, an empty autograd Function, a one-element Triton kernel (the real step's calls cost
-more than these: its Python is not in a hot loop). Why: in the synced step the device idles until the host has
-enqueued everything up to the first grouped GEMM (PERF_NOTES, "Where the synced step waits"), and the torch
+per-step wall time with the host running ahead (2.58 ms), so it overstates the host. Beside them, what one call
+of each kind costs on this host in a tight loop: a small torch op, an empty autograd Function, a one-element Triton
+kernel, the router's linear under cuBLAS and cuBLASLt (the real step's calls cost more than these: its Python is
+not in a hot loop). Why: in the synced step the device idles until the host has enqueued everything up to the first
+grouped GEMM (PERF_NOTES, "Where the synced step waits"), and the torch
 profiler inflates exactly those host times.
 """
 
