@@ -49,8 +49,8 @@ BEFORE_FIRST_GEMM = ("grads", "linear", "top-k", "sort", "expand")
 def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark: Callable[[str], None]
                 ) -> torch.Tensor:
     """One forward+backward of `block` (TopKRouter, local TorchDispatcher, no shared experts) as MoEBlock.forward
-    runs it, with
-    `mark(stage)` called as each stage ends; returns the forward output (tests compare it with `block(x)`)."""
+    runs it, with `mark(stage)` called as each stage ends; returns the forward output (tests compare it with
+    `block(x)`)."""
     x_BSH.grad = None
     for p in block.parameters():
         p.grad = None
