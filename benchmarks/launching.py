@@ -42,12 +42,12 @@ def run_logged(cmd: list[str], log: str, timeout: float | None = None, env: dict
     full_env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
     start = time.time()
-    # A SIGTERM (`timeout`, a scheduler) would end this process at once and leave the run's own process group
-    # holding the GPU for whatever is launched next; as an exception it reaches the kill below.
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
+        # A SIGTERM (`timeout`, a scheduler) would end this process at once and leave the run's own process group
+        # holding the GPU for whatever is launched next; as an exception it reaches the kill below.
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
         # its own process group, so that a timeout (or Ctrl-C) stops the runner's rank processes too
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
                                 start_new_session=True)

@@ -48,12 +48,14 @@ def run_layer(tree: Path, tokens: list[int], iters: int) -> dict:
         return json.loads(out.read_text())
 
 
+def rows_of(runs: list[dict], tokens: int, impl: str) -> list[dict]:
+    """The rows of `impl` at `tokens` tokens in these runs, in run order."""
+    return [r for run in runs for r in run["rows"] if r["tokens"] == tokens and r["impl"] == impl]
+
+
 def summarize(runs: list[dict], tokens: int) -> dict:
     """Medians over runs of one tree at one token count."""
-    def rows(impl):
-        return [r for run in runs for r in run["rows"] if r["tokens"] == tokens and r["impl"] == impl]
-
-    ours, stock = rows(OURS), rows(STOCK)
+    ours, stock = rows_of(runs, tokens, OURS), rows_of(runs, tokens, STOCK)
     med = statistics.median
     return {"synced": med(r["ms"] for r in ours), "host": med(r["overheads"]["enqueue_ms"] for r in ours),
             "kernels": med(r["overheads"]["kernel_ms"] for r in ours),
@@ -89,8 +91,7 @@ def main() -> None:
 
 
 def run_line(run: dict, tokens: int) -> str:
-    ours = next(r for r in run["rows"] if r["tokens"] == tokens and r["impl"] == OURS)
-    stock = [r for r in run["rows"] if r["tokens"] == tokens and r["impl"] == STOCK]
+    ours, stock = rows_of([run], tokens, OURS)[0], rows_of([run], tokens, STOCK)
     o = ours["overheads"]
     gauge = f" stock host {stock[0]['overheads']['enqueue_ms']:.2f}" if stock else ""
     return (f"T={tokens} synced {ours['ms']:.2f} host {o['enqueue_ms']:.2f} kernels {o['kernel_ms']:.2f} "
@@ -111,6 +112,7 @@ def print_medians(runs: dict[str, list[dict]], tokens: list[int]) -> None:
         print(f"{t:>6} {'change':<10} {100 * (c['synced'] / b['synced'] - 1):+6.1f}% {'':6} "
               f"{c['host'] - b['host']:+6.2f} {c['kernels'] - b['kernels']:+8.2f} "
               f"{c['launches'] - b['launches']:+4.0f}")
+
 
 if __name__ == "__main__":
     main()
