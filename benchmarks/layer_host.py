@@ -4,7 +4,7 @@
     python benchmarks/layer_host.py [--tokens 4096 16384] [--iters 30] [--mode synced ahead busy]
 
 One Qwen3-30B-A3B layer (ours, grouped_mm, local dispatch), forward+backward as benchmarks/moe_layer.py times it,
-cut into the stages its forward runs (router, sort, expansion, experts, combine, balance statistics) and the
+cut into the stages its forward runs (router, dispatch, experts, combine, balance statistics) and the
 backward; medians over --iters steps. The step has no host sync, so the host never waits inside it and each stage's
 time is the host's alone. Three ways to run the steps (--mode): `synced`, each step after a sync (the condition of
 moe_layer.py's timed steps); `ahead`, back to back with no sync (as in training, where the GPU is still busy with
@@ -37,13 +37,13 @@ from framework.moe.aux_loss import router_stats  # noqa: E402
 from framework.moe.dispatch import TorchDispatcher  # noqa: E402
 from framework.moe.layer import MoEBlock  # noqa: E402
 from framework.moe.router import Routing, TopKRouter  # noqa: E402
-from framework.ops.expert_sort import sort_by_expert  # noqa: E402
-from framework.ops.permute import expand_rows, weighted_gather_sum  # noqa: E402
+from framework.ops.expert_sort import expand_by_expert  # noqa: E402
+from framework.ops.permute import weighted_gather_sum  # noqa: E402
 from framework.ops.softmax_topk import softmax_topk  # noqa: E402
 
 H, I, E, K = 2048, 768, 128, 8
-STAGES = ("grads", "linear", "top-k", "sort", "expand", "experts", "combine", "stats", "backward")
-BEFORE_FIRST_GEMM = ("grads", "linear", "top-k", "sort", "expand")
+STAGES = ("grads", "linear", "top-k", "dispatch", "experts", "combine", "stats", "backward")
+BEFORE_FIRST_GEMM = ("grads", "linear", "top-k", "dispatch")
 
 
 def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark: Callable[[str], None]
@@ -62,13 +62,11 @@ def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark
     weights_TK, ids_TK, probs_TE = softmax_topk(logits_TE, router.top_k, router.norm_topk_prob)
     routing = Routing(weights_TK, ids_TK, probs_TE, logits_TE)
     mark("top-k")
-    src, inverse, ends = sort_by_expert(routing.expert_ids, block.num_experts)
-    mark("sort")
-    rows = expand_rows(x_TH, src, inverse.view(routing.expert_ids.shape))
-    mark("expand")
+    rows, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, block.num_experts)
+    mark("dispatch")
     out = block.experts(rows, ends)
     mark("experts")
-    y_TH = weighted_gather_sum(out, inverse.view(routing.expert_ids.shape), routing.weights)
+    y_TH = weighted_gather_sum(out, inverse_TK, routing.weights)
     mark("combine")
     router_stats(routing, None, block.z_loss)
     mark("stats")

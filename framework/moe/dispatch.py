@@ -14,8 +14,8 @@ from typing import NamedTuple, Protocol
 import torch
 
 from framework.moe.router import Routing
-from framework.ops.expert_sort import sort_by_expert
-from framework.ops.permute import expand_rows, weighted_gather_sum
+from framework.ops.expert_sort import expand_by_expert
+from framework.ops.permute import weighted_gather_sum
 
 
 # rows [R, H] grouped by expert, cumulative row ends per expert [E] (int32, framework/ops/expert_sort.group_ends)
@@ -26,7 +26,7 @@ Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class SortedMeta(NamedTuple):
     """TorchDispatcher's metadata for combine."""
 
-    inverse_R: torch.Tensor  # flat (token, k) slot s became dispatched row inverse_R[s]
+    inverse_TK: torch.Tensor  # slot (t, k) became dispatched row inverse_TK[t, k]
     weights_TK: torch.Tensor  # combine weights
 
 
@@ -64,18 +64,16 @@ class LocalDispatcher:
 
 
 class TorchDispatcher(LocalDispatcher):
-    """A stable sort of the slots by expert (framework/ops/expert_sort.py), then gathers in both directions (no
-    atomics); the weighted K-way sum of combine and of dispatch's backward is one Triton kernel on CUDA
+    """A stable sort of the slots by expert fused with the row copy (framework/ops/expert_sort.py), then gathers
+    back (no atomics); the weighted K-way sum of combine and of dispatch's backward is one Triton kernel on CUDA
     (framework/ops/permute.py), torch elsewhere."""
 
     def dispatch(self, x_TH, routing, num_experts):
-        src, inverse, ends = sort_by_expert(routing.expert_ids, num_experts)
-        rows = expand_rows(x_TH, src, inverse.view(routing.expert_ids.shape))
-        return rows, ends, SortedMeta(inverse, routing.weights)
+        rows, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, num_experts)
+        return rows, ends, SortedMeta(inverse_TK, routing.weights)
 
     def combine(self, rows_RH, meta):
-        num_tokens, top_k = meta.weights_TK.shape
-        return weighted_gather_sum(rows_RH, meta.inverse_R.view(num_tokens, top_k), meta.weights_TK)
+        return weighted_gather_sum(rows_RH, meta.inverse_TK, meta.weights_TK)
 
 
 class MegablocksDispatcher(LocalDispatcher):

@@ -1,18 +1,20 @@
-"""Routed slots sorted by expert: the dispatch metadata of the local (single-rank) dispatcher.
+"""Routed slots sorted by expert: the local (single-rank) dispatcher's rows and metadata.
 
-Legend: T tokens, K top-k (slots per token), R = T*K slots, E experts.
+Legend: T tokens, H hidden, K top-k (slots per token), R = T*K slots, E experts.
 The rows per expert leave as cumulative row ends (int32, `torch._grouped_mm`'s `offs`): the counting sort has them
 anyway, and the grouped GEMM would otherwise spend a cast and a scan of its own on them (PERF_NOTES change 24).
-On CUDA one stable counting sort (two Triton kernels and an int32 cumsum, framework/ops/triton_kernels.py) gives the
-three outputs at once; eager torch needs a radix argsort, an arange and a scatter for the inverse, and a scatter_add
-for the counts, each a launch of its own, and the host cost of those launches paced the layer at 4,096 tokens
-(benchmarks/PERF_NOTES.md, change 13). The torch path below is the CPU path and the kernels' reference.
+On CUDA `expand_by_expert` is two Triton launches (framework/ops/triton_kernels.py): a stable counting sort whose
+second pass also copies each slot's token row to its sorted place. Eager torch needs a radix argsort, an arange and a
+scatter for the inverse, a scatter_add for the counts and an index_select, each a launch of its own, and the host
+cost of those launches paced the layer at 4,096 tokens (benchmarks/PERF_NOTES.md, changes 13 and 26). The torch path
+below is the CPU path and the kernels' reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from framework.ops.permute import sum_rows
 from framework.ops.triton_available import use_triton
 
 
@@ -45,11 +47,28 @@ def group_counts(ends_E: torch.Tensor) -> torch.Tensor:
     return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
-def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Slot (t, k) of `ids_TK` [T, K] (int64 expert ids in [0, E)) sorted stably by expert: (src [R] int64, the token
-    each sorted row copies; inverse [R] int64, the sorted row of flat slot t*K + k; ends [E] int32, the cumulative
-    row ends per expert, `group_ends`)."""
-    if use_triton(ids_TK) and ids_TK.numel():
-        from framework.ops.triton_kernels import sort_by_expert as sort_kernel  # noqa: PLC0415
-        return sort_kernel(ids_TK.reshape(-1).contiguous(), num_experts, ids_TK.shape[-1])
-    return sort_by_expert_reference(ids_TK, num_experts)
+class _ExpandByExpert(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int):
+        if use_triton(x_TH) and ids_TK.numel():
+            from framework.ops.triton_kernels import expand_by_expert as expand_kernel  # noqa: PLC0415
+            rows, inverse_TK, ends = expand_kernel(x_TH.contiguous(), ids_TK.contiguous(), num_experts)
+        else:
+            src, inverse, ends = sort_by_expert_reference(ids_TK, num_experts)
+            rows, inverse_TK = x_TH.index_select(0, src), inverse.view(ids_TK.shape)
+        ctx.save_for_backward(inverse_TK)
+        ctx.mark_non_differentiable(inverse_TK, ends)
+        return rows, inverse_TK, ends
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor, _inverse, _ends):
+        (inverse_TK,) = ctx.saved_tensors
+        return sum_rows(grad_rows, inverse_TK, None), None, None
+
+
+def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token t's row copied once for each of its slots (t, k) of `ids_TK` [T, K] (int64 expert ids in [0, E)), the
+    copies sorted stably by expert: (rows [R, H], differentiable in x; inverse [T, K] int64, the row slot (t, k)
+    became; ends [E] int32, the cumulative row ends per expert, `group_ends`)."""
+    return _ExpandByExpert.apply(x_TH, ids_TK, num_experts)

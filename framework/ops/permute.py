@@ -26,7 +26,7 @@ def _slots(rows_RH: torch.Tensor, index_TJ: torch.Tensor) -> tuple[torch.Tensor,
     return gathered.view(tokens, slots, rows_RH.shape[1]) * valid.unsqueeze(-1).to(rows_RH.dtype), valid
 
 
-def _gather_sum(rows_RH: torch.Tensor, index_TJ: torch.Tensor, weight_TJ: torch.Tensor | None) -> torch.Tensor:
+def sum_rows(rows_RH: torch.Tensor, index_TJ: torch.Tensor, weight_TJ: torch.Tensor | None) -> torch.Tensor:
     """out[t] = sum_j weight[t, j] * rows[index[t, j]] (weight None: plain sum; holes skipped). No autograd."""
     if use_triton(rows_RH):
         from framework.ops.triton_kernels import gather_sum_forward  # noqa: PLC0415
@@ -47,7 +47,7 @@ class _ExpandRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index_TJ,) = ctx.saved_tensors
-        return _gather_sum(grad, index_TJ, None), None, None
+        return sum_rows(grad, index_TJ, None), None, None
 
 
 def expand_rows(x_TH: torch.Tensor, src_R: torch.Tensor, index_TJ: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ class _WeightedGatherSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_RH: torch.Tensor, index_TJ: torch.Tensor, weight_TJ: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(rows_RH, index_TJ, weight_TJ)
-        return _gather_sum(rows_RH, index_TJ, weight_TJ)
+        return sum_rows(rows_RH, index_TJ, weight_TJ)
 
     @staticmethod
     def backward(ctx, grad_TH: torch.Tensor):
@@ -97,7 +97,7 @@ class _GatherSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_RH: torch.Tensor, index_TJ: torch.Tensor, src_R: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(src_R)
-        return _gather_sum(rows_RH, index_TJ, None)
+        return sum_rows(rows_RH, index_TJ, None)
 
     @staticmethod
     def backward(ctx, grad_TH: torch.Tensor):

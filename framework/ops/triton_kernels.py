@@ -11,6 +11,8 @@ Loss legend: C tokens of a chunk, V vocabulary.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -175,59 +177,107 @@ def cross_entropy_grad_(logits_CV: torch.Tensor, labels_C: torch.Tensor, ignore_
     return loss
 
 
-# Stable counting sort of routed slots by expert (dispatch metadata). Each block of slots counts its experts
-# (pass 1); a cumsum over the [E, blocks] counts, expert-major, gives every (expert, block) its first position; pass 2
-# ranks each slot among its block's slots of the same expert (a running count over a one-hot [BLOCK, E] tile) and
-# writes where it goes. Equal to torch.argsort(ids, stable=True) and its inverse, with two launches and one cumsum
-# instead of a radix sort's several, plus a scatter for the inverse and one for the counts.
-@triton.jit
-def _expert_block_counts(ids_ptr, block_counts_ptr, n, n_blocks, E: tl.constexpr, E_PAD: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    block = tl.program_id(0)
-    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < n, other=E_PAD)  # E_PAD matches no expert column
-    experts = tl.arange(0, E_PAD)
-    hit = (ids[:, None] == experts[None, :]).to(tl.int32)
-    tl.store(block_counts_ptr + experts.to(tl.int64) * n_blocks + block, tl.sum(hit, axis=0), mask=experts < E)
+# The dispatch's stable counting sort of routed slots by expert, fused with the row copy it feeds. Pass 1: each block
+# of slots counts its experts into an [E, blocks] table. Pass 2: each program reads the whole table (at most 128
+# blocks, so it stays small and in L2) and forms its block's first position per expert itself (the rows of all lower
+# experts plus this expert's rows in lower blocks), ranks each slot among its block's slots of the same expert (a
+# running count over one-hot [CHUNK, E] tiles), writes the slot's sorted position and copies its token's row there.
+# Equal to torch.argsort(ids, stable=True), its inverse, the row ends and x[order // K]: two launches where the
+# sort, its cumsum and an index_select with its int64 source index took four (PERF_NOTES change 26).
+_SORT_MAX_BLOCKS = 128
+_ONE_HOT_VALUES = 8192  # [CHUNK, E_PAD] one-hot tile: ~64 values per thread
+_COUNT_TABLE_VALUES = 16384  # [E_PAD, blocks] table each pass-2 program reads
+_COPY_COLS = 128
+_COPY_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _expert_positions(ids_ptr, ends_ptr, src_ptr, inverse_ptr, group_ends_ptr, n, n_blocks, K: tl.constexpr,
-                      E: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _expert_block_counts(ids_ptr, counts_ptr, n, n_blocks, chunks_per_block, E: tl.constexpr, E_PAD: tl.constexpr,
+                         CHUNK: tl.constexpr):
     block = tl.program_id(0)
-    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    ids = tl.load(ids_ptr + offs, mask=mask, other=E_PAD)
     experts = tl.arange(0, E_PAD)
-    hit = (ids[:, None] == experts[None, :]).to(tl.int32)
-    rank = tl.sum(tl.cumsum(hit, axis=0) * hit, axis=1)  # 1-based rank among this block's slots of its expert
-    in_block = tl.sum(hit * tl.sum(hit, axis=0)[None, :], axis=1)  # this block's slots of its expert
-    end = tl.load(ends_ptr + ids.to(tl.int64) * n_blocks + block, mask=mask, other=0)  # inclusive cumsum
-    pos = end - in_block + rank - 1
-    tl.store(inverse_ptr + offs, pos, mask=mask)
-    tl.store(src_ptr + pos, offs // K, mask=mask)
-    if block == 0:  # each expert's row end: the cumsum at its last block
-        last = tl.load(ends_ptr + experts.to(tl.int64) * n_blocks + n_blocks - 1, mask=experts < E, other=0)
-        tl.store(group_ends_ptr + experts, last, mask=experts < E)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    for c in tl.range(0, chunks_per_block):
+        offs = (block * chunks_per_block + c).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < n, other=E_PAD)  # E_PAD matches no expert column
+        total += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + experts * n_blocks + block, total, mask=experts < E)
 
 
-def sort_by_expert(ids_R: torch.Tensor, num_experts: int, copies: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(src [R]: the source row of each sorted slot, slot // copies; inverse [R]: each slot's sorted position; both
-    int64; ends [E] int32: cumulative row ends per expert) for contiguous int64 ids in [0, num_experts)."""
-    n = ids_R.numel()
+@triton.jit
+def _expert_expand(ids_ptr, counts_ptr, x_ptr, rows_ptr, inverse_ptr, ends_ptr, n, n_blocks, chunks_per_block,
+                   cols_per_program, hidden, K: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+                   NB_PAD: tl.constexpr, CHUNK: tl.constexpr, COLS: tl.constexpr):
+    block = tl.program_id(0)
+    col_program = tl.program_id(1)
+    experts = tl.arange(0, E_PAD)
+    blocks = tl.arange(0, NB_PAD)
+    table_mask = (experts[:, None] < E) & (blocks[None, :] < n_blocks)
+    counts = tl.load(counts_ptr + experts[:, None] * n_blocks + blocks[None, :], mask=table_mask, other=0)
+    totals = tl.sum(counts, axis=1)
+    ends = tl.cumsum(totals, axis=0)
+    running = ends - totals + tl.sum(tl.where(blocks[None, :] < block, counts, 0), axis=1)
+    if block == 0:
+        if col_program == 0:
+            tl.store(ends_ptr + experts, ends, mask=experts < E)
+    col_start = col_program * cols_per_program
+    for c in tl.range(0, chunks_per_block):
+        offs = (block * chunks_per_block + c).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < n
+        ids = tl.load(ids_ptr + offs, mask=mask, other=E_PAD)
+        hit = (ids[:, None] == experts[None, :]).to(tl.int32)
+        rank = tl.sum(tl.cumsum(hit, axis=0) * hit, axis=1)  # 1-based rank among this chunk's slots of its expert
+        pos = (tl.sum(hit * running[None, :], axis=1) + rank - 1).to(tl.int64)
+        running += tl.sum(hit, axis=0)
+        if col_program == 0:
+            tl.store(inverse_ptr + offs, pos, mask=mask)
+        token = offs // K
+        for col in tl.range(0, cols_per_program, COLS):
+            cols = col_start + col + tl.arange(0, COLS)
+            copy_mask = mask[:, None] & (cols[None, :] < hidden)
+            row = tl.load(x_ptr + token[:, None] * hidden + cols[None, :], mask=copy_mask)
+            tl.store(rows_ptr + pos[:, None] * hidden + cols[None, :], row, mask=copy_mask)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sort_geometry(n: int, num_experts: int) -> tuple[int, int, int, int]:
+    """(E_PAD, CHUNK, chunks per block, blocks) for n slots."""
     e_pad = max(triton.next_power_of_2(num_experts), 16)
-    block = max(8192 // e_pad, 16)  # the [BLOCK, E] one-hot tile stays ~64 values per thread
-    n_blocks = max(triton.cdiv(n, block), 1)
-    block_counts = torch.empty(num_experts, n_blocks, dtype=torch.int32, device=ids_R.device)
-    src = torch.empty(n, dtype=torch.int64, device=ids_R.device)
-    inverse = torch.empty(n, dtype=torch.int64, device=ids_R.device)
-    group_ends = torch.empty(num_experts, dtype=torch.int32, device=ids_R.device)
-    _expert_block_counts[(n_blocks,)](ids_R, block_counts, n, n_blocks, num_experts, e_pad, BLOCK=block)
-    ends = block_counts.view(-1).cumsum(0, dtype=torch.int32)  # int32 in and out: no cast kernel beside the scan
-    _expert_positions[(n_blocks,)](ids_R, ends, src, inverse, group_ends, n, n_blocks, copies, num_experts, e_pad,
-                                   BLOCK=block)
-    return src, inverse, group_ends
+    chunk = max(_ONE_HOT_VALUES // e_pad, 16)
+    max_blocks = max(min(_SORT_MAX_BLOCKS, _COUNT_TABLE_VALUES // e_pad), 1)
+    chunks = max(triton.cdiv(n, chunk), 1)
+    per_block = triton.cdiv(chunks, max_blocks)
+    return e_pad, chunk, per_block, triton.cdiv(chunks, per_block)
+
+
+def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows [T*K, H]: x's rows, one per slot, sorted stably by expert; inverse [T, K] int64: each slot's row;
+    ends [E] int32: cumulative row ends per expert) for contiguous x and int64 ids in [0, num_experts). No autograd."""
+    tokens, hidden = x_TH.shape
+    top_k = ids_TK.shape[1]
+    n = tokens * top_k
+    e_pad, chunk, per_block, n_blocks = _sort_geometry(n, num_experts)
+    device = x_TH.device
+    counts = torch.empty(num_experts, n_blocks, dtype=torch.int32, device=device)
+    rows = x_TH.new_empty(n, hidden)
+    inverse = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
+    ends = torch.empty(num_experts, dtype=torch.int32, device=device)
+    # Enough programs to keep the copy's loads in flight: the columns split when the blocks alone are too few.
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if x_TH.is_cuda else 8
+    col_tiles = max(triton.cdiv(hidden, _COPY_COLS), 1)
+    tiles_per_program = triton.cdiv(col_tiles, min(max(triton.cdiv(_COPY_PROGRAMS_PER_SM * sms, n_blocks), 1),
+                                                   col_tiles))
+    col_programs = triton.cdiv(col_tiles, tiles_per_program)
+    _expert_block_counts[(n_blocks,)](ids_TK, counts, n, n_blocks, per_block, num_experts, e_pad, CHUNK=chunk)
+    _expert_expand[(n_blocks, col_programs)](
+        ids_TK, counts, x_TH, rows, inverse, ends, n, n_blocks, per_block, tiles_per_program * _COPY_COLS, hidden,
+        top_k, num_experts, e_pad, triton.next_power_of_2(n_blocks), CHUNK=chunk, COLS=_COPY_COLS, num_warps=8)
+    return rows, inverse, ends
 
 
 # The router after its linear: softmax in fp32, top-k by K rounds of a row argmax (ties to the lower expert id, as a

@@ -156,23 +156,30 @@ def test_rms_norm_on_cuda_matches_transformers_and_saves_input_and_rstd(shape):
     assert kept == rows * (2 * width + 4)
 
 
-@pytest.mark.parametrize("tokens,k,experts,skew", [(4096, 8, 128, False), (65536, 8, 128, False), (4099, 8, 128, True),
-                                                    (1027, 4, 60, False), (2053, 8, 256, True), (3, 2, 4, False)])
-def test_sort_by_expert_kernel_equals_stable_argsort(tokens, k, experts, skew):
-    """The counting sort equals torch's stable argsort (order, inverse and the int32 row ends), exactly: including a
-    skew that sends 70% of the slots to expert 0 and expert counts that are not powers of 2."""
-    if not triton_importable():
-        pytest.fail("Triton is not importable on this CUDA machine")
-    from framework.ops.triton_kernels import sort_by_expert
-
+@pytest.mark.parametrize("tokens,k,experts,skew,hidden", [
+    (4096, 8, 128, False, 2048), (65536, 8, 128, False, 2048), (4099, 8, 128, True, 2048), (1027, 4, 60, False, 4096),
+    (2053, 8, 256, True, 7168), (3, 2, 4, False, 64), (600, 2, 8, True, 300), (257, 6, 512, False, 1024)])
+def test_expand_by_expert_kernels_equal_stable_argsort(tokens, k, experts, skew, hidden, monkeypatch):
+    """The sort-and-copy kernels equal torch's stable argsort (rows x[order // K], the inverse and the int32 row
+    ends), exactly: including a skew that sends 70% of the slots to expert 0, expert counts that are not powers of 2
+    and widths that are not multiples of the copy's column tile; the rows' gradient equals the torch path's."""
+    assert triton_importable(), "Triton is missing on this GPU machine"
     torch.manual_seed(0)
     ids = torch.randint(0, experts, (tokens, k), device="cuda")
     if skew:
         ids = torch.where(torch.rand(tokens, k, device="cuda") < 0.7, torch.zeros_like(ids), ids)
-    got = sort_by_expert(ids.reshape(-1).contiguous(), experts, k)
-    ref = expert_sort.sort_by_expert_reference(ids, experts)
-    for name, a, b in zip(("src", "inverse", "ends"), got, ref):
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens * k, hidden, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        rows, inverse, ends = expert_sort.expand_by_expert(x, ids, experts)
+        (g,) = torch.autograd.grad(rows, x, grad)
+        return rows, inverse, ends, g
+
+    (rows, inverse, ends, g), (ref_rows, ref_inverse, ref_ends, ref_g) = _run_both(run, monkeypatch)
+    for name, a, b in (("rows", rows, ref_rows), ("inverse", inverse, ref_inverse), ("ends", ends, ref_ends)):
         assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert rel(g, ref_g) < 1e-2  # the kernel sums K slots in fp32, the torch path in bf16
 
 
 @pytest.mark.parametrize("normalize", [True, False])

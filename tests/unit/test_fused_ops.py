@@ -154,20 +154,26 @@ def test_rms_norm_matches_transformers_module():
             assert ((a - b).norm() / b.norm()).item() < tol, dtype
 
 
-def test_sort_by_expert_reference_gives_grouped_mm_offsets():
-    """The local dispatch metadata: rows sorted stably by expert, and the row ends per expert as int32 cumulative
-    sums (`torch._grouped_mm`'s offs), against a per-slot loop; group_counts inverts group_ends."""
-    from framework.ops.expert_sort import group_counts, group_ends, sort_by_expert
+def test_expand_by_expert_gives_sorted_rows_and_grouped_mm_offsets():
+    """The local dispatch: each token's row once per slot, sorted stably by expert, the inverse of every slot and the
+    row ends per expert as int32 cumulative sums (`torch._grouped_mm`'s offs), against a per-slot loop; the rows'
+    gradient is each token's K-way sum; group_counts inverts group_ends."""
+    from framework.ops.expert_sort import expand_by_expert, group_counts, group_ends
 
     torch.manual_seed(0)
     ids = torch.randint(0, 6, (11, 3))
     ids[:, 0] = 2  # expert 2 crowded, some experts empty
-    src, inverse, ends = sort_by_expert(ids, 7)
+    x = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    rows, inverse, ends = expand_by_expert(x, ids, 7)
     flat = ids.reshape(-1).tolist()
     order = sorted(range(len(flat)), key=lambda s: (flat[s], s))
-    assert src.tolist() == [s // 3 for s in order]
-    assert [order[r] for r in inverse.tolist()] == list(range(len(flat)))
+    assert torch.equal(rows, x.detach()[[s // 3 for s in order]])
+    assert inverse.shape == (11, 3) and inverse.dtype == torch.int64
+    assert [order[r] for r in inverse.reshape(-1).tolist()] == list(range(len(flat)))
     counts = [flat.count(e) for e in range(7)]
     assert ends.dtype == torch.int32 and ends.tolist() == [sum(counts[:e + 1]) for e in range(7)]
+    grad = torch.randn_like(rows)
+    (g,) = torch.autograd.grad(rows, x, grad)
+    torch.testing.assert_close(g, grad[inverse].sum(1), rtol=1e-12, atol=1e-12)
     assert group_counts(ends).tolist() == counts
     assert group_ends(torch.tensor([[0, 2], [3, 0]])).tolist() == [[0, 2], [3, 3]]
