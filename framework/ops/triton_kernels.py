@@ -12,6 +12,7 @@ Loss legend: C tokens of a chunk, V vocabulary.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -178,16 +179,18 @@ def cross_entropy_grad_(logits_CV: torch.Tensor, labels_C: torch.Tensor, ignore_
 
 
 # The dispatch's stable counting sort of routed slots by expert, fused with the row copy it feeds. Pass 1: each block
-# of slots counts its experts into an [E, blocks] table. Pass 2: each program reads the whole table (at most 128
-# blocks, so it stays small and in L2) and forms its block's first position per expert itself (the rows of all lower
-# experts plus this expert's rows in lower blocks), ranks each slot among its block's slots of the same expert (a
-# running count over one-hot [CHUNK, E] tiles), writes the slot's sorted position and copies its token's row there.
-# Equal to torch.argsort(ids, stable=True), its inverse, the row ends and x[order // K]: two launches where the
-# sort, its cumsum and an index_select with its int64 source index took four (PERF_NOTES change 26).
-_SORT_MAX_BLOCKS = 128
-_ONE_HOT_VALUES = 8192  # [CHUNK, E_PAD] one-hot tile: ~64 values per thread
-_COUNT_TABLE_VALUES = 16384  # [E_PAD, blocks] table each pass-2 program reads
-_COPY_COLS = 128
+# of slots counts its experts into an [E, blocks] table. Pass 2: each program reads the whole table (in tiles, from
+# L2) and forms its block's first position per expert itself (the rows of all lower experts plus this expert's rows
+# in lower blocks), ranks each slot among its chunk's slots of the same expert (a triangular [CHUNK, CHUNK] compare),
+# writes the slot's sorted position and copies its token's row there. Equal to torch.argsort(ids, stable=True), its
+# inverse, the row ends and x[order // K]: two launches where the sort, its cumsum and an index_select with its int64
+# source index took four (PERF_NOTES change 26). Slots are token-major, so a chunk's K copies of a token's row read
+# x once from memory; index_select, in sorted order, read a row from memory for every copy.
+_ONE_HOT_VALUES = 8192  # [CHUNK, E_PAD] one-hot tile: 32 values per thread at 8 warps
+_MAX_CHUNK = 64  # and the [CHUNK, CHUNK] rank compare
+_TABLE_READS = 1 << 23  # blocks x (E_PAD x blocks) counts read by pass 2 in all: ~32 MB of L2 reads at most
+_TABLE_TILE = 8192  # [E_PAD, blocks] tile of the table read at a time
+_COPY_COLS = 256
 _COPY_PROGRAMS_PER_SM = 4
 
 
@@ -207,28 +210,34 @@ def _expert_block_counts(ids_ptr, counts_ptr, n, n_blocks, chunks_per_block, E: 
 @triton.jit
 def _expert_expand(ids_ptr, counts_ptr, x_ptr, rows_ptr, inverse_ptr, ends_ptr, n, n_blocks, chunks_per_block,
                    cols_per_program, hidden, K: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
-                   NB_PAD: tl.constexpr, CHUNK: tl.constexpr, COLS: tl.constexpr):
+                   TILE_B: tl.constexpr, CHUNK: tl.constexpr, COLS: tl.constexpr):
     block = tl.program_id(0)
     col_program = tl.program_id(1)
     experts = tl.arange(0, E_PAD)
-    blocks = tl.arange(0, NB_PAD)
-    table_mask = (experts[:, None] < E) & (blocks[None, :] < n_blocks)
-    counts = tl.load(counts_ptr + experts[:, None] * n_blocks + blocks[None, :], mask=table_mask, other=0)
-    totals = tl.sum(counts, axis=1)
+    totals = tl.zeros([E_PAD], dtype=tl.int32)
+    before = tl.zeros([E_PAD], dtype=tl.int32)  # this expert's slots in lower blocks
+    for b0 in tl.range(0, n_blocks, TILE_B):
+        blocks = b0 + tl.arange(0, TILE_B)
+        tile = tl.load(counts_ptr + experts[:, None] * n_blocks + blocks[None, :],
+                       mask=(experts[:, None] < E) & (blocks[None, :] < n_blocks), other=0)
+        totals += tl.sum(tile, axis=1)
+        before += tl.sum(tl.where(blocks[None, :] < block, tile, 0), axis=1)
     ends = tl.cumsum(totals, axis=0)
-    running = ends - totals + tl.sum(tl.where(blocks[None, :] < block, counts, 0), axis=1)
+    running = ends - totals + before
     if block == 0:
         if col_program == 0:
             tl.store(ends_ptr + experts, ends, mask=experts < E)
     col_start = col_program * cols_per_program
+    lanes = tl.arange(0, CHUNK)
+    earlier = lanes[None, :] < lanes[:, None]  # [i, j]: slot j comes before slot i in the chunk
     for c in tl.range(0, chunks_per_block):
-        offs = (block * chunks_per_block + c).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        offs = (block * chunks_per_block + c).to(tl.int64) * CHUNK + lanes
         mask = offs < n
         ids = tl.load(ids_ptr + offs, mask=mask, other=E_PAD)
-        hit = (ids[:, None] == experts[None, :]).to(tl.int32)
-        rank = tl.sum(tl.cumsum(hit, axis=0) * hit, axis=1)  # 1-based rank among this chunk's slots of its expert
-        pos = (tl.sum(hit * running[None, :], axis=1) + rank - 1).to(tl.int64)
-        running += tl.sum(hit, axis=0)
+        hit = ids[:, None] == experts[None, :]
+        rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
+        pos = (tl.sum(tl.where(hit, running[None, :], 0), axis=1) + rank).to(tl.int64)
+        running += tl.sum(hit.to(tl.int32), axis=0)
         if col_program == 0:
             tl.store(inverse_ptr + offs, pos, mask=mask)
         token = offs // K
@@ -244,14 +253,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _sort_geometry(n: int, num_experts: int) -> tuple[int, int, int, int]:
-    """(E_PAD, CHUNK, chunks per block, blocks) for n slots."""
+def _expand_geometry(n: int, num_experts: int, hidden: int, sms: int) -> tuple[int, int, int, int, int, int]:
+    """(E_PAD, CHUNK, chunks per block, blocks, column programs, column tiles per program) for n slots of width
+    `hidden`. The blocks are as many as the count table allows; the copy splits over columns only where they are too
+    few to keep ~4 programs per SM busy and each block has at most a few chunks, because every column program ranks
+    its block's slots again."""
     e_pad = max(triton.next_power_of_2(num_experts), 16)
-    chunk = max(_ONE_HOT_VALUES // e_pad, 16)
-    max_blocks = max(min(_SORT_MAX_BLOCKS, _COUNT_TABLE_VALUES // e_pad), 1)
+    chunk = max(min(_ONE_HOT_VALUES // e_pad, _MAX_CHUNK), 16)
     chunks = max(triton.cdiv(n, chunk), 1)
-    per_block = triton.cdiv(chunks, max_blocks)
-    return e_pad, chunk, per_block, triton.cdiv(chunks, per_block)
+    per_block = triton.cdiv(chunks, max(math.isqrt(_TABLE_READS // e_pad), 1))
+    n_blocks = triton.cdiv(chunks, per_block)
+    col_tiles = max(triton.cdiv(hidden, _COPY_COLS), 1)
+    wanted = triton.cdiv(_COPY_PROGRAMS_PER_SM * sms, n_blocks) if per_block <= 2 else 1
+    tiles_per_program = triton.cdiv(col_tiles, min(wanted, col_tiles))
+    return e_pad, chunk, per_block, n_blocks, triton.cdiv(col_tiles, tiles_per_program), tiles_per_program
 
 
 def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
@@ -261,22 +276,18 @@ def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
     tokens, hidden = x_TH.shape
     top_k = ids_TK.shape[1]
     n = tokens * top_k
-    e_pad, chunk, per_block, n_blocks = _sort_geometry(n, num_experts)
     device = x_TH.device
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if x_TH.is_cuda else 8
+    e_pad, chunk, per_block, n_blocks, col_programs, col_tiles = _expand_geometry(n, num_experts, hidden, sms)
     counts = torch.empty(num_experts, n_blocks, dtype=torch.int32, device=device)
     rows = x_TH.new_empty(n, hidden)
     inverse = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
-    # Enough programs to keep the copy's loads in flight: the columns split when the blocks alone are too few.
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if x_TH.is_cuda else 8
-    col_tiles = max(triton.cdiv(hidden, _COPY_COLS), 1)
-    tiles_per_program = triton.cdiv(col_tiles, min(max(triton.cdiv(_COPY_PROGRAMS_PER_SM * sms, n_blocks), 1),
-                                                   col_tiles))
-    col_programs = triton.cdiv(col_tiles, tiles_per_program)
-    _expert_block_counts[(n_blocks,)](ids_TK, counts, n, n_blocks, per_block, num_experts, e_pad, CHUNK=chunk)
+    _expert_block_counts[(n_blocks,)](ids_TK, counts, n, n_blocks, per_block, num_experts, e_pad, CHUNK=chunk,
+                                      num_warps=8)
     _expert_expand[(n_blocks, col_programs)](
-        ids_TK, counts, x_TH, rows, inverse, ends, n, n_blocks, per_block, tiles_per_program * _COPY_COLS, hidden,
-        top_k, num_experts, e_pad, triton.next_power_of_2(n_blocks), CHUNK=chunk, COLS=_COPY_COLS, num_warps=8)
+        ids_TK, counts, x_TH, rows, inverse, ends, n, n_blocks, per_block, col_tiles * _COPY_COLS, hidden, top_k,
+        num_experts, e_pad, max(_TABLE_TILE // e_pad, 1), CHUNK=chunk, COLS=_COPY_COLS, num_warps=8)
     return rows, inverse, ends
 
 
