@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -249,45 +250,64 @@ def _expert_expand(ids_ptr, counts_ptr, x_ptr, rows_ptr, inverse_ptr, ends_ptr, 
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _expand_geometry(n: int, num_experts: int, hidden: int, sms: int) -> tuple[int, int, int, int, int, int]:
-    """(E_PAD, CHUNK, chunks per block, blocks, column programs, column tiles per program) for n slots of width
-    `hidden`. The blocks are as many as the count table allows; the copy splits over columns only where they are too
-    few to keep ~4 programs per SM busy and each block has at most a few chunks, because every column program ranks
-    its block's slots again."""
+class ExpandGeometry(NamedTuple):
+    """How `expand_by_expert` tiles its work (benchmarks/dispatch_copy.py sweeps it)."""
+
+    e_pad: int  # experts padded to a power of 2 (>= 16)
+    chunk: int  # slots ranked at a time
+    chunks_per_block: int
+    blocks: int
+    col_programs: int  # programs sharing one block's copy, each over its own columns
+    cols_per_program: int
+    cols: int  # copy tile width
+    num_warps: int
+
+
+def expand_geometry(n: int, num_experts: int, hidden: int, sms: int, *, table_reads: int = _TABLE_READS,
+                    cols: int = _COPY_COLS, programs_per_sm: int = _COPY_PROGRAMS_PER_SM, max_split_chunks: int = 2,
+                    num_warps: int = 8) -> ExpandGeometry:
+    """The tiling for n slots of width `hidden` on `sms` SMs. The blocks are as many as the count table allows
+    (pass 2 reads blocks x E x blocks counts in all); the copy splits over columns only where the blocks are too
+    few to keep `programs_per_sm` programs per SM busy and each block has at most `max_split_chunks` chunks,
+    because every column program ranks its block's slots again."""
     e_pad = max(triton.next_power_of_2(num_experts), 16)
     chunk = max(min(_ONE_HOT_VALUES // e_pad, _MAX_CHUNK), 16)
     chunks = max(triton.cdiv(n, chunk), 1)
-    per_block = triton.cdiv(chunks, max(math.isqrt(_TABLE_READS // e_pad), 1))
+    per_block = triton.cdiv(chunks, max(math.isqrt(table_reads // e_pad), 1))
     n_blocks = triton.cdiv(chunks, per_block)
-    col_tiles = max(triton.cdiv(hidden, _COPY_COLS), 1)
-    wanted = triton.cdiv(_COPY_PROGRAMS_PER_SM * sms, n_blocks) if per_block <= 2 else 1
+    col_tiles = max(triton.cdiv(hidden, cols), 1)
+    wanted = triton.cdiv(programs_per_sm * sms, n_blocks) if per_block <= max_split_chunks else 1
     tiles_per_program = triton.cdiv(col_tiles, min(wanted, col_tiles))
-    return e_pad, chunk, per_block, n_blocks, triton.cdiv(col_tiles, tiles_per_program), tiles_per_program
+    return ExpandGeometry(e_pad, chunk, per_block, n_blocks, triton.cdiv(col_tiles, tiles_per_program),
+                          tiles_per_program * cols, cols, num_warps)
 
 
-def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int,
+                     geometry: ExpandGeometry | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows [T*K, H]: x's rows, one per slot, sorted stably by expert; inverse [T, K] int64: each slot's row;
-    ends [E] int32: cumulative row ends per expert) for contiguous x and int64 ids in [0, num_experts). No autograd."""
+    ends [E] int32: cumulative row ends per expert) for contiguous x and int64 ids in [0, num_experts). No autograd.
+    `geometry` defaults to `expand_geometry`'s for this device."""
     tokens, hidden = x_TH.shape
     top_k = ids_TK.shape[1]
     n = tokens * top_k
     device = x_TH.device
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if x_TH.is_cuda else 8
-    e_pad, chunk, per_block, n_blocks, col_programs, col_tiles = _expand_geometry(n, num_experts, hidden, sms)
-    counts = torch.empty(num_experts, n_blocks, dtype=torch.int32, device=device)
+    if geometry is None:
+        geometry = expand_geometry(n, num_experts, hidden, _sm_count(device) if x_TH.is_cuda else 8)
+    g = geometry
+    counts = torch.empty(num_experts, g.blocks, dtype=torch.int32, device=device)
     rows = x_TH.new_empty(n, hidden)
     inverse = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
-    _expert_block_counts[(n_blocks,)](ids_TK, counts, n, n_blocks, per_block, num_experts, e_pad, CHUNK=chunk,
-                                      num_warps=8)
-    _expert_expand[(n_blocks, col_programs)](
-        ids_TK, counts, x_TH, rows, inverse, ends, n, n_blocks, per_block, col_tiles * _COPY_COLS, hidden, top_k,
-        num_experts, e_pad, max(_TABLE_TILE // e_pad, 1), CHUNK=chunk, COLS=_COPY_COLS, num_warps=8)
+    _expert_block_counts[(g.blocks,)](ids_TK, counts, n, g.blocks, g.chunks_per_block, num_experts, g.e_pad,
+                                      CHUNK=g.chunk, num_warps=g.num_warps)
+    _expert_expand[(g.blocks, g.col_programs)](
+        ids_TK, counts, x_TH, rows, inverse, ends, n, g.blocks, g.chunks_per_block, g.cols_per_program, hidden,
+        top_k, num_experts, g.e_pad, max(_TABLE_TILE // g.e_pad, 1), CHUNK=g.chunk, COLS=g.cols,
+        num_warps=g.num_warps)
     return rows, inverse, ends
 
 
