@@ -34,7 +34,7 @@ def sweep_geometries(n: int, sms: int) -> list[tk.ExpandGeometry]:
     copy tile, warps and programs per SM."""
     default = dict(table_reads=tk._TABLE_READS, cols=tk._COPY_COLS, programs_per_sm=tk._COPY_PROGRAMS_PER_SM,
                    max_split_chunks=2, num_warps=8)
-    options = {"table_reads": [tk._TABLE_READS // 4, tk._TABLE_READS * 4, tk._TABLE_READS * 16], "cols": [128, 512],
+    options = {"table_reads": [tk._TABLE_READS // 4, tk._TABLE_READS * 4, tk._TABLE_READS * 16], "cols": [256, 1024],
                "programs_per_sm": [2, 8], "max_split_chunks": [0, 1 << 30], "num_warps": [4, 16]}
     geometries = [tk.expand_geometry(n, E, H, sms, **default)]
     for key, values in options.items():
@@ -62,6 +62,9 @@ def main() -> None:
         n = tokens * K
         moved = (n * H + tokens * H) * x.element_size() + 2 * ids.numel() * ids.element_size()
         want = tk.expand_by_expert(x, ids, E)
+        src, inverse, ends = sort_by_expert_reference(ids, E)
+        if not (torch.equal(want[0], x[src]) and torch.equal(want[1].view(-1), inverse) and torch.equal(want[2], ends)):
+            raise SystemExit(f"T={tokens}: expand_by_expert differs from the stable argsort's rows, inverse or ends")
 
         def eager():
             src, _, _ = sort_by_expert_reference(ids, E)

@@ -191,7 +191,7 @@ _ONE_HOT_VALUES = 8192  # [CHUNK, E_PAD] one-hot tile: 32 values per thread at 8
 _MAX_CHUNK = 64  # and the [CHUNK, CHUNK] rank compare
 _TABLE_READS = 1 << 23  # blocks x (E_PAD x blocks) counts read by pass 2 in all: ~32 MB of L2 reads at most
 _TABLE_TILE = 8192  # [E_PAD, blocks] tile of the table read at a time
-_COPY_COLS = 256
+_COPY_COLS = 512
 _COPY_PROGRAMS_PER_SM = 4
 
 
