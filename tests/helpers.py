@@ -1,9 +1,11 @@
-"""Shared test fixtures: a tiny Qwen3-MoE config (and tiny Mixtral, Qwen2-MoE and OLMoE run configs) and comparison
-helpers."""
+"""Shared test fixtures: a tiny Qwen3-MoE config (and tiny Mixtral, Qwen2-MoE and OLMoE run configs), comparison
+helpers and the tools/ scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import torch
 from safetensors import safe_open
@@ -15,6 +17,18 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediat
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=True, mlp_only_layers=[1], router_aux_loss_coef=0.02, output_router_logits=True,
             max_position_embeddings=64, tie_word_embeddings=False)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (its `main(argv)` is what the command runs)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as `import` would: dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(attn: str = "eager", **overrides) -> Qwen3MoeConfig:

@@ -6,6 +6,8 @@
         [--activation_checkpointing on|off|moe|attention] [--attention auto|varlen|sdpa|eager] [--deepspeed my.json]
         [--gpu_memory_gb 80] [--gpus_per_node 8]
         [section.key=value ...]
+    python tools/tune_zero.py time --config model_configs/qwen3-30b-a3b.yaml [--nodes 2 4 8] [--gpus_per_node 8]
+        [--ep_size 8] [--compute_tflops T] [--intra_gbs 200] [--inter_gbs 45] [--a2a_hidden 0] [--zero_hidden 0]
 
 estimate: per-GPU memory of parameters, gradients, optimizer states, activations (with and without activation
 checkpointing), communication / prefetch buffers and the total, at the loss backward, a layer's backward and the
@@ -13,6 +15,10 @@ optimizer step, and whether the peak fits the GPU (framework/tuning/estimate.py 
 come from the config (parallel.ep_size, parallel.zero_stage, train.micro_batch_size, data.seq_len,
 train.activation_checkpointing, model.attn_implementation); the DeepSpeed settings are the ones launch/pretrain.py
 would use (framework/config/deepspeed.py), with --deepspeed JSON on top as in a run. No GPU needed.
+
+time: per-step time of ZeRO-2 + EP and ZeRO-3 + EP plans on each node count (framework/tuning/step_time.py): the
+compute one GPU measured, the expert all-to-all inside a node and ZeRO's traffic inside or across nodes, with the
+memory estimate beside each plan and which stage is faster where both fit.
 
 Errors (a bad flag, config key or combination) print one line and exit with status 2.
 """
@@ -117,10 +123,121 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- time -----------------------------------------------------------------------------------------------------------
+# One-GPU model TFLOP/s at Qwen3-30B-A3B widths, seq 4096, ZeRO-3, on an H100 (benchmarks/PERF_NOTES.md session 13,
+# `benchmarks/e2e.py --repeats 3` medians), keyed by (micro batch, activation checkpointing): --compute_tflops's
+# default where the plan matches one of them.
+ONE_GPU_TFLOPS = {(1, True): 138.5, (4, False): 344.0}
+# Per-GPU bus bandwidths, GB/s: the 4x H200 profile of session 4 moved ~5.9 GB of all-to-all per rank in 16-32 ms
+# (180-370 GB/s); across nodes, a 400 Gb/s NIC per GPU at ~90%. Assumed, not measured on a multi-node run: pass your own.
+INTRA_GBS, INTER_GBS = 200.0, 45.0
+
+
+def add_time_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config YAML (model_configs/*.yaml)")
+    p.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8], help="node counts to compare (default 2 4 8)")
+    p.add_argument("--gpus_per_node", type=int, default=8)
+    p.add_argument("--ep_size", type=int, help="expert-parallel size inside a node (default: GPUs per node)")
+    p.add_argument("--zero_stages", type=int, nargs="+", default=[2, 3], choices=(2, 3))
+    p.add_argument("--micro_batch_size", type=int, help="sequences per GPU (default train.micro_batch_size)")
+    p.add_argument("--seq_len", type=int, help="tokens per sequence (default data.seq_len)")
+    p.add_argument("--activation_checkpointing", choices=("on", "off", "moe", "attention"),
+                   help="default train.activation_checkpointing")
+    p.add_argument("--compute_tflops", type=float,
+                   help="model TFLOP/s of one GPU on this micro batch and checkpointing (benchmarks/e2e.py "
+                        "--num_gpus 1); default: our H100 figure where one matches (mbs 1 with checkpointing, mbs 4 "
+                        "without)")
+    p.add_argument("--intra_gbs", type=float, default=INTRA_GBS, help="per-GPU bus bandwidth inside a node, GB/s")
+    p.add_argument("--inter_gbs", type=float, default=INTER_GBS, help="per-GPU bus bandwidth across nodes, GB/s")
+    p.add_argument("--a2a_hidden", type=float, default=0.0, help="share of the all-to-all hidden behind compute")
+    p.add_argument("--zero_hidden", type=float, default=0.0, help="share of ZeRO's traffic hidden behind compute")
+    p.add_argument("--gpu_memory_gb", type=float, default=80.0)
+    p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+
+
+def run_time(args: argparse.Namespace) -> int:
+    from framework.config import load_run_config  # noqa: PLC0415
+    from framework.config.plan import resolve_model  # noqa: PLC0415
+    from framework.models.registry import moe_shape  # noqa: PLC0415
+    from framework.train.flops import flops_per_token  # noqa: PLC0415
+    from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
+    from framework.tuning.params import model_shape, param_inventory  # noqa: PLC0415
+    from framework.tuning.step_time import Plan, Rates, step_time  # noqa: PLC0415
+
+    for flag in ("gpus_per_node", "ep_size", "micro_batch_size", "seq_len"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if any(n < 1 for n in args.nodes):
+        raise UserError(f"--nodes {args.nodes}: every node count must be >= 1")
+    for flag in ("a2a_hidden", "zero_hidden"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag):g}: a share, expected 0 <= x < 1")
+    for flag in ("intra_gbs", "inter_gbs", "gpu_memory_gb"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag} {getattr(args, flag):g}: must be > 0")
+    flags = {"train.micro_batch_size": args.micro_batch_size, "data.seq_len": args.seq_len,
+             "train.activation_checkpointing": {"on": True, "off": False}.get(args.activation_checkpointing,
+                                                                              args.activation_checkpointing)}
+    extra = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items() if v is not None]
+    cfg = load_run_config(args.config, list(args.overrides) + extra)
+    _, hf_config = resolve_model(cfg)
+    mbs, seq, ac = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.activation_checkpointing
+    ep = args.ep_size or args.gpus_per_node
+    if ep > args.gpus_per_node or args.gpus_per_node % ep:
+        raise UserError(f"--ep_size {ep}: must divide --gpus_per_node {args.gpus_per_node} (the model keeps the "
+                        "expert all-to-all inside a node)")
+    compute = args.compute_tflops or ONE_GPU_TFLOPS.get((mbs, ac is True))
+    if compute is None or compute <= 0:
+        raise UserError(f"--compute_tflops: no measured one-GPU rate for micro batch {mbs} with activation "
+                        f"checkpointing {ac}; measure it with benchmarks/e2e.py --num_gpus 1 and pass it")
+    rates = Rates(compute, args.intra_gbs, args.inter_gbs, args.a2a_hidden, args.zero_hidden)
+    shape = model_shape(hf_config)
+    _, num_experts, top_k, _ = moe_shape(hf_config)
+    params = param_inventory(hf_config)
+    per_token = flops_per_token(hf_config, seq)
+    lines = [f"config    {args.config}: {shape.num_layers} layers ({shape.num_moe_layers} MoE, {num_experts} experts, "
+             f"top-{top_k}), micro batch {mbs} x {seq}, activation checkpointing {ac}",
+             f"rates     compute {compute:g} TFLOP/s/GPU (one GPU), all-to-all {args.intra_gbs:g} GB/s in a node, "
+             f"collectives across nodes {args.inter_gbs:g} GB/s; hidden: all-to-all {args.a2a_hidden:.0%}, ZeRO "
+             f"{args.zero_hidden:.0%}",
+             f"{'nodes':>5} {'GPUs':>5}  {'plan':<12}{'memory':<24}{'compute':>9}{'all-to-all':>11}{'ZeRO':>8}"
+             f"{'step ms':>9}{'TFLOP/s/GPU':>13}{'tokens/s/GPU':>14}"]
+    for nodes in args.nodes:
+        world = nodes * args.gpus_per_node
+        micro_steps = max(cfg.train.global_batch_size // (mbs * world), 1)
+        steps = {}
+        for stage in args.zero_stages:
+            plan = Plan(nodes, args.gpus_per_node, ep, stage, mbs, seq, micro_steps, ac in (True, "moe"))
+            t = step_time(plan, rates, per_token, shape.hidden, shape.num_moe_layers, num_experts, top_k, params)
+            est = estimate_memory(hf_config, world, ep, stage, mbs, seq, ac)
+            need = est.total_gib
+            fits = need <= 0.9 * args.gpu_memory_gb
+            tokens = micro_steps * mbs * seq
+            if fits:
+                steps[stage] = t.total
+            lines.append(f"{nodes:>5} {world:>5}  {f'ZeRO-{stage} EP{ep}':<12}"
+                         f"{f'{need:.1f} GiB' + ('' if fits else ' (does not fit)'):<24}"
+                         f"{1e3 * t.compute / micro_steps:>9.1f}{1e3 * t.all_to_all / micro_steps:>11.1f}"
+                         f"{1e3 * t.zero / micro_steps:>8.1f}{1e3 * t.total / micro_steps:>9.1f}"
+                         f"{per_token * tokens / t.total / 1e12:>13.1f}{tokens / t.total:>14.0f}")
+        if len(steps) == 2:
+            fast, slow = sorted(steps, key=steps.get)
+            lines.append(f"      -> {nodes} nodes: ZeRO-{fast}+EP is {steps[slow] / steps[fast]:.2f}x as fast as "
+                         f"ZeRO-{slow}+EP")
+        elif len(args.zero_stages) == 2:
+            lines.append(f"      -> {nodes} nodes: " + (f"only ZeRO-{next(iter(steps))} fits" if steps
+                                                       else "neither fits"))
+    lines.append("(ms per micro step; model FLOPs as framework/train/flops.py counts them; framework/tuning/"
+                 "step_time.py says what is and is not modelled)")
+    print("\n".join(lines))
+    return 0
+
+
 # ---- commands -------------------------------------------------------------------------------------------------------
 # name -> (add its arguments, run it, help).
 COMMANDS = {
     "estimate": (add_estimate_args, run_estimate, "per-GPU memory estimate of a run config (no GPU needed)"),
+    "time": (add_time_args, run_time, "per-step time of ZeRO-2/3 + EP plans on several nodes, from measured rates"),
     "search": (add_search_args, run_search_command,
                "measured trials over micro batch, ZeRO stage, EP size, buckets, checkpointing and offload"),
 }

@@ -20,7 +20,6 @@ also sharded over EDP groups of 2): ZeRO-3 / EP 2 and ZeRO-1 / EP 2, resumed by 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -34,23 +33,15 @@ from framework.checkpoint.cli import run_cli
 from framework.models.registry import FAMILIES
 from tests.distributed.common import model_config
 from tests.distributed.launch import run_workers
-from tests.helpers import read_safetensors_dir, rel_err
+from tests.helpers import load_tool, read_safetensors_dir, rel_err
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(os.path.dirname(__file__), "ckpt_worker.py")
 RUNS = {2: ("z3ep2", "z2ep2", "z1ep1", "z3ep2bf16", "z1ep2bf16acc32"), 4: ("z3ep2", "z1ep2")}  # world -> cases
 KEYS = [f"w{world}-{case}" for world, cases in RUNS.items() for case in cases]
 TAG, SAVE_AT, STEPS = "step2", 2, 4
 CROSS_WORLD = {"z3ep2": "z2ep2", "z1ep2": "z3ep2"}  # world-4 case -> the world-2 checkpoint it also loads
 TIED_CASE = "z3ep2tied"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 ds_to_hf = load_tool("ds_to_hf")

@@ -5,7 +5,6 @@ every one-line error a user can cause."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 from framework.checkpoint import expert_convert, hf_writer
 from framework.checkpoint.cli import run_cli
 from framework.checkpoint.hf_writer import INDEX_NAME
-from tests.helpers import read_safetensors_dir
+from tests.helpers import load_tool, read_safetensors_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # H != I and H != 2I, so a gate/up swap or a missing transpose cannot go unnoticed.
@@ -31,13 +30,6 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=40, moe_intermediat
             mlp_only_layers=[1], max_position_embeddings=64, norm_topk_prob=True)
 EXTRA_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"model_max_length": 64}',
                "merges.txt": "a b\n", "sub/notes.md": "kept\n"}
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 merge_tool, split_tool, download_tool = (load_tool(n) for n in ("moe_merge", "moe_split", "download_hf_model"))

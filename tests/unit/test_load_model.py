@@ -3,7 +3,6 @@ embeddings (load, random init, export)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -18,7 +17,7 @@ from framework.checkpoint.cli import run_cli
 from framework.checkpoint.hf_export import write_hf_directory
 from framework.parallel.groups import ParallelGroups
 from framework.train.export import hf_config_dict, iter_full_parameters
-from tests.helpers import TINY, batch, read_safetensors_dir, rel_err, stock_model
+from tests.helpers import TINY, batch, load_tool, read_safetensors_dir, rel_err, stock_model
 
 
 def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
@@ -152,14 +151,10 @@ def test_random_init_is_the_same_whatever_expert_block_is_kept():
 # survive to_empty, leaving the LM head uninitialised memory)
 
 TIED = {**TINY, "tie_word_embeddings": True}
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_tool(name: str, *argv: str) -> int:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return run_cli(module.main, name, list(argv))
+    return run_cli(load_tool(name).main, name, list(argv))
 
 
 def assert_tied(model: framework.Qwen3MoeCausalLM) -> None:

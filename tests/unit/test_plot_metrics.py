@@ -10,16 +10,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import load_tool
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(ROOT, "tools", "plot_metrics.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as `import` would: dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_metrics(path, num_layers: int, steps: int = 30, truncated: bool = True) -> None:
@@ -42,7 +35,7 @@ def write_metrics(path, num_layers: int, steps: int = 30, truncated: bool = True
 @pytest.mark.parametrize("num_layers", [4, 48])  # lines per layer, heatmap
 def test_png_from_synthetic_metrics(tmp_path, capsys, num_layers):
     pytest.importorskip("matplotlib")
-    tool = load_tool()
+    tool = load_tool("plot_metrics")
     metrics = tmp_path / "metrics.jsonl"
     write_metrics(metrics, num_layers)
     out = tmp_path / "plot.png"
@@ -57,14 +50,14 @@ def test_png_from_synthetic_metrics(tmp_path, capsys, num_layers):
 
 def test_default_output_next_to_metrics_and_sparse_file(tmp_path):
     pytest.importorskip("matplotlib")
-    tool = load_tool()
+    tool = load_tool("plot_metrics")
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")  # no lr, no expert loads
     assert tool.main([str(tmp_path)]) == 0
     assert (tmp_path / "metrics.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_reader_skips_bad_lines_and_keeps_last_of_a_repeated_step(tmp_path):
-    tool = load_tool()
+    tool = load_tool("plot_metrics")
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "loss": 5.0, "lr": 1.0, "expert_load_max": [4, 6], "expert_load_mean": [2, 0]},
             {"step": 2, "loss": 4.0}, {"step": 3, "loss": 3.0}]
@@ -85,7 +78,7 @@ def test_reader_skips_bad_lines_and_keeps_last_of_a_repeated_step(tmp_path):
 
 
 def test_errors_are_one_line(tmp_path, capsys):
-    tool = load_tool()
+    tool = load_tool("plot_metrics")
     assert tool.main([str(tmp_path / "missing.jsonl")]) == 2
     empty = tmp_path / "metrics.jsonl"
     empty.write_text('{"note": 1}\n')
@@ -95,7 +88,7 @@ def test_errors_are_one_line(tmp_path, capsys):
 
 
 def test_missing_matplotlib_names_the_install(tmp_path, capsys, monkeypatch):
-    tool = load_tool()
+    tool = load_tool("plot_metrics")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert tool.main([str(tmp_path / "metrics.jsonl")]) == 2
     err = capsys.readouterr().err

@@ -4,7 +4,6 @@ and one-line CLI errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from framework.tuning.estimate import _sub_groups, estimate_memory
 from framework.models.registry import FAMILIES
 from framework.tuning.params import model_shape, param_inventory
 from tests.family_cases import MODEL_CONFIGS, REAL_SHAPE_CONFIGS
+from tests.helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_30B = os.path.join(REPO, "model_configs", "qwen3-30b-a3b.yaml")
@@ -316,15 +316,8 @@ def test_verdicts_and_api_errors():
 
 
 # ---- the command line -----------------------------------------------------------------------------------------------
-def _tool():
-    spec = importlib.util.spec_from_file_location("tune_zero", os.path.join(REPO, "tools", "tune_zero.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_table(capsys):
-    tool = _tool()
+    tool = load_tool("tune_zero")
     assert tool.main(["estimate", "--config", CONFIG_30B, "--num_gpus", "16", "--ep_size", "8"]) == 0
     out = capsys.readouterr().out
     for text in ("parameters (bf16)", "gradients (bf16 partitions)", "optimizer states (fp32 master + Adam m, v)",
@@ -353,13 +346,13 @@ def test_cli_plans_every_family(model_type, capsys):
         path = os.path.join(MODEL_CONFIGS, name)
         config = resolve_model(load_run_config(path))[1]
         ep = next(d for d in (8, 4, 2, 1) if moe_shape(config)[1] % d == 0)  # Qwen1.5-MoE-A2.7B: 60 experts
-        assert _tool().main(["estimate", "--config", path, "--num_gpus", "8", "--ep_size", str(ep)]) == 0
+        assert load_tool("tune_zero").main(["estimate", "--config", path, "--num_gpus", "8", "--ep_size", str(ep)]) == 0
         out = capsys.readouterr().out
         params = sum(p.numel for p in param_inventory(config))
         assert f"{params / 1e9:.2f} B parameters" in out and f"EP={ep} x EDP={8 // ep}, ZeRO-3" in out, out
         assert "peak " in out and "GiB per GPU" in out, out
     mixtral = os.path.join(MODEL_CONFIGS, "mixtral-8x7b.yaml")
-    code = run_cli(_tool().main, "tune_zero", ["estimate", "--config", mixtral, "--num_gpus", "3", "--ep_size", "3"])
+    code = run_cli(load_tool("tune_zero").main, "tune_zero", ["estimate", "--config", mixtral, "--num_gpus", "3", "--ep_size", "3"])
     assert code == 2 and "must divide the model's num_local_experts (8)" in capsys.readouterr().err
 
 
@@ -381,7 +374,7 @@ def test_search_checks_and_estimates_trials_of_another_family(tmp_path, monkeypa
 
     monkeypatch.setattr(search_cli, "run_search", no_launches)
     config = os.path.join(MODEL_CONFIGS, "mixtral-8x7b.yaml")
-    assert _tool().main(["search", "--config", config, "--num_gpus", "6", "--ep_sizes", "2,3", "--out",
+    assert load_tool("tune_zero").main(["search", "--config", config, "--num_gpus", "6", "--ep_sizes", "2,3", "--out",
                          str(tmp_path / "search"), "--gpu_memory_gb", "1000", "train.global_batch_size=48"]) == 1
     assert decided[3][0] is False and "must divide the model's num_local_experts (8)" in decided[3][2]
     fits, gib, _ = decided[2]
@@ -400,7 +393,7 @@ def test_search_checks_and_estimates_trials_of_another_family(tmp_path, monkeypa
     ([], "the following arguments are required: --num_gpus"),
 ])
 def test_cli_errors_are_one_line(args, message, capsys):
-    code = run_cli(_tool().main, "tune_zero", ["estimate", "--config", CONFIG_30B, *args])
+    code = run_cli(load_tool("tune_zero").main, "tune_zero", ["estimate", "--config", CONFIG_30B, *args])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("tune_zero: error: ") and message in err, err
 
