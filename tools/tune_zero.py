@@ -207,7 +207,7 @@ def run_time(args: argparse.Namespace) -> int:
         micro_steps = max(cfg.train.global_batch_size // (mbs * world), 1)
         steps = {}
         for stage in args.zero_stages:
-            plan = Plan(nodes, args.gpus_per_node, ep, stage, mbs, seq, micro_steps, ac in (True, "moe"))
+            plan = Plan(nodes, args.gpus_per_node, ep, stage, mbs, seq, micro_steps, ac)
             t = step_time(plan, rates, per_token, shape.hidden, shape.num_moe_layers, num_experts, top_k, params)
             est = estimate_memory(hf_config, world, ep, stage, mbs, seq, ac)
             need = est.total_gib

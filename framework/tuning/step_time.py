@@ -17,7 +17,8 @@ Model, per optimizer step, per rank:
 - ZeRO traffic in bf16, ring collectives (each rank sends (n-1)/n of the tensor): gradients reduce-scattered every
   micro step under ZeRO-2 and ZeRO-3 (DeepSpeed reduces each backward), dense over W and experts over EDP; ZeRO-2
   all-gathers the updated parameters once per step; ZeRO-3 all-gathers every parameter in each forward and each
-  backward of every micro step (and again in a recomputed forward).
+  backward of every micro step, and again where checkpointing recomputes part of a layer (a decoder layer is one
+  ZeRO-3 leaf module, PERF_NOTES change 11: the embeddings and LM head are counted the same, a small overstatement).
 - bandwidth: a collective whose group stays inside a node runs at `intra_gbs`, one that spans nodes at `inter_gbs`
   (per-GPU bus bandwidth: with a NIC per GPU, the NIC's). The dense group spans nodes whenever N > 1, the expert
   group whenever N > 1 too (an EP block stays inside its node, so its EDP peers are on other nodes).
@@ -57,11 +58,22 @@ class Plan:
     micro_batch_size: int
     seq_len: int
     micro_steps: int = 1  # gradient accumulation
-    recompute_moe: bool = True  # activation checkpointing that recomputes the MoE half (true or "moe")
+    checkpointing: bool | str = True  # train.activation_checkpointing: True (whole layers), "moe", "attention", False
 
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def recomputes_moe(self) -> bool:
+        """The backward runs the MoE half's forward again, all-to-alls included."""
+        return self.checkpointing in (True, "moe")
+
+    @property
+    def recomputes(self) -> bool:
+        """The backward runs part of each layer's forward again: under ZeRO-3 the layer (one leaf module) is gathered
+        a third time."""
+        return self.checkpointing is not False
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,7 @@ def all_to_all_bytes(plan: Plan, hidden: int, num_moe_layers: int, num_experts: 
         return 0
     rows = plan.micro_batch_size * plan.seq_len * distinct_ranks(num_experts, top_k, plan.ep_size)
     remote = rows * (plan.ep_size - 1) / plan.ep_size
-    passes = 3 if plan.recompute_moe else 2  # forward, backward, recomputed forward
+    passes = 3 if plan.recomputes_moe else 2  # forward, backward, recomputed forward
     return int(num_moe_layers * passes * 2 * remote * hidden * BF16)  # x2: dispatch and combine
 
 
@@ -107,7 +119,7 @@ def zero_bytes(plan: Plan, params: list[ParamSpec]) -> tuple[float, float, float
     dense = sum(p.numel for p in params if not p.expert)
     expert = sum(local_numel(p, plan.ep_size) for p in params if p.expert)
     if plan.zero_stage == 3:
-        gathers = 3 if plan.recompute_moe else 2  # forward, backward (and a recomputed forward)
+        gathers = 3 if plan.recomputes else 2  # forward, backward (and a recomputed forward)
         return ((gathers + 1) * _ring(dense, world), (gathers + 1) * _ring(expert, edp), 0.0, 0.0)
     if plan.zero_stage == 2:
         return (_ring(dense, world), _ring(expert, edp), _ring(dense, world), _ring(expert, edp))

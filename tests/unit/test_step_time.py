@@ -31,11 +31,13 @@ def test_distinct_ranks_matches_sampled_routing(experts, top_k, ep):
 def test_all_to_all_bytes_by_hand():
     # E=4, K=2, EP=2: a token misses the other rank only when both experts are local, 1 of C(4,2)=6 pairs -> 5/3
     # ranks per token, half of them remote; 6 tokens, 2 layers, H=4, bf16, dispatch + combine
-    plan = Plan(1, 2, 2, 3, micro_batch_size=1, seq_len=6, recompute_moe=True)
+    plan = Plan(1, 2, 2, 3, micro_batch_size=1, seq_len=6, checkpointing=True)
     assert distinct_ranks(4, 2, 2) == pytest.approx(5 / 3)
     assert all_to_all_bytes(plan, 4, 2, 4, 2) == 2 * 3 * 2 * (6 * 5 / 3 / 2) * 4 * 2  # 3 passes with recompute
-    no_recompute = Plan(1, 2, 2, 3, micro_batch_size=1, seq_len=6, recompute_moe=False)
+    no_recompute = Plan(1, 2, 2, 3, micro_batch_size=1, seq_len=6, checkpointing=False)
     assert all_to_all_bytes(no_recompute, 4, 2, 4, 2) == 2 * 2 * 2 * 5 * 4 * 2
+    attention_only = Plan(1, 2, 2, 3, micro_batch_size=1, seq_len=6, checkpointing="attention")
+    assert all_to_all_bytes(attention_only, 4, 2, 4, 2) == all_to_all_bytes(no_recompute, 4, 2, 4, 2)
     assert all_to_all_bytes(Plan(1, 2, 1, 3, 1, 6), 4, 2, 4, 2) == 0  # no expert parallelism, nothing sent
 
 
@@ -43,22 +45,23 @@ def test_zero_bytes_by_hand():
     # 4 ranks, EP 2 -> a rank holds 40 expert elements, shared with 1 other rank (EDP 2); ring: (n-1)/n of 2 bytes each
     dense, expert = 2 * 100 * 3 / 4, 2 * 40 * 1 / 2
     assert zero_bytes(Plan(2, 2, 2, 2, 1, 8), PARAMS) == (dense, expert, dense, expert)  # reduce / step's gather
-    assert zero_bytes(Plan(2, 2, 2, 3, 1, 8, recompute_moe=False), PARAMS) == (3 * dense, 3 * expert, 0, 0)
-    assert zero_bytes(Plan(2, 2, 2, 3, 1, 8, recompute_moe=True), PARAMS) == (4 * dense, 4 * expert, 0, 0)
+    assert zero_bytes(Plan(2, 2, 2, 3, 1, 8, checkpointing=False), PARAMS) == (3 * dense, 3 * expert, 0, 0)
+    for checkpointing in (True, "moe", "attention"):  # any recompute gathers the layer a third time
+        assert zero_bytes(Plan(2, 2, 2, 3, 1, 8, checkpointing=checkpointing), PARAMS) == (4 * dense, 4 * expert, 0, 0)
     with pytest.raises(ValueError, match="ZeRO-2 and ZeRO-3"):
         zero_bytes(Plan(2, 2, 2, 1, 1, 8), PARAMS)
 
 
 def test_step_time_links_and_accumulation():
     rates = Rates(compute_tflops=1e-9, intra_gbs=1.0, inter_gbs=0.5)  # 1 kFLOP/s: compute in readable seconds
-    one_node = Plan(1, 4, 2, 2, 1, 8, micro_steps=3, recompute_moe=False)
+    one_node = Plan(1, 4, 2, 2, 1, 8, micro_steps=3, checkpointing=False)
     t = step_time(one_node, rates, 10.0, 4, 2, 4, 2, PARAMS)
     assert t.compute == pytest.approx(3 * 10.0 * 8 / 1e3)
     a2a = 3 * all_to_all_bytes(one_node, 4, 2, 4, 2)
     assert t.all_to_all_bytes == int(a2a) and t.all_to_all == pytest.approx(a2a / 1e9)
     dense, expert = 2 * 100 * 3 / 4, 2 * 40 * 1 / 2  # W=4, EDP=2
     assert t.zero == pytest.approx((3 + 1) * (dense + expert) / 1e9)  # inside one node: all at intra_gbs
-    two_nodes = Plan(2, 2, 2, 2, 1, 8, micro_steps=3, recompute_moe=False)
+    two_nodes = Plan(2, 2, 2, 2, 1, 8, micro_steps=3, checkpointing=False)
     t2 = step_time(two_nodes, rates, 10.0, 4, 2, 4, 2, PARAMS)
     assert t2.zero == pytest.approx(4 * (dense + expert) / 0.5e9)  # both groups span the nodes
     assert t2.all_to_all == pytest.approx(a2a / 1e9)  # EP stays inside a node
