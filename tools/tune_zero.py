@@ -129,7 +129,8 @@ def run_estimate(args: argparse.Namespace) -> int:
 # default where the plan matches one of them.
 ONE_GPU_TFLOPS = {(1, True): 138.5, (4, False): 344.0}
 # Per-GPU bus bandwidths, GB/s: the 4x H200 profile of session 4 moved ~5.9 GB of all-to-all per rank in 16-32 ms
-# (180-370 GB/s); across nodes, a 400 Gb/s NIC per GPU at ~90%. Assumed, not measured on a multi-node run: pass your own.
+# (180-370 GB/s); across nodes, a 400 Gb/s NIC per GPU at ~90%. Assumed, not measured on a multi-node run: measure
+# your cluster's with benchmarks/collectives.py, which prints the two flags.
 INTRA_GBS, INTER_GBS = 200.0, 45.0
 
 
@@ -147,8 +148,10 @@ def add_time_args(p: argparse.ArgumentParser) -> None:
                    help="model TFLOP/s of one GPU on this micro batch and checkpointing (benchmarks/e2e.py "
                         "--num_gpus 1); default: our H100 figure where one matches (mbs 1 with checkpointing, mbs 4 "
                         "without)")
-    p.add_argument("--intra_gbs", type=float, default=INTRA_GBS, help="per-GPU bus bandwidth inside a node, GB/s")
-    p.add_argument("--inter_gbs", type=float, default=INTER_GBS, help="per-GPU bus bandwidth across nodes, GB/s")
+    p.add_argument("--intra_gbs", type=float, default=INTRA_GBS,
+                   help="per-GPU bus bandwidth inside a node, GB/s (benchmarks/collectives.py measures it)")
+    p.add_argument("--inter_gbs", type=float, default=INTER_GBS,
+                   help="per-GPU bus bandwidth across nodes, GB/s (benchmarks/collectives.py measures it)")
     p.add_argument("--a2a_hidden", type=float, default=0.0, help="share of the all-to-all hidden behind compute")
     p.add_argument("--zero_hidden", type=float, default=0.0, help="share of ZeRO's traffic hidden behind compute")
     p.add_argument("--gpu_memory_gb", type=float, default=80.0)

@@ -20,8 +20,9 @@ Model, per optimizer step, per rank:
   backward of every micro step, and again where checkpointing recomputes part of a layer (a decoder layer is one
   ZeRO-3 leaf module, PERF_NOTES change 11: the embeddings and LM head are counted the same, a small overstatement).
 - bandwidth: a collective whose group stays inside a node runs at `intra_gbs`, one that spans nodes at `inter_gbs`
-  (per-GPU bus bandwidth: with a NIC per GPU, the NIC's). The dense group spans nodes whenever N > 1, the expert
-  group whenever N > 1 too (an EP block stays inside its node, so its EDP peers are on other nodes).
+  (per-GPU bus bandwidth: with a NIC per GPU, the NIC's; benchmarks/collectives.py measures both on a cluster). The
+  dense group spans nodes whenever N > 1, the expert group whenever N > 1 too (an EP block stays inside its node, so
+  its EDP peers are on other nodes).
 - overlap: `a2a_hidden` and `zero_hidden` are the shares hidden behind compute (0 = nothing hidden, an upper
   bound on the step). The measured 2- and 4-GPU profiles are what should set them (PERF_NOTES Next 1).
 Not modelled: load imbalance between EP ranks (the slowest rank paces every all-to-all), the pipeline bubbles of
