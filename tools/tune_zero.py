@@ -158,6 +158,10 @@ def add_time_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
 
+def _nodes(count: int) -> str:
+    return f"{count} node" + ("s" if count > 1 else "")
+
+
 def run_time(args: argparse.Namespace) -> int:
     from framework.config import load_run_config  # noqa: PLC0415
     from framework.config.plan import resolve_model  # noqa: PLC0415
@@ -225,11 +229,11 @@ def run_time(args: argparse.Namespace) -> int:
                          f"{per_token * tokens / t.total / 1e12:>13.1f}{tokens / t.total:>14.0f}")
         if len(steps) == 2:
             fast, slow = sorted(steps, key=steps.get)
-            lines.append(f"      -> {nodes} nodes: ZeRO-{fast}+EP is {steps[slow] / steps[fast]:.2f}x as fast as "
+            lines.append(f"      -> {_nodes(nodes)}: ZeRO-{fast}+EP is {steps[slow] / steps[fast]:.2f}x as fast as "
                          f"ZeRO-{slow}+EP")
         elif len(args.zero_stages) == 2:
-            lines.append(f"      -> {nodes} nodes: " + (f"only ZeRO-{next(iter(steps))} fits" if steps
-                                                       else "neither fits"))
+            lines.append(f"      -> {_nodes(nodes)}: " + (f"only ZeRO-{next(iter(steps))} fits" if steps
+                                                      else "neither fits"))
     lines.append("(ms per micro step; model FLOPs as framework/train/flops.py counts them; framework/tuning/"
                  "step_time.py says what is and is not modelled)")
     print("\n".join(lines))
