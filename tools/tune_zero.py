@@ -74,11 +74,19 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         raise UserError(f"--gpu_memory_gb {args.gpu_memory_gb:g}: must be > 0")
     if args.zero_stage is not None and args.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"--zero_stage {args.zero_stage}: unknown ZeRO stage; expected 0, 1, 2 or 3")
-    flags = {"parallel.ep_size": args.ep_size, "parallel.zero_stage": args.zero_stage,
-             "train.micro_batch_size": args.micro_batch_size, "data.seq_len": args.seq_len,
-             "train.activation_checkpointing": {"on": True, "off": False}.get(args.activation_checkpointing,
-                                                                              args.activation_checkpointing)}
-    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items() if v is not None]
+    return _as_overrides({"parallel.ep_size": args.ep_size, "parallel.zero_stage": args.zero_stage,
+                          "train.micro_batch_size": args.micro_batch_size, "data.seq_len": args.seq_len,
+                          "train.activation_checkpointing": _checkpointing(args.activation_checkpointing)})
+
+
+def _checkpointing(choice: str | None) -> bool | str | None:
+    """--activation_checkpointing on|off|moe|attention as train.activation_checkpointing's value."""
+    return {"on": True, "off": False}.get(choice, choice)
+
+
+def _as_overrides(values: dict[str, object]) -> list[str]:
+    """section.key=value overrides of the values that are set (YAML spelling of booleans)."""
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items() if v is not None]
 
 
 def _attention(name: str) -> str:
@@ -90,37 +98,46 @@ def _attention(name: str) -> str:
 
 def run_estimate(args: argparse.Namespace) -> int:
     from framework.config import load_run_config  # noqa: PLC0415
-    from framework.config.deepspeed import build_ds_config, read_ds_json  # noqa: PLC0415
+    from framework.config.deepspeed import read_ds_json  # noqa: PLC0415
     from framework.config.plan import check_model_parallel, resolve_model  # noqa: PLC0415
-    from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
     from framework.tuning.report import format_report  # noqa: PLC0415
 
     cfg = load_run_config(args.config, list(args.overrides) + _flag_overrides(args))
-    n, stage = args.num_gpus, cfg.parallel.zero_stage
-    if args.offload and stage == 0:
+    n = args.num_gpus
+    if args.offload and cfg.parallel.zero_stage == 0:
         raise UserError("--offload needs parallel.zero_stage 1, 2 or 3 (ZeRO-0 has no optimizer partitions)")
     _, hf_config = resolve_model(cfg)  # the family's checked config, as the trainer gets it
     check_model_parallel(cfg.parallel.ep_size, n, hf_config)
-    notes = []
-    per_step = cfg.train.micro_batch_size * n
-    if cfg.train.global_batch_size % per_step:  # memory does not depend on gradient accumulation
-        notes.append(f"note: train.global_batch_size ({cfg.train.global_batch_size}) does not divide over {n} GPUs "
-                     f"x micro batch {cfg.train.micro_batch_size}; estimated with {per_step} (memory does not "
-                     "depend on it)")
-        cfg.train.global_batch_size = per_step
     user = read_ds_json(args.deepspeed) if args.deepspeed else {}
     if args.offload:
         zero = dict(user.get("zero_optimization", {}))
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         user = {**user, "zero_optimization": zero}
-    ds = build_ds_config(cfg, n, True, user, args.deepspeed or "DeepSpeed config", hf_config=hf_config)
-    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    est = estimate_memory(hf_config, n, cfg.parallel.ep_size, stage, cfg.train.micro_batch_size, cfg.data.seq_len,
-                          cfg.train.activation_checkpointing, offload, ds,
-                          _attention(args.attention or cfg.model.attn_implementation), cfg.train.loss_chunk_tokens,
-                          cfg.moe.z_loss_coef > 0)
+    est, notes = _config_estimate(cfg, hf_config, n, user, args.deepspeed or "DeepSpeed config", args.attention)
     print("\n".join([f"config    {args.config}", *notes, format_report(est, args.gpu_memory_gb, args.gpus_per_node)]))
     return 0
+
+
+def _config_estimate(cfg, hf_config, num_gpus: int, user_ds: dict, ds_name: str, attention: str | None):
+    """(the memory estimate of run config `cfg` on `num_gpus` GPUs with the DeepSpeed JSON a run would get, notes
+    for the report): the one estimate behind `estimate` and `time`."""
+    from framework.config.deepspeed import build_ds_config  # noqa: PLC0415
+    from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
+
+    notes = []
+    per_step = cfg.train.micro_batch_size * num_gpus
+    if cfg.train.global_batch_size % per_step:  # memory does not depend on gradient accumulation
+        notes.append(f"note: train.global_batch_size ({cfg.train.global_batch_size}) does not divide over {num_gpus} "
+                     f"GPUs x micro batch {cfg.train.micro_batch_size}; estimated with {per_step} (memory does not "
+                     "depend on it)")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"global_batch_size": per_step})})
+    ds = build_ds_config(cfg, num_gpus, True, user_ds, ds_name, hf_config=hf_config)
+    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    est = estimate_memory(hf_config, num_gpus, cfg.parallel.ep_size, cfg.parallel.zero_stage,
+                          cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.activation_checkpointing, offload,
+                          ds, _attention(attention or cfg.model.attn_implementation), cfg.train.loss_chunk_tokens,
+                          cfg.moe.z_loss_coef > 0)
+    return est, notes
 
 
 # ---- time -----------------------------------------------------------------------------------------------------------
@@ -167,7 +184,6 @@ def run_time(args: argparse.Namespace) -> int:
     from framework.config.plan import resolve_model  # noqa: PLC0415
     from framework.models.registry import moe_shape  # noqa: PLC0415
     from framework.train.flops import flops_per_token  # noqa: PLC0415
-    from framework.tuning.estimate import estimate_memory  # noqa: PLC0415
     from framework.tuning.params import model_shape, param_inventory  # noqa: PLC0415
     from framework.tuning.step_time import Plan, Rates, step_time  # noqa: PLC0415
 
@@ -182,18 +198,19 @@ def run_time(args: argparse.Namespace) -> int:
     for flag in ("intra_gbs", "inter_gbs", "gpu_memory_gb"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag} {getattr(args, flag):g}: must be > 0")
-    flags = {"train.micro_batch_size": args.micro_batch_size, "data.seq_len": args.seq_len,
-             "train.activation_checkpointing": {"on": True, "off": False}.get(args.activation_checkpointing,
-                                                                              args.activation_checkpointing)}
-    extra = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items() if v is not None]
-    cfg = load_run_config(args.config, list(args.overrides) + extra)
-    _, hf_config = resolve_model(cfg)
-    mbs, seq, ac = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.activation_checkpointing
     ep = args.ep_size or args.gpus_per_node
     if ep > args.gpus_per_node or args.gpus_per_node % ep:
         raise UserError(f"--ep_size {ep}: must divide --gpus_per_node {args.gpus_per_node} (the model keeps the "
                         "expert all-to-all inside a node)")
-    compute = args.compute_tflops or ONE_GPU_TFLOPS.get((mbs, ac is True))
+    overrides = list(args.overrides) + _as_overrides({
+        "parallel.ep_size": ep, "train.micro_batch_size": args.micro_batch_size, "data.seq_len": args.seq_len,
+        "train.activation_checkpointing": _checkpointing(args.activation_checkpointing)})
+    configs = {stage: load_run_config(args.config, overrides + [f"parallel.zero_stage={stage}"])
+               for stage in args.zero_stages}  # the DeepSpeed JSON a run would get depends on the stage
+    cfg = configs[args.zero_stages[0]]
+    _, hf_config = resolve_model(cfg)
+    mbs, seq, ac = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.activation_checkpointing
+    compute = args.compute_tflops or ONE_GPU_TFLOPS.get((mbs, ac))
     if compute is None or compute <= 0:
         raise UserError(f"--compute_tflops: no measured one-GPU rate for micro batch {mbs} with activation "
                         f"checkpointing {ac}; measure it with benchmarks/e2e.py --num_gpus 1 and pass it")
@@ -212,14 +229,13 @@ def run_time(args: argparse.Namespace) -> int:
     for nodes in args.nodes:
         world = nodes * args.gpus_per_node
         micro_steps = max(cfg.train.global_batch_size // (mbs * world), 1)
+        tokens = micro_steps * mbs * seq
         steps = {}
         for stage in args.zero_stages:
             plan = Plan(nodes, args.gpus_per_node, ep, stage, mbs, seq, micro_steps, ac)
             t = step_time(plan, rates, per_token, shape.hidden, shape.num_moe_layers, num_experts, top_k, params)
-            est = estimate_memory(hf_config, world, ep, stage, mbs, seq, ac)
-            need = est.total_gib
-            fits = need <= 0.9 * args.gpu_memory_gb
-            tokens = micro_steps * mbs * seq
+            est, _ = _config_estimate(configs[stage], hf_config, world, {}, "DeepSpeed config", None)
+            need, fits = est.total_gib, est.fits(args.gpu_memory_gb)
             if fits:
                 steps[stage] = t.total
             lines.append(f"{nodes:>5} {world:>5}  {f'ZeRO-{stage} EP{ep}':<12}"

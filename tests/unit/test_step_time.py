@@ -4,6 +4,7 @@ routing, the choice of link per group, and the command's table and one-line erro
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -82,6 +83,11 @@ def test_time_command_compares_zero_stages(capsys):
     assert "compute 138.5 TFLOP/s/GPU" in out and "ZeRO-2 EP8" in out and "ZeRO-3 EP8" in out
     verdicts = [line for line in out.splitlines() if "->" in line]
     assert len(verdicts) == 2 and all("ZeRO-2+EP is" in v and "as fast as ZeRO-3+EP" in v for v in verdicts), out
+    # each plan's memory is `tune_zero estimate`'s for the same run (its DeepSpeed JSON, attention, loss chunks)
+    assert tool.main(["estimate", "--config", CONFIG_30B, "--num_gpus", "16", "--ep_size", "8", "--zero_stage", "3",
+                      "--micro_batch_size", "1", "--activation_checkpointing", "on"]) == 0
+    peak = re.search(r"^peak (\d+\.\d) GiB per GPU", capsys.readouterr().out, re.M).group(1)
+    assert re.search(rf"^ +2 +16  ZeRO-3 EP8 +{peak} GiB ", out, re.M), (peak, out)
     assert tool.main(["time", "--config", CONFIG_30B, "--nodes", "2", "--micro_batch_size", "4",
                       "--activation_checkpointing", "off"]) == 0
     out = capsys.readouterr().out
