@@ -17,16 +17,10 @@ import argparse
 
 import torch
 
-from benchmarks.expert_gemms import copy_bandwidth_gbs
+from benchmarks.expert_gemms import copy_bandwidth_gbs, routed_ids
 from benchmarks.moe_layer import E, H, K, time_ms
 from framework.ops import triton_kernels as tk
 from framework.ops.expert_sort import sort_by_expert_reference
-
-
-def routed_ids(tokens: int) -> torch.Tensor:
-    """[T, K] int64: each token's K distinct experts, uniformly at random."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    return torch.rand(tokens, E, device="cuda", generator=gen).topk(K, dim=-1).indices.contiguous()
 
 
 def sweep_geometries(n: int, sms: int) -> list[tk.ExpandGeometry]:

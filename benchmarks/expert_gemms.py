@@ -30,11 +30,15 @@ def copy_bandwidth_gbs(iters: int) -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
+def routed_ids(tokens: int) -> torch.Tensor:
+    """[T, K] int64: each token's K distinct experts, uniformly at random (seed 0)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return torch.rand(tokens, E, device="cuda", generator=gen).topk(K, dim=-1).indices.contiguous()
+
+
 def uniform_offsets(tokens: int) -> torch.Tensor:
     """Cumulative row ends per expert for `tokens` tokens, each routed to K distinct experts at random."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.rand(tokens, E, device="cuda", generator=gen).topk(K, dim=-1).indices
-    return torch.cumsum(torch.bincount(ids.reshape(-1), minlength=E), 0).to(torch.int32)
+    return torch.cumsum(torch.bincount(routed_ids(tokens).reshape(-1), minlength=E), 0).to(torch.int32)
 
 
 def cases(tokens: int) -> list[tuple[str, Callable[[], object], float, int]]:
