@@ -39,11 +39,11 @@ from framework.moe.layer import MoEBlock  # noqa: E402
 from framework.moe.router import Routing, TopKRouter  # noqa: E402
 from framework.ops.expert_sort import expand_by_expert  # noqa: E402
 from framework.ops.permute import weighted_gather_sum  # noqa: E402
-from framework.ops.softmax_topk import softmax_topk  # noqa: E402
+from framework.ops.softmax_topk import linear_softmax_topk  # noqa: E402
 
 H, I, E, K = 2048, 768, 128, 8
-STAGES = ("grads", "linear", "top-k", "dispatch", "experts", "combine", "stats", "backward")
-BEFORE_FIRST_GEMM = ("grads", "linear", "top-k", "dispatch")
+STAGES = ("grads", "router", "dispatch", "experts", "combine", "stats", "backward")
+BEFORE_FIRST_GEMM = ("grads", "router", "dispatch")
 
 
 def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark: Callable[[str], None]
@@ -56,12 +56,9 @@ def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark
         p.grad = None
     mark("grads")
     x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
-    router = block.gate  # TopKRouter.forward in two stages (its Module call is not timed)
-    logits_TE = F.linear(x_TH, router.weight)
-    mark("linear")
-    weights_TK, ids_TK, probs_TE = softmax_topk(logits_TE, router.top_k, router.norm_topk_prob)
-    routing = Routing(weights_TK, ids_TK, probs_TE, logits_TE)
-    mark("top-k")
+    router = block.gate  # TopKRouter.forward (its Module call is not timed)
+    routing = Routing(*linear_softmax_topk(x_TH, router.weight, router.top_k, router.norm_topk_prob))
+    mark("router")
     rows, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, block.num_experts)
     mark("dispatch")
     out = block.experts(rows, ends)

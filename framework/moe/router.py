@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.ops.softmax_topk import softmax_topk
+from framework.ops.softmax_topk import linear_softmax_topk
 
 
 class Routing(NamedTuple):
@@ -38,9 +38,7 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
-        logits_TE = F.linear(x_TH, self.weight)
-        weights_TK, ids_TK, probs_TE = softmax_topk(logits_TE, self.top_k, self.norm_topk_prob)
-        return Routing(weights_TK, ids_TK, probs_TE, logits_TE)
+        return Routing(*linear_softmax_topk(x_TH, self.weight, self.top_k, self.norm_topk_prob))
 
 
 class GroupLimitedSigmoidRouter(nn.Module):

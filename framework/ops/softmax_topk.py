@@ -1,17 +1,18 @@
-"""The top-k softmax router after its linear: fp32 softmax over all experts, the k most probable, optionally
+"""The top-k softmax router from its input: linear, fp32 softmax over all experts, the k most probable, optionally
 renormalised to sum to 1 (transformers' Qwen3MoeTopKRouter / MixtralTopKRouter).
 
-Legend: T tokens, E experts, K top-k.
-On CUDA one Triton kernel each way (framework/ops/triton_kernels.py). Eager torch runs softmax, topk, sum, div and a
-cast forward and seven autograd nodes backward; at 4,096 tokens their launches were a third of the MoE layer's host
-time, which paced the layer (benchmarks/PERF_NOTES.md, change 23). The eager chain below is the CPU path and the
-kernels' reference. Ties between equal probabilities go to the lower expert id in the kernel; torch.topk does not
-promise an order for ties.
+Legend: T tokens, H hidden, E experts, K top-k.
+On CUDA one Triton kernel forward (the linear included) and one backward before the linear's two GEMMs
+(framework/ops/triton_kernels.py). Eager torch runs a GEMM, softmax, topk, sum, div and a cast forward and eight
+autograd nodes backward; at 4,096 tokens their launches paced the MoE layer's host time (benchmarks/PERF_NOTES.md,
+changes 23 and 27). The eager chain below is the CPU path and the kernels' reference. Ties between equal
+probabilities go to the lower expert id in the kernel; torch.topk does not promise an order for ties.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from framework.ops.triton_available import use_triton
 
@@ -26,32 +27,37 @@ def softmax_topk_reference(logits_TE: torch.Tensor, top_k: int, normalize: bool
     return top_TK.to(logits_TE.dtype), ids_TK, probs_TE
 
 
-class _SoftmaxTopK(torch.autograd.Function):
+class _LinearSoftmaxTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE: torch.Tensor, top_k: int, normalize: bool):
-        from framework.ops.triton_kernels import softmax_topk_forward  # noqa: PLC0415
+    def forward(ctx, x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int, normalize: bool):
+        from framework.ops.triton_kernels import linear_softmax_topk_forward  # noqa: PLC0415
 
-        weights_TK, ids_TK, probs_TE = softmax_topk_forward(logits_TE.contiguous(), top_k, normalize)
-        ctx.save_for_backward(probs_TE, ids_TK)
+        x_TH, weight_EH = x_TH.contiguous(), weight_EH.contiguous()
+        weights_TK, ids_TK, probs_TE, logits_TE = linear_softmax_topk_forward(x_TH, weight_EH, top_k, normalize)
+        ctx.save_for_backward(x_TH, weight_EH, probs_TE, ids_TK)
         ctx.mark_non_differentiable(ids_TK)
         ctx.set_materialize_grads(False)  # an output no loss reached needs no zero tensor
-        ctx.normalize, ctx.dtype = normalize, logits_TE.dtype
-        return weights_TK, ids_TK, probs_TE
+        ctx.normalize = normalize
+        return weights_TK, ids_TK, probs_TE, logits_TE
 
     @staticmethod
-    def backward(ctx, grad_weights_TK, _grad_ids, grad_probs_TE):
+    def backward(ctx, grad_weights_TK, _grad_ids, grad_probs_TE, grad_logits_TE):
         from framework.ops.triton_kernels import softmax_topk_backward  # noqa: PLC0415
 
-        probs_TE, ids_TK = ctx.saved_tensors
-        grad = softmax_topk_backward(probs_TE, ids_TK, grad_weights_TK, grad_probs_TE, ctx.normalize, ctx.dtype)
-        return grad, None, None
+        x_TH, weight_EH, probs_TE, ids_TK = ctx.saved_tensors
+        grad_TE = softmax_topk_backward(probs_TE, ids_TK, grad_weights_TK, grad_probs_TE, grad_logits_TE,
+                                        ctx.normalize, x_TH.dtype)
+        grad_x = grad_TE @ weight_EH if ctx.needs_input_grad[0] else None
+        grad_weight = grad_TE.t() @ x_TH if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None, None
 
 
-def softmax_topk(logits_TE: torch.Tensor, top_k: int, normalize: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights [T, K] in the logits' dtype, expert ids [T, K] int64 in descending probability, probs [T, E] fp32):
-    the combine weights (renormalised over the k when `normalize`) and the softmax over all experts. Gradients flow
-    from weights and probs to the logits."""
-    if use_triton(logits_TE):
-        return _SoftmaxTopK.apply(logits_TE, top_k, normalize)
-    return softmax_topk_reference(logits_TE, top_k, normalize)
+def linear_softmax_topk(x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int, normalize: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [T, K] in x's dtype, expert ids [T, K] int64 in descending probability, probs [T, E] fp32, logits
+    [T, E] in x's dtype) for logits = x @ weight^T: the combine weights (renormalised over the k when `normalize`),
+    the softmax over all experts and the logits. Gradients flow from weights, probs and logits to x and weight."""
+    if use_triton(x_TH) and x_TH.dtype == weight_EH.dtype:
+        return _LinearSoftmaxTopK.apply(x_TH, weight_EH, top_k, normalize)
+    logits_TE = F.linear(x_TH, weight_EH)
+    return (*softmax_topk_reference(logits_TE, top_k, normalize), logits_TE)

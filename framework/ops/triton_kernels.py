@@ -311,17 +311,31 @@ def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int,
     return rows, inverse, ends
 
 
-# The router after its linear: softmax in fp32, top-k by K rounds of a row argmax (ties to the lower expert id, as a
-# stable descending sort), the chosen probabilities renormalised. One launch each way where eager torch runs six
-# kernels forward and seven backward, whose launches paced the MoE layer's host time at 4,096 tokens (PERF_NOTES 23).
+# The top-k softmax router: its linear (x @ W^T, fp32 accumulation, the logits rounded to their dtype as torch's
+# matmul rounds them), softmax in fp32, top-k by K rounds of a row argmax (ties to the lower expert id, as a stable
+# descending sort), the chosen probabilities renormalised. One launch forward where eager torch runs a GEMM and six
+# kernels; the separate GEMM launch alone cost ~150 us of host time before the first grouped GEMM in the step at
+# 4,096 tokens (PERF_NOTES 23, 27). One launch backward for the logits' gradient, then the linear's two GEMMs.
 @triton.jit
-def _softmax_topk_fwd(logits_ptr, probs_ptr, ids_ptr, weights_ptr, n_rows, E: tl.constexpr, E_PAD: tl.constexpr,
-                      K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr):
+def _linear_softmax_topk_fwd(x_ptr, w_ptr, logits_ptr, probs_ptr, ids_ptr, weights_ptr, n_rows, hidden,
+                             E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                             NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_H: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     row_mask = rows < n_rows
-    mask = row_mask[:, None] & (cols[None, :] < E)
-    x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    col_mask = cols < E
+    mask = row_mask[:, None] & col_mask[None, :]
+    acc = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+    for h0 in tl.range(0, hidden, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < hidden
+        a = tl.load(x_ptr + rows[:, None] * hidden + hs[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * hidden + hs[:, None], mask=col_mask[None, :] & h_mask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    logits = acc.to(logits_ptr.dtype.element_ty)
+    tl.store(logits_ptr + rows[:, None] * E + cols[None, :], logits, mask=mask)
+    x = tl.where(mask, logits.to(tl.float32), float("-inf"))
     x = tl.where(row_mask[:, None], x, 0.0)  # rows past the end: finite, never stored
     e = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = e / tl.sum(e, axis=1)[:, None]
@@ -343,10 +357,11 @@ def _softmax_topk_fwd(logits_ptr, probs_ptr, ids_ptr, weights_ptr, n_rows, E: tl
 
 
 @triton.jit
-def _softmax_topk_bwd(probs_ptr, ids_ptr, grad_weights_ptr, grad_probs_ptr, grad_probs_row_stride, grad_logits_ptr,
-                      n_rows, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                      NORMALIZE: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr, HAS_GRAD_PROBS: tl.constexpr,
-                      BLOCK_T: tl.constexpr):
+def _softmax_topk_bwd(probs_ptr, ids_ptr, grad_weights_ptr, grad_probs_ptr, grad_probs_row_stride, grad_in_ptr,
+                      grad_in_row_stride, grad_logits_ptr, n_rows, E: tl.constexpr, E_PAD: tl.constexpr,
+                      K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
+                      HAS_GRAD_PROBS: tl.constexpr, HAS_GRAD_IN: tl.constexpr, BLOCK_T: tl.constexpr):
+    # grad_in: the logits' own gradient (the z-loss's), added to what flows back through the softmax
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     row_mask = rows < n_rows
@@ -371,6 +386,9 @@ def _softmax_topk_bwd(probs_ptr, ids_ptr, grad_weights_ptr, grad_probs_ptr, grad
             g_k = tl.sum(tl.where(ks[None, :] == k, gw, 0.0), axis=1)
             g = tl.where(cols[None, :] == id_k[:, None], g + g_k[:, None], g)
     grad = p * (g - tl.sum(p * g, axis=1)[:, None])  # the softmax backward
+    if HAS_GRAD_IN:
+        grad += tl.load(grad_in_ptr + rows[:, None] * grad_in_row_stride + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
     tl.store(grad_logits_ptr + rows[:, None] * E + cols[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
              mask=mask)
 
@@ -380,37 +398,60 @@ def _router_tiles(num_experts: int, top_k: int) -> tuple[int, int, int]:
     return e_pad, max(triton.next_power_of_2(top_k), 2), max(min(2048 // e_pad, 128), 1)
 
 
-def softmax_topk_forward(logits_TE: torch.Tensor, top_k: int, normalize: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights [T, K] in the logits' dtype, ids [T, K] int64, probs [T, E] fp32) for contiguous logits."""
-    tokens, experts = logits_TE.shape
-    probs = torch.empty(tokens, experts, dtype=torch.float32, device=logits_TE.device)
-    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits_TE.device)
-    weights = torch.empty(tokens, top_k, dtype=logits_TE.dtype, device=logits_TE.device)
-    e_pad, k_pad, block_t = _router_tiles(experts, top_k)
+def _router_rows_per_program(tokens: int, sms: int) -> int:
+    # Each program reads all of W (E x H, 512 KB at Qwen3-30B-A3B) from L2: 64 rows keep those reads near x's own
+    # bytes at large T; fewer rows where 64 would leave SMs idle.
+    rows = 64
+    while rows > 16 and triton.cdiv(tokens, rows) < sms:
+        rows //= 2
+    return rows
+
+
+def linear_softmax_topk_forward(x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int, normalize: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [T, K] in x's dtype, ids [T, K] int64, probs [T, E] fp32, logits [T, E] in x's dtype) for
+    contiguous x [T, H] and weight [E, H] of one dtype. fp32 inputs multiply in full fp32 (torch's default), not
+    TF32."""
+    tokens, hidden = x_TH.shape
+    experts = weight_EH.shape[0]
+    device = x_TH.device
+    logits = torch.empty(tokens, experts, dtype=x_TH.dtype, device=device)
+    probs = torch.empty(tokens, experts, dtype=torch.float32, device=device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
+    weights = torch.empty(tokens, top_k, dtype=x_TH.dtype, device=device)
     if tokens:
-        _softmax_topk_fwd[(triton.cdiv(tokens, block_t),)](logits_TE, probs, ids, weights, tokens, experts, e_pad,
-                                                           top_k, k_pad, normalize, BLOCK_T=block_t)
-    return weights, ids, probs
+        e_pad = max(triton.next_power_of_2(experts), 16)  # tl.dot's smallest tile
+        block_t = _router_rows_per_program(tokens, _sm_count(device) if x_TH.is_cuda else 8)
+        _linear_softmax_topk_fwd[(triton.cdiv(tokens, block_t),)](
+            x_TH, weight_EH, logits, probs, ids, weights, tokens, hidden, experts, e_pad, top_k,
+            max(triton.next_power_of_2(top_k), 2), normalize, "ieee" if x_TH.dtype == torch.float32 else "tf32",
+            BLOCK_T=block_t, BLOCK_H=64, num_warps=8)
+    return weights, ids, probs, logits
 
 
 def softmax_topk_backward(probs_TE: torch.Tensor, ids_TK: torch.Tensor, grad_weights_TK: torch.Tensor | None,
-                          grad_probs_TE: torch.Tensor | None, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The logits' gradient [T, E] in `dtype`; either incoming gradient may be None (no gradient reached it). The
-    probabilities' gradient may be a broadcast row (row stride 0: what a plain sum over tokens sends back)."""
+                          grad_probs_TE: torch.Tensor | None, grad_logits_TE: torch.Tensor | None, normalize: bool,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """The logits' gradient [T, E] in `dtype`: what flows back through the softmax and top-k plus the logits' own
+    incoming gradient; any incoming gradient may be None (no gradient reached it). The probabilities' and logits'
+    gradients may be broadcast rows (row stride 0: what a plain sum over tokens sends back)."""
     tokens, experts = probs_TE.shape
     top_k = ids_TK.shape[1]
     if grad_weights_TK is not None:
         grad_weights_TK = grad_weights_TK.contiguous()
     if grad_probs_TE is not None and grad_probs_TE.stride(1) != 1:
         grad_probs_TE = grad_probs_TE.contiguous()
-    row_stride = grad_probs_TE.stride(0) if grad_probs_TE is not None else 0
+    if grad_logits_TE is not None and grad_logits_TE.stride(1) != 1:
+        grad_logits_TE = grad_logits_TE.contiguous()
     grad_logits = torch.empty(tokens, experts, dtype=dtype, device=probs_TE.device)
     e_pad, k_pad, block_t = _router_tiles(experts, top_k)
     if tokens:
         _softmax_topk_bwd[(triton.cdiv(tokens, block_t),)](
-            probs_TE, ids_TK, grad_weights_TK, grad_probs_TE, row_stride, grad_logits, tokens, experts, e_pad, top_k,
-            k_pad, normalize, grad_weights_TK is not None, grad_probs_TE is not None, BLOCK_T=block_t)
+            probs_TE, ids_TK, grad_weights_TK, grad_probs_TE,
+            grad_probs_TE.stride(0) if grad_probs_TE is not None else 0, grad_logits_TE,
+            grad_logits_TE.stride(0) if grad_logits_TE is not None else 0, grad_logits, tokens, experts, e_pad,
+            top_k, k_pad, normalize, grad_weights_TK is not None, grad_probs_TE is not None,
+            grad_logits_TE is not None, BLOCK_T=block_t)
     return grad_logits
 
 

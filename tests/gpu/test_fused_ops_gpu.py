@@ -183,19 +183,30 @@ def test_expand_by_expert_kernels_equal_stable_argsort(tokens, k, experts, skew,
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("tokens,experts,k,dtype", [(4099, 128, 8, torch.bfloat16), (4099, 128, 8, torch.float32),
-                                                    (1027, 60, 4, torch.bfloat16), (515, 8, 2, torch.float32),
-                                                    (33, 64, 1, torch.bfloat16)])
-def test_softmax_topk_kernels_match_the_eager_router(tokens, experts, k, dtype, normalize):
-    """The router kernels against the eager chain (softmax in fp32, torch.topk, renormalise, cast) and its autograd,
-    with gradients reaching the weights, the probabilities or both. The kernel's top-k is the stable descending order
-    of its probabilities (ties to the lower id); it equals torch.topk's choice on every token without a tie at the k-th
-    place, and the weights and gradients are compared expert by expert, as torch orders tied experts its own way."""
+@pytest.mark.parametrize("tokens,hidden,experts,k,dtype", [(4099, 2048, 128, 8, torch.bfloat16),
+                                                           (4099, 2048, 128, 8, torch.float32),
+                                                           (65536, 2048, 128, 8, torch.bfloat16),
+                                                           (1027, 2048, 60, 4, torch.bfloat16),
+                                                           (515, 4096, 8, 2, torch.float32),
+                                                           (33, 200, 64, 1, torch.bfloat16)])
+def test_linear_softmax_topk_kernels_match_the_eager_router(tokens, hidden, experts, k, dtype, normalize):
+    """The router kernels against the eager chain (F.linear, softmax in fp32, torch.topk, renormalise, cast) and its
+    autograd, with gradients reaching the weights, the probabilities, the logits (the z-loss's) or several. The
+    logits against F.linear's (the kernel sums in its own order: bf16 logits may differ by one rounding step); the
+    rest against the eager chain fed our logits, so that a near-tie the two linears round apart cannot flip a choice.
+    The kernel's top-k is the stable descending order of its probabilities (ties to the lower id); it equals
+    torch.topk's choice on every token without a tie at the k-th place, and the weights and gradients are compared
+    expert by expert, as torch orders tied experts its own way."""
     assert triton_importable(), "Triton is missing on this GPU machine"
     torch.manual_seed(0)
-    logits = (torch.randn(tokens, experts, device="cuda") * 2).to(dtype)
-    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    weights, ids, probs = softmax_topk._SoftmaxTopK.apply(ours_in, k, normalize)
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    weight = (torch.randn(experts, hidden, device="cuda") * 2 / hidden ** 0.5).to(dtype)
+    x_in, w_in = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    weights, ids, probs, logits = softmax_topk._LinearSoftmaxTopK.apply(x_in, w_in, k, normalize)
+    assert logits.dtype == weights.dtype == dtype and probs.dtype == torch.float32 and ids.dtype == torch.int64
+    ref_logits = torch.nn.functional.linear(x, weight)
+    assert rel(logits, ref_logits) < (1e-5 if dtype == torch.float32 else 2e-3)  # its own summation order
+    ref_in = logits.detach().clone().requires_grad_()
     ref_weights, ref_ids, ref_probs = softmax_topk.softmax_topk_reference(ref_in, k, normalize)
     tol = 1e-6 if dtype == torch.float32 else 8e-3
     assert rel(probs, ref_probs) < 1e-6
@@ -207,21 +218,31 @@ def test_softmax_topk_kernels_match_the_eager_router(tokens, experts, k, dtype, 
     pos = (ids.unsqueeze(-1) == ref_ids.unsqueeze(1)).to(torch.int8).argmax(-1)
     same = ~tied
     assert rel(weights[same], torch.gather(ref_weights, 1, pos)[same]) < tol
-    grad_weights = torch.randn(tokens, k, device="cuda").to(dtype)
-    grad_probs = torch.randn(tokens, experts, device="cuda")
-    for use_weights, use_probs in ((True, True), (True, False), (False, True)):
-        if k == 1 and normalize and not use_probs:
+    # no gradient from the tied tokens, so that the router weight's gradient (a sum over tokens) compares whole
+    grad_weights = (torch.randn(tokens, k, device="cuda") * same[:, None]).to(dtype)
+    grad_probs = torch.randn(tokens, experts, device="cuda") * same[:, None]
+    grad_logits = (torch.randn(tokens, experts, device="cuda") * same[:, None]).to(dtype)
+    for use_weights, use_probs, use_logits in ((True, True, True), (True, False, False), (False, True, False),
+                                               (False, False, True)):
+        if k == 1 and normalize and not (use_probs or use_logits):
             continue  # one renormalised weight is 1 whatever the logits: its gradient is zero up to rounding
-        ours_in.grad = ref_in.grad = None
+        x_in.grad = w_in.grad = ref_in.grad = None
         ours_out = [(weights, torch.gather(grad_weights, 1, pos))] if use_weights else []
         ref_out = [(ref_weights, grad_weights)] if use_weights else []
         if use_probs:
             ours_out.append((probs, grad_probs))
             ref_out.append((ref_probs, grad_probs))
+        if use_logits:
+            ours_out.append((logits, grad_logits))
+            ref_out.append((ref_in, grad_logits))
         torch.autograd.backward(*zip(*ours_out), retain_graph=True)
         torch.autograd.backward(*zip(*ref_out), retain_graph=True)
-        assert ours_in.grad.dtype == dtype
-        assert rel(ours_in.grad[same], ref_in.grad[same]) < max(tol, 1e-5), (use_weights, use_probs)
+        # the linear's backward in fp32 from the eager chain's logits gradient
+        ref_grad = ref_in.grad.float()
+        assert x_in.grad.dtype == w_in.grad.dtype == dtype
+        case = (use_weights, use_probs, use_logits)
+        assert rel(x_in.grad[same], (ref_grad @ weight.float())[same]) < max(tol, 1e-5), case
+        assert rel(w_in.grad, ref_grad.t() @ x.float()) < max(tol, 1e-5), case
 
 
 @pytest.mark.parametrize("scale", [None, 3.7])
