@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.launch import free_port, run_workers
+from tests.distributed.launch import local_launcher, run_workers
 from tests.distributed.test_pretrain import REPO, corpus, run, train_records  # noqa: F401 (corpus is a fixture)
 from tests.helpers import TINY_DEEPSEEK_RUN, read_safetensors_dir, write_family_run_yaml, write_run_yaml
 
@@ -32,10 +32,7 @@ def _train(tmp_path, train: str, name: str, family: str = "mixtral", ep_size: in
     """`config`: a run YAML of its own (default: model_configs/tiny.yaml with the family's tiny model)."""
     config = config or write_family_run_yaml(str(tmp_path / f"{name}.yaml"), family, **hf_overrides)
     out = str(tmp_path / name)
-    launcher = None
-    if ep_size > 1:
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ep_size), "--master_port",
-                    str(free_port())]
+    launcher = local_launcher(ep_size) if ep_size > 1 else None
     proc = run([f"data.paths=[{train}]", f"train.max_steps={steps}", "train.save_steps=0", "export.at_end=true",
                 f"parallel.ep_size={ep_size}", f"train.output_dir={out}", *extra], launcher=launcher, config=config)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
