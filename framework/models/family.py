@@ -7,6 +7,7 @@ Owns: `Family` (one per supported model_type, listed in registry.py), `read_raw_
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -20,7 +21,9 @@ from transformers import PretrainedConfig
 class Family:
     model_type: str
     load_config: Callable[[Any], PretrainedConfig]  # a checked config from a path / dict / config object
-    causal_lm: type  # ours (a framework.models.decoder.MoECausalLM); built as causal_lm(config, options)
+    # "module:Class" of ours (a framework.models.decoder.MoECausalLM), read through `causal_lm`: the registry names it
+    # instead of importing it, so that listing the families imports no model code (framework/lazy_exports.py says why)
+    causal_lm_path: str
     stock_class: str  # transformers' class, config.json "architectures" on export
     # a stored checkpoint key -> the transformers 5 name our parameters use (hub spellings differ by family)
     checkpoint_key: Callable[[str], str] | None = None
@@ -29,6 +32,13 @@ class Family:
     # checkpoint tensors the model does not have and transformers skips on load (DeepSeek-V3's multi-token-prediction
     # layers), given the config; None: every tensor must be the model's
     ignored_key: Callable[[PretrainedConfig, str], bool] | None = None
+
+    @property
+    def causal_lm(self) -> type:
+        """Ours (a framework.models.decoder.MoECausalLM), built as causal_lm(config, options); its module is imported
+        on first use (with transformers' modeling code for the family)."""
+        module, _, name = self.causal_lm_path.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def read_raw_config(source: str | dict) -> tuple[dict[str, Any], str]:

@@ -8,34 +8,35 @@ Owns: `FAMILIES`, `family_for` (which family a checkpoint directory / config.jso
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from transformers import PretrainedConfig
 
 from framework.models.deepseek_v3.config import is_mtp_key, load_deepseek_v3_config
-from framework.models.deepseek_v3.model import DeepseekV3CausalLM
 from framework.models.family import Family, read_raw_config
 from framework.models.mixtral.checkpoint import mixtral_checkpoint_key, mixtral_hub_key
 from framework.models.mixtral.config import load_mixtral_config
-from framework.models.mixtral.model import MixtralCausalLM
 from framework.models.olmoe.config import load_olmoe_config
-from framework.models.olmoe.model import OlmoeCausalLM
 from framework.models.qwen2_moe.config import load_qwen2_moe_config
-from framework.models.qwen2_moe.model import Qwen2MoeCausalLM
 from framework.models.qwen3_moe.config import load_hf_config
-from framework.models.decoder import Architecture, MoECausalLM
-from framework.models.qwen3_moe.model import Qwen3MoeCausalLM
 
+if TYPE_CHECKING:
+    from framework.models.decoder import Architecture, MoECausalLM
+
+# The causal LM classes by name: a family's model code (and transformers' modeling module) is imported when the
+# family's model or Architecture is first asked for (Family.causal_lm), not when the table is read.
 FAMILIES: dict[str, Family] = {
-    "qwen3_moe": Family("qwen3_moe", load_hf_config, Qwen3MoeCausalLM, "Qwen3MoeForCausalLM"),
-    "mixtral": Family("mixtral", load_mixtral_config, MixtralCausalLM, "MixtralForCausalLM", mixtral_checkpoint_key,
-                      mixtral_hub_key),
+    "qwen3_moe": Family("qwen3_moe", load_hf_config, "framework.models.qwen3_moe.model:Qwen3MoeCausalLM",
+                        "Qwen3MoeForCausalLM"),
+    "mixtral": Family("mixtral", load_mixtral_config, "framework.models.mixtral.model:MixtralCausalLM",
+                      "MixtralForCausalLM", mixtral_checkpoint_key, mixtral_hub_key),
     # hub checkpoints of both use transformers 5's per-expert names (conversion_mapping.py "qwen2_moe", which olmoe
     # shares): no key maps
-    "qwen2_moe": Family("qwen2_moe", load_qwen2_moe_config, Qwen2MoeCausalLM, "Qwen2MoeForCausalLM"),
-    "olmoe": Family("olmoe", load_olmoe_config, OlmoeCausalLM, "OlmoeForCausalLM"),
-    "deepseek_v3": Family("deepseek_v3", load_deepseek_v3_config, DeepseekV3CausalLM, "DeepseekV3ForCausalLM",
+    "qwen2_moe": Family("qwen2_moe", load_qwen2_moe_config, "framework.models.qwen2_moe.model:Qwen2MoeCausalLM",
+                        "Qwen2MoeForCausalLM"),
+    "olmoe": Family("olmoe", load_olmoe_config, "framework.models.olmoe.model:OlmoeCausalLM", "OlmoeForCausalLM"),
+    "deepseek_v3": Family("deepseek_v3", load_deepseek_v3_config,
+                          "framework.models.deepseek_v3.model:DeepseekV3CausalLM", "DeepseekV3ForCausalLM",
                           ignored_key=is_mtp_key),
 }
 
@@ -76,6 +77,8 @@ def head_dim(config: PretrainedConfig) -> int:
 def meta_model(config: PretrainedConfig) -> MoECausalLM:
     """The family's causal LM of a loaded config on the meta device: every parameter's name and shape, no memory,
     whatever the family adds (shared experts, dense layers, latent attention). All experts are local (no EP)."""
+    import torch  # noqa: PLC0415
+
     from framework.models.options import ModelOptions  # noqa: PLC0415
 
     config = copy.deepcopy(config)  # the model sets its attention implementation on the config it is given
