@@ -26,7 +26,6 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from framework.config.load import ConfigError
@@ -34,6 +33,7 @@ from framework.config.schema import RunConfig, TrainSection
 from framework.train.checkpoint_integrity import DATA_STATE_NAME
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig
 
 # checkpoint config.json fields whose change makes the saved tensors unusable
@@ -134,6 +134,8 @@ def model_source(cfg: RunConfig) -> str | dict:
 
 
 def resolve_dtype(cfg: RunConfig, cuda: bool | None = None) -> torch.dtype:
+    import torch  # noqa: PLC0415 - here, not at the top: launch/pretrain.py --help and config errors never need it
+
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cfg.model.dtype == "auto":
         return torch.bfloat16 if cuda else torch.float32
