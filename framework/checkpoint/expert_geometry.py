@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from framework.checkpoint.hf_layout import PER_EXPERT
 from framework.models.family import Family
-from framework.models.registry import architecture_for, family_for, moe_shape
+from framework.models.registry import family_for, layout_for, moe_shape
 
 CONFIG_NAME = "config.json"
 
@@ -58,7 +58,7 @@ def read_expert_geometry(checkpoint_dir: str) -> ExpertGeometry:
     family = family_for(checkpoint_dir)
     config = family.load_config(checkpoint_dir)
     width, num_experts, _, _ = moe_shape(config)
-    is_moe = architecture_for(config).is_moe_layer
+    is_moe = layout_for(config).is_moe_layer
     layers = tuple(i for i in range(config.num_hidden_layers) if is_moe(config, i))
     return ExpertGeometry(family, int(num_experts), int(config.hidden_size), int(width),
                           int(config.num_hidden_layers), layers, os.path.join(checkpoint_dir, CONFIG_NAME))

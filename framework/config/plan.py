@@ -26,7 +26,6 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from framework.config.load import ConfigError
@@ -34,6 +33,7 @@ from framework.config.schema import RunConfig, TrainSection
 from framework.train.checkpoint_integrity import DATA_STATE_NAME
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig
 
 # checkpoint config.json fields whose change makes the saved tensors unusable
@@ -134,6 +134,8 @@ def model_source(cfg: RunConfig) -> str | dict:
 
 
 def resolve_dtype(cfg: RunConfig, cuda: bool | None = None) -> torch.dtype:
+    import torch  # noqa: PLC0415 - here, not at the top: launch/pretrain.py --help and config errors never need it
+
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cfg.model.dtype == "auto":
         return torch.bfloat16 if cuda else torch.float32
@@ -180,11 +182,11 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
 def check_model_parallel(ep_size: int, world_size: int, hf_config: PretrainedConfig,
                          world_desc: str | None = None) -> None:
     """`check_parallel` for a loaded config of any family, under the family's own expert fields."""
-    from framework.models.registry import architecture_for  # noqa: PLC0415
+    from framework.models.registry import layout_for  # noqa: PLC0415
 
-    arch = architecture_for(hf_config)  # each family names the expert fields its own way
-    _, num_experts, top_k, _ = arch.moe_shape(hf_config)
-    check_parallel(ep_size, world_size, num_experts, top_k, world_desc, arch.experts_field)
+    layout = layout_for(hf_config)  # each family names the expert fields its own way
+    _, num_experts, top_k, _ = layout.moe_shape(hf_config)
+    check_parallel(ep_size, world_size, num_experts, top_k, world_desc, layout.experts_field)
 
 
 def check_parallel(ep_size: int, world_size: int, num_experts: int, top_k: int | None = None,
@@ -356,9 +358,9 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
     check_output_dir(cfg.train.output_dir)
     source, hf_config = resolve_model(cfg)
     check_model_parallel(cfg.parallel.ep_size, world_size, hf_config, world_desc)
-    from framework.models.registry import architecture_for  # noqa: PLC0415
+    from framework.models.registry import layout_for  # noqa: PLC0415
 
-    if cfg.model.router_bias_update_rate and not architecture_for(hf_config).router_selection_bias:
+    if cfg.model.router_bias_update_rate and not layout_for(hf_config).router_selection_bias:
         raise ConfigError(f"model.router_bias_update_rate={cfg.model.router_bias_update_rate}: {hf_config.model_type} "
                           "routers have no selection bias (e_score_correction_bias); set it 0")
     dtype = resolve_dtype(cfg)

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 from transformers.utils import ModelOutput
 
 from framework.models.attention import SUPPORTED_ATTENTION, document_boundaries, register_varlen_attention
+from framework.models.family import MoELayout
 from framework.models.options import ModelOptions
 from framework.models.recompute import checkpoint_contexts
 from framework.models.norm import RMSNorm
@@ -53,19 +54,30 @@ class Architecture:
     attention: type[nn.Module]  # (config, layer_idx); exposes head_dim
     rotary: type[nn.Module]  # (config=config)
     qk_norm: bool  # per-head RMSNorm on queries and keys (self_attn.q_norm / k_norm)
-    is_moe_layer: Callable[[PretrainedConfig, int], bool]
-    # (expert FFN width, experts, top-k, renormalise the top-k weights)
-    moe_shape: Callable[[PretrainedConfig], tuple[int, int, int, bool]]
+    layout: MoELayout  # which layers are MoE and their shape (the family's config.py; registry.layout_for)
     dense_mlp: Callable[[PretrainedConfig], nn.Module] | None = None  # for layers that are not MoE
-    experts_field: str = "num_experts"  # config field of the expert count, named in config errors
     # the MoE block of a family whose router or shared experts differ: a MoEBlock subclass, built as
     # cls(config, options); None: `routed_block`
     moe_block: type[MoEBlock] | None = None
     # the attention implementations its attention module computes correctly with (attention.py SUPPORTED_ATTENTION)
     attention_implementations: tuple[str, ...] = SUPPORTED_ATTENTION
-    # its routers select experts on scores + a bias buffer (e_score_correction_bias) that auxiliary-loss-free
-    # balancing moves (ModelOptions.router_bias_update_rate)
-    router_selection_bias: bool = False
+
+    @property
+    def is_moe_layer(self) -> Callable[[PretrainedConfig, int], bool]:
+        return self.layout.is_moe_layer
+
+    @property
+    def moe_shape(self) -> Callable[[PretrainedConfig], tuple[int, int, int, bool]]:
+        """(expert FFN width, experts, top-k, renormalise the top-k weights) of a config."""
+        return self.layout.moe_shape
+
+    @property
+    def experts_field(self) -> str:
+        return self.layout.experts_field
+
+    @property
+    def router_selection_bias(self) -> bool:
+        return self.layout.router_selection_bias
 
 
 def routed_block(config: PretrainedConfig, options: ModelOptions, arch: Architecture) -> MoEBlock:

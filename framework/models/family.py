@@ -1,12 +1,14 @@
 """What a model family is to the rest of the framework, and reading the raw config a family is chosen from.
 
-Owns: `Family` (one per supported model_type, listed in registry.py), `read_raw_config` and `load_family_config`
-(the steps every family's config loader shares). Does not own model code: a family's folder
-(framework/models/<family>/) holds its own config checks, `Architecture` and causal-LM class.
+Owns: `Family` (one per supported model_type, listed in registry.py), `MoELayout` (which layers are MoE and their
+shape, from the config alone), `read_raw_config` and `load_family_config` (the steps every family's config loader
+shares). Does not own model code: a family's folder (framework/models/<family>/) holds its own config checks and
+`MoELayout` (config.py), and its `Architecture` and causal-LM class (model.py).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -17,10 +19,29 @@ from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
+class MoELayout:
+    """Which decoder layers of a family are MoE and their shape, under the family's own config field names: all that
+    the run plan, the DeepSpeed config and the checkpoint tools need of a family's layers. It lives beside the
+    family's config, not its model code, so that they import no modeling code (transformers' modeling modules cost
+    ~2 s of every process start); the family's `Architecture` (framework/models/decoder.py) carries it."""
+
+    is_moe_layer: Callable[[PretrainedConfig, int], bool]
+    # (expert FFN width, experts, top-k, renormalise the top-k weights)
+    moe_shape: Callable[[PretrainedConfig], tuple[int, int, int, bool]]
+    experts_field: str = "num_experts"  # config field of the expert count, named in config errors
+    # its routers select experts on scores + a bias buffer (e_score_correction_bias) that auxiliary-loss-free
+    # balancing moves (ModelOptions.router_bias_update_rate)
+    router_selection_bias: bool = False
+
+
+@dataclass(frozen=True)
 class Family:
     model_type: str
     load_config: Callable[[Any], PretrainedConfig]  # a checked config from a path / dict / config object
-    causal_lm: type  # ours (a framework.models.decoder.MoECausalLM); built as causal_lm(config, options)
+    layout: MoELayout  # its MoE layers (the same object as its Architecture's)
+    # "module:Class" of ours (a framework.models.decoder.MoECausalLM), read through `causal_lm`: the registry names it
+    # instead of importing it, so that listing the families imports no model code (framework/lazy_exports.py says why)
+    causal_lm_path: str
     stock_class: str  # transformers' class, config.json "architectures" on export
     # a stored checkpoint key -> the transformers 5 name our parameters use (hub spellings differ by family)
     checkpoint_key: Callable[[str], str] | None = None
@@ -29,6 +50,13 @@ class Family:
     # checkpoint tensors the model does not have and transformers skips on load (DeepSeek-V3's multi-token-prediction
     # layers), given the config; None: every tensor must be the model's
     ignored_key: Callable[[PretrainedConfig, str], bool] | None = None
+
+    @property
+    def causal_lm(self) -> type:
+        """Ours (a framework.models.decoder.MoECausalLM), built as causal_lm(config, options); its module is imported
+        on first use (with transformers' modeling code for the family)."""
+        module, _, name = self.causal_lm_path.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def read_raw_config(source: str | dict) -> tuple[dict[str, Any], str]:

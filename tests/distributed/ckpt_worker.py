@@ -1,6 +1,10 @@
 """One rank of the checkpoint save/resume runs (started by test_train_checkpoint.py with RANK/WORLD_SIZE/MASTER_* set).
 
-    python tests/distributed/ckpt_worker.py OUT_DIR PHASE CASE [CASE ...]   CASE = z{stage}ep{ep}[bf16|bf16acc32][tied]
+    python tests/distributed/ckpt_worker.py OUT_DIR PHASE CASE [CASE ...] [+ OUT_DIR PHASE CASE [CASE ...] ...]
+    CASE = z{stage}ep{ep}[bf16|bf16acc32][tied][-family]
+
+Each '+'-separated group runs as if launched alone, one group after another in the same processes (a launch costs ~5 s
+of start-up on a 2-core CPU machine); "previous case" below is the previous case of the same group.
 
 PHASE "train", per case: (a) a fresh engine runs STEPS steps uninterrupted; (b) another fresh engine runs SAVE_AT
 steps, saves to OUT_DIR/CASE/step{SAVE_AT}.partial, which rank 0 renames to step{SAVE_AT} after adding config.json and
@@ -38,7 +42,7 @@ from framework.zero.engine import initialize  # noqa: E402
 from framework.zero.reshard import ensure_adam_states  # noqa: E402
 from tests.distributed import common  # noqa: E402
 from tests.distributed.common import LR, MICRO, model_config  # noqa: E402
-from tests.distributed.ep_worker import full_tensors  # noqa: E402
+from tests.distributed.ep_worker import full_tensors, split_runs  # noqa: E402
 from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 
 STEPS, SAVE_AT = 4, 2
@@ -212,22 +216,25 @@ def quiet_output(out_dir: str) -> int:
 
 
 def main() -> None:
-    out_dir, phase, cases = sys.argv[1], sys.argv[2], sys.argv[3:]
-    os.makedirs(out_dir, exist_ok=True)
-    saved = quiet_output(out_dir)
+    groups = split_runs(sys.argv[1:])
+    log_dir = groups[0][0]  # every group's output goes to the first group's rank logs
+    for out_dir, *_ in groups:
+        os.makedirs(out_dir, exist_ok=True)
+    saved = quiet_output(log_dir)
     try:
-        run(out_dir, phase, cases)
+        init_deepspeed_distributed("gloo")
+        for out_dir, phase, *cases in groups:
+            run(out_dir, phase, cases)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
-        with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.log"), "rb") as f:
+        with open(os.path.join(log_dir, f"rank{os.environ.get('RANK', '0')}.log"), "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 6000))
             os.write(saved, f.read())  # the end of the log (with the traceback) for run_workers' failure message
         raise
 
 
 def run(out_dir: str, phase: str, cases: list[str]) -> None:
-    init_deepspeed_distributed("gloo")
     if phase not in ("train", "resume", "both"):
         raise SystemExit(f"unknown phase {phase}")
     if phase in ("train", "both"):

@@ -1,9 +1,10 @@
 """One rank of the expert-parallel parity runs (started by test_ep_zero.py with RANK/WORLD_SIZE/MASTER_* set).
 
-    python tests/distributed/ep_worker.py OUT_DIR EP_SIZE STAGE [STAGE ...] [tied] [family=F] [chunks=C] [gas=G]
-        [bucket_only]
+    python tests/distributed/ep_worker.py RUN [+ RUN ...]
+    RUN = OUT_DIR EP_SIZE STAGE [STAGE ...] [tied] [family=F] [chunks=C] [gas=G] [bucket_only]
 
-For each ZeRO stage: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size (its all-to-alls
+Runs one after another in the same processes (one launch for many settings: each launch costs ~5 s of start-up on a
+2-core CPU machine). For each ZeRO stage of a run: a tiny Qwen3-MoE (with `tied`: tied word embeddings), EP over the given size (its all-to-alls
 pipelined in C token chunks, parallel.ep_chunks), 3 AdamW steps with clipping on a fixed global batch, each rank's
 share of it in G accumulated micro batches; rank 0 writes losses, the step-0 full gradients, the global grad norms,
 the final full parameters and how many ZeRO-3 gradients went straight to their partitions
@@ -46,17 +47,20 @@ def full_tensors(engine, groups, read) -> dict[str, torch.Tensor]:
     return out
 
 
-def count_straight_grads(bucket_only: bool) -> list[bool]:
-    """Record local_grads' decision for every ZeRO-3 gradient (forced to DeepSpeed's bucket with bucket_only)."""
-    decisions: list[bool] = []
-    decide = local_grads._goes_straight
+class StraightGrads:
+    """Records local_grads' decision for every ZeRO-3 gradient (forced to DeepSpeed's bucket while `bucket_only`).
+    Installed once per process: the runs of one launch share it, each setting `bucket_only` and clearing `decisions`."""
 
-    def recorded(optimizer, param) -> bool:
-        decisions.append(False if bucket_only else decide(optimizer, param))
-        return decisions[-1]
+    def __init__(self):
+        self.decisions: list[bool] = []
+        self.bucket_only = False
+        decide = local_grads._goes_straight
 
-    local_grads._goes_straight = recorded
-    return decisions
+        def recorded(optimizer, param) -> bool:
+            self.decisions.append(False if self.bucket_only else decide(optimizer, param))
+            return self.decisions[-1]
+
+        local_grads._goes_straight = recorded
 
 
 def train_and_record(engine, groups, micro_forwards: list[Callable[[], Any]], steps: int) -> dict:
@@ -109,16 +113,29 @@ def run(stage: int, ep: int, out_dir: str, tied: bool = False, family: str | Non
     engine.destroy() if hasattr(engine, "destroy") else None
 
 
+def split_runs(argv: list[str]) -> list[list[str]]:
+    """The '+'-separated runs of the command line."""
+    runs: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "+":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    return runs
+
+
 def main() -> None:
-    out_dir, ep, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    tied = "tied" in rest
-    family = next((a.split("=", 1)[1] for a in rest if a.startswith("family=")), None)
-    chunks = int(next((a.split("=", 1)[1] for a in rest if a.startswith("chunks=")), 1))
-    gas = int(next((a.split("=", 1)[1] for a in rest if a.startswith("gas=")), 1))
-    decisions = count_straight_grads("bucket_only" in rest)
+    straight = StraightGrads()
     init_deepspeed_distributed("gloo")
-    for stage in (int(s) for s in rest if s.isdigit()):
-        run(stage, ep, out_dir, tied, family, chunks, gas, decisions)
+    for args in split_runs(sys.argv[1:]):
+        out_dir, ep, rest = args[0], int(args[1]), args[2:]
+        tied = "tied" in rest
+        family = next((a.split("=", 1)[1] for a in rest if a.startswith("family=")), None)
+        chunks = int(next((a.split("=", 1)[1] for a in rest if a.startswith("chunks=")), 1))
+        gas = int(next((a.split("=", 1)[1] for a in rest if a.startswith("gas=")), 1))
+        straight.bucket_only = "bucket_only" in rest
+        for stage in (int(s) for s in rest if s.isdigit()):
+            run(stage, ep, out_dir, tied, family, chunks, gas, straight.decisions)
     dist.barrier()
 
 

@@ -1,13 +1,28 @@
-"""Start N local processes of a worker script with torch.distributed environment variables (gloo on CPU)."""
+"""Start N local processes of a worker script with torch.distributed environment variables (gloo on CPU).
+
+Also a launcher for tests whose subject is what the ranks compute, not how they were started:
+
+    python tests/distributed/launch.py N MASTER_PORT SCRIPT [ARGS ...]
+
+starts N ranks of SCRIPT as DeepSpeed's launcher does on one host (`python -u SCRIPT --local_rank=R ARGS` with RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set) and exits with the first failing rank's status after
+stopping the others. It imports neither torch nor deepspeed: `python -m deepspeed.launcher.runner` imports deepspeed
+twice (the runner, then deepspeed.launcher.launch) before any rank starts, ~5 s of a tiny 2-process run's ~12 s.
+Tests of the launch path itself (test_multinode.py, test_user_errors.py, the README's `deepspeed` commands) keep
+DeepSpeed's runner.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+LAUNCHER = os.path.abspath(__file__)
 
 
 def free_port() -> int:
@@ -53,3 +68,47 @@ def run_workers(script: str, args: list[str], world: int, timeout: float = 600,
         log.close()
     if failed:
         raise AssertionError(f"{script} {args} failed:\n" + "\n".join(o[-4000:] for o in outputs))
+
+
+def local_launcher(world: int, port: int | None = None) -> list[str]:
+    """The command prefix that starts `world` ranks of the script that follows it (see the module docstring)."""
+    return [sys.executable, LAUNCHER, str(world), str(port or free_port())]
+
+
+def _exit_status(status: int) -> int:
+    """A shell's exit status for a child's wait status (a signal's death: 128 + the signal)."""
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _launch(world: int, port: str, script: str, args: list[str]) -> int:
+    procs = {}
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        proc = subprocess.Popen([sys.executable, "-u", script, f"--local_rank={rank}", *args], env=env)
+        procs[proc.pid] = proc
+
+    def stop(signum=signal.SIGTERM, _frame=None) -> None:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGALRM, lambda *_: stop(signal.SIGKILL))  # a rank that ignores SIGTERM
+    code = 0
+    while procs:
+        pid, status = os.wait()  # blocks until a rank ends: no polling delay after the last one
+        proc = procs.pop(pid, None)
+        if proc is None:
+            continue
+        proc.returncode = _exit_status(status)
+        if proc.returncode and not code:  # a dead rank leaves its peers waiting in a collective
+            code = proc.returncode
+            stop()
+            signal.alarm(30)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_launch(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]))

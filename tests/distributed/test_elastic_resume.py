@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.distributed.launch import free_port
+from tests.distributed.launch import free_port, local_launcher
 from tests.distributed.test_pretrain import TINY_YAML, run, train_records, write_corpus
 
 pytestmark = pytest.mark.slow
@@ -33,9 +33,10 @@ def deepspeed(n: int) -> list[str]:
 
 
 def launch(n: int, args: list[str], timeout: int = 400, config: str | None = TINY_YAML,
-           env: dict[str, str] | None = None):
-    """n processes through DeepSpeed's runner (n > 1) or one plain process."""
-    return run(args, {"OMP_NUM_THREADS": "1", **(env or {})}, launcher=deepspeed(n) if n > 1 else None,
+           env: dict[str, str] | None = None, launcher=deepspeed):
+    """n processes through `launcher(n)` (n > 1; DeepSpeed's runner unless the test is not about the launch path:
+    tests/distributed/launch.py's local_launcher starts the same ranks ~5 s sooner) or one plain process."""
+    return run(args, {"OMP_NUM_THREADS": "1", **(env or {})}, launcher=launcher(n) if n > 1 else None,
                timeout=timeout, config=config)
 
 
@@ -54,7 +55,8 @@ def resume(reference, name: str, n: int, settings: list[str], source: str | None
     """Resume the reference run's step-4 checkpoint (or `source`) into BASE/name with n processes; must succeed."""
     base, common, ref, _ = reference
     out = base / name
-    got = launch(n, common + [f"train.output_dir={out}", *settings, "--resume", source or step_dir(ref, 4)])
+    got = launch(n, common + [f"train.output_dir={out}", *settings, "--resume", source or step_dir(ref, 4)],
+                 launcher=local_launcher)
     assert got.returncode == 0, got.stderr[-4000:]
     return out, got
 
@@ -65,7 +67,8 @@ def reference(tmp_path_factory):
     corpus = write_corpus(str(base / "train.jsonl"), 300, 0)
     common = [f"data.paths=[{corpus}]", *STEPS]
     out = base / "ref"
-    done = launch(2, common + [f"train.output_dir={out}", "parallel.ep_size=2", "parallel.zero_stage=3"])
+    done = launch(2, common + [f"train.output_dir={out}", "parallel.ep_size=2", "parallel.zero_stage=3"],
+                  launcher=local_launcher)
     assert done.returncode == 0, done.stderr[-4000:]
     records = train_records(str(out))
     assert sorted(records) == list(range(1, 9))

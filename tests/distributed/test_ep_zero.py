@@ -40,14 +40,35 @@ def _run_id(key) -> str:
             f"{f'-chunks{chunks}' if chunks > 1 else ''}")
 
 
+def _worker_args(out, key) -> list[str]:
+    world, ep, tied, family, chunks = key
+    return [str(out), str(ep), *map(str, RUNS[key]), *(["tied"] if tied else []),
+            *([f"family={family}"] if family else []), f"chunks={chunks}"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """world -> {run key -> {stage: rank 0's results}}: every run of one world size in one launch of ep_worker.py
+    (its runs one after another in the same processes), made when a test first needs that world."""
+    done: dict[int, dict] = {}
+
+    def results(world: int) -> dict:
+        if world not in done:
+            keys = sorted((key for key in RUNS if key[0] == world), key=_run_id)
+            outs = {key: tmp_path_factory.mktemp(_run_id(key)) for key in keys}
+            args = [arg for i, key in enumerate(keys) for arg in ["+"] * (i > 0) + _worker_args(outs[key], key)]
+            run_workers(WORKER, args, world=world)
+            done[world] = {key: {stage: torch.load(outs[key] / f"stage{stage}.pt") for stage in RUNS[key]}
+                           for key in keys}
+        return done[world]
+
+    return results
+
+
 @pytest.fixture(scope="module", params=sorted(RUNS, key=_run_id), ids=_run_id)
-def run(request, tmp_path_factory):
+def run(request, launched):
     world, ep, tied, family, chunks = request.param
-    out = tmp_path_factory.mktemp(_run_id(request.param))
-    stages = RUNS[request.param]
-    run_workers(WORKER, [str(out), str(ep), *map(str, stages), *(["tied"] if tied else []),
-                         *([f"family={family}"] if family else []), f"chunks={chunks}"], world=world)
-    results = {stage: torch.load(out / f"stage{stage}.pt") for stage in stages}
+    results = launched(world)[request.param]
     return world, ep, results, single_process_run(world=world, tied=tied, family=family), tied
 
 
@@ -81,12 +102,12 @@ def test_ep_matches_single_process(run):
 def test_zero3_accumulation_skipping_the_bucket_equals_deepspeeds(tmp_path):
     """2 micro batches accumulated per step at world 2 / EP 2 under ZeRO-3: the experts' gradients placed straight
     into their partitions (divided by the world, then added) give DeepSpeed's own bucket path's numbers exactly."""
-    results = {}
     for mode in ("straight", "bucket_only"):
-        out = tmp_path / mode
-        out.mkdir()
-        run_workers(WORKER, [str(out), "2", "3", "gas=2", *([mode] if mode == "bucket_only" else [])], world=2)
-        results[mode] = torch.load(out / "stage3.pt")
+        (tmp_path / mode).mkdir()
+    # both runs in one launch (ep_worker.py runs them one after another in the same processes)
+    run_workers(WORKER, [str(tmp_path / "straight"), "2", "3", "gas=2", "+",
+                         str(tmp_path / "bucket_only"), "2", "3", "gas=2", "bucket_only"], world=2)
+    results = {mode: torch.load(tmp_path / mode / "stage3.pt") for mode in ("straight", "bucket_only")}
     straight, bucket = results["straight"], results["bucket_only"]
     assert straight["straight_grads"] > 0 and bucket["straight_grads"] == 0
     assert straight["losses"] == bucket["losses"] and straight["norms"] == bucket["norms"]

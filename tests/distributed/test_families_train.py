@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.launch import free_port, run_workers
+from tests.distributed.launch import local_launcher, run_workers
 from tests.distributed.test_pretrain import REPO, corpus, run, train_records  # noqa: F401 (corpus is a fixture)
 from tests.helpers import TINY_DEEPSEEK_RUN, read_safetensors_dir, write_family_run_yaml, write_run_yaml
 
@@ -32,24 +32,38 @@ def _train(tmp_path, train: str, name: str, family: str = "mixtral", ep_size: in
     """`config`: a run YAML of its own (default: model_configs/tiny.yaml with the family's tiny model)."""
     config = config or write_family_run_yaml(str(tmp_path / f"{name}.yaml"), family, **hf_overrides)
     out = str(tmp_path / name)
-    launcher = None
-    if ep_size > 1:
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ep_size), "--master_port",
-                    str(free_port())]
+    launcher = local_launcher(ep_size) if ep_size > 1 else None
     proc = run([f"data.paths=[{train}]", f"train.max_steps={steps}", "train.save_steps=0", "export.at_end=true",
                 f"parallel.ep_size={ep_size}", f"train.output_dir={out}", *extra], launcher=launcher, config=config)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, corpus):  # noqa: F811
+    """(family, ZeRO stage) -> the output directory of its 1-process run (STEPS steps, exported at the end), made once
+    for the module: the export test and the EP=2 test of a family at the same stage read the same run (neither
+    writes to it)."""
+    runs: dict[tuple[str, int], str] = {}
+
+    def out(family: str, zero_stage: int) -> str:
+        if (family, zero_stage) not in runs:
+            tmp = tmp_path_factory.mktemp(f"one-{family}-z{zero_stage}")
+            runs[family, zero_stage] = _train(tmp, corpus[0], "one", family,
+                                              extra=(f"parallel.zero_stage={zero_stage}",))
+        return runs[family, zero_stage]
+
+    return out
+
+
 @pytest.mark.parametrize("family", list(STOCK_CLASSES))
-def test_family_trains_and_exports_a_stock_model(tmp_path, corpus, family):  # noqa: F811
+def test_family_trains_and_exports_a_stock_model(one_process, family):
     import transformers
     from transformers import AutoModelForCausalLM
 
     import framework
 
-    out = _train(tmp_path, corpus[0], "one", family)
+    out = one_process(family, 3)  # model_configs/tiny.yaml's ZeRO stage, named so that the EP=2 test can share it
     assert sorted(train_records(out)) == list(range(1, STEPS + 1))
     hf = os.path.join(out, "hf")
     stock, info = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager",
@@ -64,9 +78,9 @@ def test_family_trains_and_exports_a_stock_model(tmp_path, corpus, family):  # n
 
 
 @pytest.mark.parametrize("family,zero_stage", [("mixtral", 3), ("qwen2_moe", 2), ("olmoe", 3)])
-def test_family_ep2_matches_one_process(tmp_path, corpus, family, zero_stage):  # noqa: F811
+def test_family_ep2_matches_one_process(tmp_path, corpus, one_process, family, zero_stage):  # noqa: F811
     extra = (f"parallel.zero_stage={zero_stage}",)
-    one = train_records(_train(tmp_path, corpus[0], "one", family, extra=extra))
+    one = train_records(one_process(family, zero_stage))
     two = train_records(_train(tmp_path, corpus[0], "ep2", family, ep_size=2, extra=extra))
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
     for step in one:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.distributed.launch import free_port
+from tests.distributed.launch import free_port, local_launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FINETUNE = os.path.join(REPO, "launch", "finetune.py")
@@ -112,7 +112,7 @@ def test_loss_is_normalised_per_token_over_the_global_batch(tmp_path):
     proc = run(["--config", TINY_YAML, f"data.paths=[{data}]", "data.seq_len=96", "train.max_steps=1",
                 "train.micro_batch_size=1", "train.global_batch_size=4", "train.save_at_end=false",
                 "export.at_end=false", "moe.aux_loss_coef=0", "parallel.ep_size=2", f"train.output_dir={out}"],
-               launcher=deepspeed(2))
+               launcher=local_launcher(2))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logged = train_records(out)[1]
 
@@ -200,7 +200,7 @@ def test_fine_tunes_another_family_from_its_hub_checkpoint(tmp_path):
     out = tmp_path / "out"
     proc = run(["--config", TINY_YAML, "model.hf_config=", f"model.path={ckpt}", f"data.paths=[{data}]",
                 "data.seq_len=48", "train.max_steps=3", "train.save_steps=0", "parallel.ep_size=2",
-                f"train.output_dir={out}"], launcher=deepspeed(2))
+                f"train.output_dir={out}"], launcher=local_launcher(2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(train_records(out)) == [1, 2, 3]
     stock, info = AutoModelForCausalLM.from_pretrained(str(out / "hf"), dtype=torch.float32,

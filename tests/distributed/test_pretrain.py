@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from framework.cluster.process_group import SHM_DIR, SHM_PREFIX
-from tests.distributed.launch import free_port
+from tests.distributed.launch import free_port, local_launcher
 from tests.helpers import read_safetensors_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -179,11 +179,9 @@ def test_recompute_modes_under_zero3_ep2_match(tmp_path, corpus):
     records = {}
     for mode, chunks in (("false", 1), ("true", 1), ("moe", 1), ("attention", 1), ("moe", 2)):
         out = tmp_path / f"{mode}-{chunks}"
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                    str(free_port())]
         proc = run([f"data.paths=[{train}]", "train.max_steps=3", "train.save_at_end=false", "export.at_end=false",
                     "parallel.ep_size=2", "parallel.zero_stage=3", f"train.activation_checkpointing={mode}",
-                    f"parallel.ep_chunks={chunks}", f"train.output_dir={out}"], launcher=launcher)
+                    f"parallel.ep_chunks={chunks}", f"train.output_dir={out}"], launcher=local_launcher(2))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         records[mode, chunks] = [(r["lm_loss"], r["grad_norm"]) for _, r in sorted(train_records(str(out)).items())]
     assert len(records["false", 1]) == 3

@@ -42,6 +42,8 @@ KEYS = [f"w{world}-{case}" for world, cases in RUNS.items() for case in cases]
 TAG, SAVE_AT, STEPS = "step2", 2, 4
 CROSS_WORLD = {"z3ep2": "z2ep2", "z1ep2": "z3ep2"}  # world-4 case -> the world-2 checkpoint it also loads
 TIED_CASE = "z3ep2tied"
+FAMILIES_RESUMED = sorted(f for f in FAMILIES if f != "qwen3_moe")  # Qwen3-MoE: the cases of RUNS
+FAMILY_CASES = ("z3ep2", "z2ep2")  # each loads the other's checkpoint first: ZeRO-3 <-> ZeRO-2 resharded
 
 
 ds_to_hf = load_tool("ds_to_hf")
@@ -81,12 +83,21 @@ def assert_all_equal(got: dict, expected: dict, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tied_run(tmp_path_factory):
+def own_runs(tmp_path_factory):
+    """The world-2 "both" runs with their own output directories, in one launch of the worker (a group each, one
+    after another in the same processes): "tied" -> the TIED_CASE directory, family -> that family's directory."""
+    dirs = {name: str(tmp_path_factory.mktemp(f"train_ckpt_{name}")) for name in ["tied", *FAMILIES_RESUMED]}
+    groups = [[dirs["tied"], "both", TIED_CASE]]
+    groups += [[dirs[family], "both", *(f"{case}-{family}" for case in FAMILY_CASES)] for family in FAMILIES_RESUMED]
+    run_workers(WORKER, [arg for i, group in enumerate(groups) for arg in ["+"] * (i > 0) + group], world=2)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def tied_run(own_runs):
     """(checkpoint root, train results, resume results) of TIED_CASE at world 2; "both": its resume first loads its
     own checkpoint as the "other layout" too."""
-    out = str(tmp_path_factory.mktemp("train_ckpt_tied"))
-    run_workers(WORKER, [out, "both", TIED_CASE], world=2)
-    root = os.path.join(out, TIED_CASE)
+    root = os.path.join(own_runs["tied"], TIED_CASE)
     return root, torch.load(os.path.join(root, "train.pt")), torch.load(os.path.join(root, "resume.pt"))
 
 
@@ -157,17 +168,12 @@ def test_load_from_another_layout(runs, key):
         assert abs(got - want) <= 1e-4 * abs(want) + (2e-2 if dtype_of(key) == torch.bfloat16 else 0), (got, want)
 
 
-FAMILIES_RESUMED = sorted(f for f in FAMILIES if f != "qwen3_moe")  # Qwen3-MoE: the cases above
-FAMILY_CASES = ("z3ep2", "z2ep2")  # each loads the other's checkpoint first: ZeRO-3 <-> ZeRO-2 resharded
-
-
 @pytest.fixture(scope="module", params=FAMILIES_RESUMED)
-def family_run(request, tmp_path_factory):
+def family_run(request, own_runs):
     """Another family's shared experts, dense layers and buffers through save, exact resume and the resharding load:
     {case: (root, train results, resume results)} of one family at world 2."""
-    out = str(tmp_path_factory.mktemp(f"train_ckpt_{request.param}"))
+    out = own_runs[request.param]
     cases = [f"{case}-{request.param}" for case in FAMILY_CASES]
-    run_workers(WORKER, [out, "both", *cases], world=2)
     return {case: (os.path.join(out, case), torch.load(os.path.join(out, case, "train.pt")),
                    torch.load(os.path.join(out, case, "resume.pt"))) for case in cases}
 

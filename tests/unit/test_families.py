@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,6 +129,31 @@ def test_family_for_reads_paths_dicts_and_configs(checkpoints, tmp_path):
     path.write_text(json.dumps({**TINY_MIXTRAL, "model_type": "mixtral", "router_jitter_noise": 0.1}))
     with pytest.raises(ValueError, match="router_jitter_noise 0.1 is not implemented"):
         framework.load_model(str(path))
+
+
+def test_each_family_layout_is_its_architectures():
+    """The run plan reads a family's MoE layout without its model code (Family.layout); its model is built with the
+    same object (Architecture.layout)."""
+    for name, family in FAMILIES.items():
+        assert family.causal_lm.architecture.layout is family.layout, name
+
+
+def test_a_run_plan_imports_no_model_code(tmp_path):
+    """Resolving the tiny run's plan (what launch/pretrain.py does before any process group, and all a configuration
+    error or the validated multi-node launch needs) imports no family's model code, ours (framework.models.F.model)
+    or transformers' (transformers.models.F.modeling_F): they cost ~2 s of each such process's start."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    model_code = r"framework\.models\.\w+\.model|transformers\.models\.(?!auto\.)(\w+)\.modeling_\1"
+    code = ("import re, sys\n"
+            "from framework.config import load_run_config\n"
+            "from framework.config.plan import resolve_plan\n"
+            "run = load_run_config(sys.argv[1], ['train.output_dir=' + sys.argv[2], 'data.synthetic=true'])\n"
+            "plan = resolve_plan(run, 2)\n"
+            "print(plan.gas, sorted(m for m in sys.modules if re.fullmatch(sys.argv[3], m)))")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(repo, "model_configs", "tiny.yaml"),
+                           str(tmp_path / "out"), model_code], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "1 []", proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize("head_dim", [8, None])  # None: transformers' hidden / heads

@@ -14,7 +14,7 @@ import re
 
 from transformers import DeepseekV3Config
 
-from framework.models.family import load_family_config
+from framework.models.family import MoELayout, load_family_config
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
@@ -77,3 +77,8 @@ def load_deepseek_v3_config(source: str | dict | DeepseekV3Config) -> DeepseekV3
                                           spellings=[("n_routed_experts", "num_local_experts")])
     check_config(config, where)
     return config
+
+
+DEEPSEEK_V3_LAYOUT = MoELayout(
+    is_moe_layer, lambda c: (c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok, c.norm_topk_prob),
+    experts_field="n_routed_experts", router_selection_bias=True)

@@ -19,7 +19,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 from framework.models.decoder import Architecture, MoECausalLM
-from framework.models.deepseek_v3.config import is_moe_layer
+from framework.models.deepseek_v3.config import DEEPSEEK_V3_LAYOUT
 from framework.models.options import ModelOptions
 from framework.moe.layer import MoEBlock
 from framework.moe.router import GroupLimitedSigmoidRouter
@@ -45,13 +45,10 @@ def shared_expert_width(config: DeepseekV3Config) -> int:
 
 
 DEEPSEEK_V3 = Architecture(
-    attention=DeepseekV3Attention, rotary=DeepseekV3RotaryEmbedding, qk_norm=False, is_moe_layer=is_moe_layer,
-    moe_shape=lambda c: (c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok, c.norm_topk_prob),
-    dense_mlp=lambda c: DeepseekV3MLP(c, intermediate_size=c.intermediate_size),
-    experts_field="n_routed_experts", moe_block=DeepseekV3MoEBlock,
+    attention=DeepseekV3Attention, rotary=DeepseekV3RotaryEmbedding, qk_norm=False, layout=DEEPSEEK_V3_LAYOUT,
+    dense_mlp=lambda c: DeepseekV3MLP(c, intermediate_size=c.intermediate_size), moe_block=DeepseekV3MoEBlock,
     # varlen too: the flash varlen path zero-pads MLA's narrower value heads (framework/models/attention.py)
-    attention_implementations=("sdpa", "eager", "varlen"),
-    router_selection_bias=True)
+    attention_implementations=("sdpa", "eager", "varlen"))
 
 
 class DeepseekV3CausalLM(MoECausalLM):

@@ -1,3 +1,6 @@
-from framework.models.mixtral.model import MixtralCausalLM
+from framework.lazy_exports import lazy_exports
 
 __all__ = ["MixtralCausalLM"]
+_MODEL = "framework.models.mixtral.model"
+# on first use: importing the family's config module (the registry does) must not import its model code
+__getattr__, __dir__ = lazy_exports(globals(), {"MixtralCausalLM": _MODEL})

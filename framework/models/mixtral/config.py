@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import MixtralConfig
 
-from framework.models.family import load_family_config
+from framework.models.family import MoELayout, load_family_config
 
 # intermediate_size is the expert FFN width: every Mixtral layer is MoE
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -32,3 +32,8 @@ def load_mixtral_config(source: str | dict | MixtralConfig) -> MixtralConfig:
     config, _, where = load_family_config(source, MixtralConfig, "mixtral", "Mixtral", REQUIRED_FIELDS)
     check_config(config, where)
     return config
+
+
+MIXTRAL_LAYOUT = MoELayout(
+    lambda c, i: True, lambda c: (c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, True),
+    experts_field="num_local_experts")

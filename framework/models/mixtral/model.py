@@ -7,11 +7,10 @@ from __future__ import annotations
 from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding
 
 from framework.models.decoder import Architecture, MoECausalLM
+from framework.models.mixtral.config import MIXTRAL_LAYOUT
 
 MIXTRAL = Architecture(
-    attention=MixtralAttention, rotary=MixtralRotaryEmbedding, qk_norm=False, is_moe_layer=lambda c, i: True,
-    moe_shape=lambda c: (c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, True),
-    experts_field="num_local_experts")
+    attention=MixtralAttention, rotary=MixtralRotaryEmbedding, qk_norm=False, layout=MIXTRAL_LAYOUT)
 
 
 class MixtralCausalLM(MoECausalLM):

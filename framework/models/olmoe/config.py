@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers import OlmoeConfig
 
-from framework.models.family import load_family_config
+from framework.models.family import MoELayout, load_family_config
 
 # intermediate_size is the expert FFN width: every OLMoE layer is MoE
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -38,3 +38,7 @@ def load_olmoe_config(source: str | dict | OlmoeConfig) -> OlmoeConfig:
                                           [("num_experts", "num_local_experts")])
     check_config(config, where)
     return config
+
+
+OLMOE_LAYOUT = MoELayout(
+    lambda c, i: True, lambda c: (c.intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob))

@@ -10,10 +10,10 @@ from __future__ import annotations
 from transformers.models.olmoe.modeling_olmoe import OlmoeAttention, OlmoeRotaryEmbedding
 
 from framework.models.decoder import Architecture, MoECausalLM
+from framework.models.olmoe.config import OLMOE_LAYOUT
 
 OLMOE = Architecture(
-    attention=OlmoeAttention, rotary=OlmoeRotaryEmbedding, qk_norm=False, is_moe_layer=lambda c, i: True,
-    moe_shape=lambda c: (c.intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob))
+    attention=OlmoeAttention, rotary=OlmoeRotaryEmbedding, qk_norm=False, layout=OLMOE_LAYOUT)
 
 
 class OlmoeCausalLM(MoECausalLM):

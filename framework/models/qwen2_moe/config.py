@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import Qwen2MoeConfig
 
-from framework.models.family import load_family_config
+from framework.models.family import MoELayout, load_family_config
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts", "num_experts_per_tok")
@@ -40,3 +40,7 @@ def load_qwen2_moe_config(source: str | dict | Qwen2MoeConfig) -> Qwen2MoeConfig
                          "intermediate_size is not set")
     check_config(config, where)
     return config
+
+
+QWEN2_MOE_LAYOUT = MoELayout(
+    is_moe_layer, lambda c: (c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob))

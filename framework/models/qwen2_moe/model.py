@@ -16,7 +16,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
 
 from framework.models.decoder import Architecture, MoECausalLM
 from framework.models.options import ModelOptions
-from framework.models.qwen2_moe.config import is_moe_layer
+from framework.models.qwen2_moe.config import QWEN2_MOE_LAYOUT
 from framework.moe.layer import MoEBlock
 from framework.moe.router import TopKRouter
 
@@ -41,8 +41,7 @@ class Qwen2MoeBlock(MoEBlock):
 
 
 QWEN2_MOE = Architecture(
-    attention=Qwen2MoeAttention, rotary=Qwen2MoeRotaryEmbedding, qk_norm=False, is_moe_layer=is_moe_layer,
-    moe_shape=lambda c: (c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob),
+    attention=Qwen2MoeAttention, rotary=Qwen2MoeRotaryEmbedding, qk_norm=False, layout=QWEN2_MOE_LAYOUT,
     dense_mlp=lambda c: Qwen2MoeMLP(c, intermediate_size=c.intermediate_size),
     moe_block=Qwen2MoeBlock)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers import Qwen3MoeConfig
 
-from framework.models.family import load_family_config
+from framework.models.family import MoELayout, load_family_config
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "moe_intermediate_size", "num_experts_per_tok")
@@ -33,3 +33,7 @@ def is_moe_layer(config: Qwen3MoeConfig, layer_idx: int) -> bool:
     """Same rule as transformers: MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid."""
     return (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
             and (layer_idx + 1) % config.decoder_sparse_step == 0)
+
+
+QWEN3_MOE_LAYOUT = MoELayout(
+    is_moe_layer, lambda c: (c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob))

@@ -11,11 +11,10 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 )
 
 from framework.models.decoder import Architecture, MoECausalLM
-from framework.models.qwen3_moe.config import is_moe_layer
+from framework.models.qwen3_moe.config import QWEN3_MOE_LAYOUT
 
 QWEN3_MOE = Architecture(
-    attention=Qwen3MoeAttention, rotary=Qwen3MoeRotaryEmbedding, qk_norm=True, is_moe_layer=is_moe_layer,
-    moe_shape=lambda c: (c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob),
+    attention=Qwen3MoeAttention, rotary=Qwen3MoeRotaryEmbedding, qk_norm=True, layout=QWEN3_MOE_LAYOUT,
     dense_mlp=lambda c: Qwen3MoeMLP(c, intermediate_size=c.intermediate_size))
 
 
