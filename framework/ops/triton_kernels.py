@@ -314,8 +314,9 @@ def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int,
 # The top-k softmax router: its linear (x @ W^T, fp32 accumulation, the logits rounded to their dtype as torch's
 # matmul rounds them), softmax in fp32, top-k by K rounds of a row argmax (ties to the lower expert id, as a stable
 # descending sort), the chosen probabilities renormalised. One launch forward where eager torch runs a GEMM and six
-# kernels; the separate GEMM launch alone cost ~150 us of host time before the first grouped GEMM in the step at
-# 4,096 tokens (PERF_NOTES 23, 27). One launch backward for the logits' gradient, then the linear's two GEMMs.
+# kernels: each launch before the first grouped GEMM is host time the device waits for at 4,096 tokens (folding the
+# GEMM in saved 25-80 us of it, PERF_NOTES 23, 27). One launch backward for the logits' gradient, then the linear's
+# two GEMMs.
 @triton.jit
 def _linear_softmax_topk_fwd(x_ptr, w_ptr, logits_ptr, probs_ptr, ids_ptr, weights_ptr, n_rows, hidden,
                              E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
@@ -420,12 +421,12 @@ def linear_softmax_topk_forward(x_TH: torch.Tensor, weight_EH: torch.Tensor, top
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
     weights = torch.empty(tokens, top_k, dtype=x_TH.dtype, device=device)
     if tokens:
-        e_pad = max(triton.next_power_of_2(experts), 16)  # tl.dot's smallest tile
+        e_pad, k_pad, _ = _router_tiles(experts, top_k)
         block_t = _router_rows_per_program(tokens, _sm_count(device) if x_TH.is_cuda else 8)
         _linear_softmax_topk_fwd[(triton.cdiv(tokens, block_t),)](
-            x_TH, weight_EH, logits, probs, ids, weights, tokens, hidden, experts, e_pad, top_k,
-            max(triton.next_power_of_2(top_k), 2), normalize, "ieee" if x_TH.dtype == torch.float32 else "tf32",
-            BLOCK_T=block_t, BLOCK_H=64, num_warps=8)
+            x_TH, weight_EH, logits, probs, ids, weights, tokens, hidden, experts, max(e_pad, 16), top_k, k_pad,
+            normalize, "ieee" if x_TH.dtype == torch.float32 else "tf32", BLOCK_T=block_t, BLOCK_H=64,
+            num_warps=8)  # 16: tl.dot's smallest tile
     return weights, ids, probs, logits
 
 
@@ -439,20 +440,25 @@ def softmax_topk_backward(probs_TE: torch.Tensor, ids_TK: torch.Tensor, grad_wei
     top_k = ids_TK.shape[1]
     if grad_weights_TK is not None:
         grad_weights_TK = grad_weights_TK.contiguous()
-    if grad_probs_TE is not None and grad_probs_TE.stride(1) != 1:
-        grad_probs_TE = grad_probs_TE.contiguous()
-    if grad_logits_TE is not None and grad_logits_TE.stride(1) != 1:
-        grad_logits_TE = grad_logits_TE.contiguous()
+    grad_probs_TE, probs_row_stride = _rows_of(grad_probs_TE)
+    grad_logits_TE, logits_row_stride = _rows_of(grad_logits_TE)
     grad_logits = torch.empty(tokens, experts, dtype=dtype, device=probs_TE.device)
     e_pad, k_pad, block_t = _router_tiles(experts, top_k)
     if tokens:
         _softmax_topk_bwd[(triton.cdiv(tokens, block_t),)](
-            probs_TE, ids_TK, grad_weights_TK, grad_probs_TE,
-            grad_probs_TE.stride(0) if grad_probs_TE is not None else 0, grad_logits_TE,
-            grad_logits_TE.stride(0) if grad_logits_TE is not None else 0, grad_logits, tokens, experts, e_pad,
-            top_k, k_pad, normalize, grad_weights_TK is not None, grad_probs_TE is not None,
-            grad_logits_TE is not None, BLOCK_T=block_t)
+            probs_TE, ids_TK, grad_weights_TK, grad_probs_TE, probs_row_stride, grad_logits_TE, logits_row_stride,
+            grad_logits, tokens, experts, e_pad, top_k, k_pad, normalize, grad_weights_TK is not None,
+            grad_probs_TE is not None, grad_logits_TE is not None, BLOCK_T=block_t)
     return grad_logits
+
+
+def _rows_of(grad_TE: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+    """An incoming [T, E] gradient with unit column stride and its row stride (0 for a broadcast row, and for None)."""
+    if grad_TE is None:
+        return None, 0
+    if grad_TE.stride(1) != 1:
+        grad_TE = grad_TE.contiguous()
+    return grad_TE, grad_TE.stride(0)
 
 
 @triton.jit
