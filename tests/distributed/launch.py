@@ -31,14 +31,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env_of(rank: int, world: int, port: int | str) -> dict[str, str]:
+    """This process's environment plus what torch.distributed reads for `rank` of `world` ranks on this host."""
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def run_workers(script: str, args: list[str], world: int, timeout: float = 600,
                 env: dict[str, str] | None = None) -> None:
     port = free_port()
     procs, logs = [], []
     for rank in range(world):
-        rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", **(env or {}))
+        rank_env = dict(rank_env_of(rank, world, port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+                        CUDA_VISIBLE_DEVICES="", **(env or {}))
         # Each rank writes to its own file: reading pipes one after another deadlocks once a rank that is not being
         # read fills its pipe (64 KB of warnings) while the one being read waits for it in a collective.
         logs.append(tempfile.TemporaryFile(mode="w+"))
@@ -83,9 +88,8 @@ def _exit_status(status: int) -> int:
 def _launch(world: int, port: str, script: str, args: list[str]) -> int:
     procs = {}
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        proc = subprocess.Popen([sys.executable, "-u", script, f"--local_rank={rank}", *args], env=env)
+        proc = subprocess.Popen([sys.executable, "-u", script, f"--local_rank={rank}", *args],
+                                env=rank_env_of(rank, world, port))
         procs[proc.pid] = proc
 
     def stop(signum=signal.SIGTERM, _frame=None) -> None:
