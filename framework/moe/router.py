@@ -38,7 +38,9 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
-        return Routing(*linear_softmax_topk(x_TH, self.weight, self.top_k, self.norm_topk_prob))
+        weights_TK, ids_TK, probs_TE, logits_TE = linear_softmax_topk(x_TH, self.weight, self.top_k,
+                                                                      self.norm_topk_prob)
+        return Routing(weights=weights_TK, expert_ids=ids_TK, probs=probs_TE, logits=logits_TE)
 
 
 class GroupLimitedSigmoidRouter(nn.Module):
