@@ -17,6 +17,7 @@ no assistant message at all, stops every process before any work with one line n
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -29,4 +30,6 @@ from launch.pretrain import main  # noqa: E402
 DEMO_CONFIG = os.path.join(REPO, "model_configs", "finetune_demo.yaml")
 
 if __name__ == "__main__":
-    exit_without_teardown(main(task="finetune", script=__file__, demo_config=DEMO_CONFIG, doc=__doc__))
+    gc.disable()  # for the imports only: see launch/pretrain.py
+    exit_without_teardown(main(task="finetune", script=__file__, demo_config=DEMO_CONFIG, doc=__doc__,
+                               gc_paused=True))

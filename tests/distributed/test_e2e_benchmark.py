@@ -17,14 +17,21 @@ from benchmarks.launching import DIST_ENV
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "benchmarks", "e2e.py")
 TINY_YAML = os.path.join(REPO, "model_configs", "tiny.yaml")
+# e2e.py with its launches started by tests/distributed/launch.py's light launcher instead of DeepSpeed's runner, which
+# imports deepspeed twice before any rank starts (~3 s of each of the 4 launches). This test is about the rows, their
+# repeats and how they combine; the runner command of benchmarks/launching.py stays covered by full_model.py's test.
+E2E_LOCAL_LAUNCH = ("import runpy, sys; import benchmarks.launching as launching; "
+                    "from tests.distributed.launch import local_launcher; "
+                    "launching.runner = local_launcher; sys.argv = sys.argv[1:]; "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def test_e2e_repeats_two_launches_and_combines_them(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    proc = subprocess.run([sys.executable, SCRIPT, "--config", TINY_YAML, "--num_gpus", "2", "--ep", "2",
-                           "--layers", "2", "--seq", "64", "--cases", "1:0", "--steps", "3", "--warmup", "1",
-                           "--anchors=", "--zero_stages", "3", "--repeats", "2", "--out", str(tmp_path),
-                           "--variant", "c2:parallel.ep_chunks=2"],
+    proc = subprocess.run([sys.executable, "-c", E2E_LOCAL_LAUNCH, SCRIPT, "--config", TINY_YAML, "--num_gpus", "2",
+                           "--ep", "2", "--layers", "2", "--seq", "64", "--cases", "1:0", "--steps", "3",
+                           "--warmup", "1", "--anchors=", "--zero_stages", "3", "--repeats", "2", "--out",
+                           str(tmp_path), "--variant", "c2:parallel.ep_chunks=2"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     launches = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]

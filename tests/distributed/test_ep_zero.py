@@ -46,20 +46,29 @@ def _worker_args(out, key) -> list[str]:
             *([f"family={family}"] if family else []), f"chunks={chunks}"]
 
 
+# world 2 / EP 2 / ZeRO-3 with 2 micro batches accumulated per step: the experts' gradients placed straight into their
+# partitions, then through DeepSpeed's bucket only (test_zero3_accumulation_skipping_the_bucket_equals_deepspeeds)
+ACCUMULATION = {"straight": ["2", "3", "gas=2"], "bucket_only": ["2", "3", "gas=2", "bucket_only"]}
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """world -> {run key -> {stage: rank 0's results}}: every run of one world size in one launch of ep_worker.py
-    (its runs one after another in the same processes), made when a test first needs that world."""
+    (its runs one after another in the same processes), made when a test first needs that world. World 2's launch
+    also runs ACCUMULATION's runs, keyed by their names (a launch: ~5 s of start-up)."""
     done: dict[int, dict] = {}
 
     def results(world: int) -> dict:
         if world not in done:
             keys = sorted((key for key in RUNS if key[0] == world), key=_run_id)
             outs = {key: tmp_path_factory.mktemp(_run_id(key)) for key in keys}
-            args = [arg for i, key in enumerate(keys) for arg in ["+"] * (i > 0) + _worker_args(outs[key], key)]
-            run_workers(WORKER, args, world=world)
+            runs = [_worker_args(outs[key], key) for key in keys]
+            extra = {mode: tmp_path_factory.mktemp(f"accumulation-{mode}") for mode in ACCUMULATION if world == 2}
+            runs += [[str(out), *ACCUMULATION[mode]] for mode, out in extra.items()]
+            run_workers(WORKER, [arg for i, args in enumerate(runs) for arg in ["+"] * (i > 0) + args], world=world)
             done[world] = {key: {stage: torch.load(outs[key] / f"stage{stage}.pt") for stage in RUNS[key]}
                            for key in keys}
+            done[world].update({mode: torch.load(out / "stage3.pt") for mode, out in extra.items()})
         return done[world]
 
     return results
@@ -99,16 +108,10 @@ def test_ep_matches_single_process(run):
             assert rel_err(p, reference["initial"][name]) > 100 * TOL, name
 
 
-def test_zero3_accumulation_skipping_the_bucket_equals_deepspeeds(tmp_path):
+def test_zero3_accumulation_skipping_the_bucket_equals_deepspeeds(launched):
     """2 micro batches accumulated per step at world 2 / EP 2 under ZeRO-3: the experts' gradients placed straight
     into their partitions (divided by the world, then added) give DeepSpeed's own bucket path's numbers exactly."""
-    for mode in ("straight", "bucket_only"):
-        (tmp_path / mode).mkdir()
-    # both runs in one launch (ep_worker.py runs them one after another in the same processes)
-    run_workers(WORKER, [str(tmp_path / "straight"), "2", "3", "gas=2", "+",
-                         str(tmp_path / "bucket_only"), "2", "3", "gas=2", "bucket_only"], world=2)
-    results = {mode: torch.load(tmp_path / mode / "stage3.pt") for mode in ("straight", "bucket_only")}
-    straight, bucket = results["straight"], results["bucket_only"]
+    straight, bucket = launched(2)["straight"], launched(2)["bucket_only"]
     assert straight["straight_grads"] > 0 and bucket["straight_grads"] == 0
     assert straight["losses"] == bucket["losses"] and straight["norms"] == bucket["norms"]
     for key in ("grads", "params"):

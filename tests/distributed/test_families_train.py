@@ -23,7 +23,8 @@ from tests.distributed.test_pretrain import REPO, corpus, run, train_records  # 
 from tests.helpers import TINY_DEEPSEEK_RUN, read_safetensors_dir, write_family_run_yaml, write_run_yaml
 
 pytestmark = pytest.mark.slow
-STEPS = 3
+STEPS = 4  # the resume tests continue the one-process run from its step-2 checkpoint through steps 3-4
+SAVE_AT = 2
 STOCK_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 
@@ -41,16 +42,16 @@ def _train(tmp_path, train: str, name: str, family: str = "mixtral", ep_size: in
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, corpus):  # noqa: F811
-    """(family, ZeRO stage) -> the output directory of its 1-process run (STEPS steps, exported at the end), made once
-    for the module: the export test and the EP=2 test of a family at the same stage read the same run (neither
-    writes to it)."""
+    """(family, ZeRO stage) -> the output directory of its 1-process run (STEPS steps, saved at step SAVE_AT,
+    exported at the end), made once for the module: the export test, the EP=2 test and the resume test of a family at
+    the same stage read the same run (none writes to it), one launch instead of two."""
     runs: dict[tuple[str, int], str] = {}
 
     def out(family: str, zero_stage: int) -> str:
         if (family, zero_stage) not in runs:
             tmp = tmp_path_factory.mktemp(f"one-{family}-z{zero_stage}")
-            runs[family, zero_stage] = _train(tmp, corpus[0], "one", family,
-                                              extra=(f"parallel.zero_stage={zero_stage}",))
+            extra = (f"parallel.zero_stage={zero_stage}", f"train.save_steps={SAVE_AT}")
+            runs[family, zero_stage] = _train(tmp, corpus[0], "one", family, extra=extra)
         return runs[family, zero_stage]
 
     return out
@@ -88,11 +89,11 @@ def test_family_ep2_matches_one_process(tmp_path, corpus, one_process, family, z
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_family_resumes_at_another_ep_size(tmp_path, corpus, family):  # noqa: F811
+def test_family_resumes_at_another_ep_size(tmp_path, corpus, one_process, family):  # noqa: F811
     """Saved by one process, resumed by two with EP=2 (the resharding load with the family's parameter names): steps
     3-4 equal the uninterrupted run's."""
-    full = _train(tmp_path, corpus[0], "full", family, steps=4, extra=("train.save_steps=2",))
-    step2 = os.path.join(full, "checkpoints", "step_00000002")
+    full = one_process(family, 3)  # model_configs/tiny.yaml's ZeRO stage, as the resumed run's
+    step2 = os.path.join(full, "checkpoints", f"step_{SAVE_AT:08d}")
     resumed = _train(tmp_path, corpus[0], "resumed", family, ep_size=2, steps=4, extra=("--resume", step2))
     want, got = train_records(full), train_records(resumed)
     assert sorted(got) == [3, 4]

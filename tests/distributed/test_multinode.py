@@ -151,6 +151,17 @@ def single_node(tmp_path_factory, corpus) -> list[tuple[float, ...]]:
     return _losses(folder / "out")
 
 
+def _extensions_dir() -> str:
+    """Where this session's other launches find DeepSpeed's JIT-built CPU ops. The pdsh ranks get an empty HOME, so
+    without this they would rebuild the shm op (~30 s of C++) in a folder of their own."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC0415
+
+    # torch's default root plus its per-Python/accelerator subfolder, as a rank with the real HOME resolves it
+    return os.path.dirname(_get_build_directory("deepspeed_shm_comm", verbose=False))
+
+
 def _hostfile(tmp_path) -> str:
     path = tmp_path / "hostfile"
     path.write_text("".join(f"{h} slots=1\n" for h in HOSTS))
@@ -167,7 +178,7 @@ def test_pdsh_runner_two_nodes_match_single_node(tmp_path, corpus, single_node):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     # The remote shells get nothing from this process's environment: what the ranks need comes from here.
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    extensions = _extensions_dir()
     (launch_dir / ".deepspeed_env").write_text(f"OMP_NUM_THREADS=1\nTORCH_EXTENSIONS_DIR={extensions}\n"
                                                f"NCCL_DEBUG=WARN\n")
     out = tmp_path / "out"

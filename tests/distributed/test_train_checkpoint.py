@@ -54,11 +54,22 @@ def export(*argv: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """key -> (checkpoint root, train results, resume results)."""
+def first_world2_launch(tmp_path_factory):
+    """(the RUNS output root, own_runs' directories): one world-2 launch of the worker runs the "train" phase of
+    RUNS[2] and then own_runs' groups, which need no fresh processes of their own (a launch: ~5 s of start-up)."""
     out = tmp_path_factory.mktemp("train_ckpt")
+    dirs = {name: str(tmp_path_factory.mktemp(f"train_ckpt_{name}")) for name in ["tied", *FAMILIES_RESUMED]}
+    groups = [[str(out / "w2"), "train", *RUNS[2]], [dirs["tied"], "both", TIED_CASE]]
+    groups += [[dirs[family], "both", *(f"{case}-{family}" for case in FAMILY_CASES)] for family in FAMILIES_RESUMED]
+    run_workers(WORKER, [arg for i, group in enumerate(groups) for arg in ["+"] * (i > 0) + group], world=2)
+    return out, dirs
+
+
+@pytest.fixture(scope="module")
+def runs(first_world2_launch):
+    """key -> (checkpoint root, train results, resume results)."""
+    out = first_world2_launch[0]
     w2, w4 = str(out / "w2"), str(out / "w4")
-    run_workers(WORKER, [w2, "train", *RUNS[2]], world=2)
     run_workers(WORKER, [w2, "resume", *RUNS[2]], world=2)  # fresh processes, fresh engines
     cross = ",".join(f"{case}={source}" for case, source in CROSS_WORLD.items())
     run_workers(WORKER, [w4, "both", *RUNS[4]], world=4, env={"CKPT_CROSS_WORLD": f"{w2};{cross}"})
@@ -83,14 +94,11 @@ def assert_all_equal(got: dict, expected: dict, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def own_runs(tmp_path_factory):
-    """The world-2 "both" runs with their own output directories, in one launch of the worker (a group each, one
-    after another in the same processes): "tied" -> the TIED_CASE directory, family -> that family's directory."""
-    dirs = {name: str(tmp_path_factory.mktemp(f"train_ckpt_{name}")) for name in ["tied", *FAMILIES_RESUMED]}
-    groups = [[dirs["tied"], "both", TIED_CASE]]
-    groups += [[dirs[family], "both", *(f"{case}-{family}" for case in FAMILY_CASES)] for family in FAMILIES_RESUMED]
-    run_workers(WORKER, [arg for i, group in enumerate(groups) for arg in ["+"] * (i > 0) + group], world=2)
-    return dirs
+def own_runs(first_world2_launch):
+    """The world-2 "both" runs with their own output directories (a group each, one after another in the same
+    processes, after RUNS[2]'s "train" phase): "tied" -> the TIED_CASE directory, family -> that family's
+    directory."""
+    return first_world2_launch[1]
 
 
 @pytest.fixture(scope="module")
