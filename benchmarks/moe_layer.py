@@ -96,7 +96,7 @@ def family_blocks(config_yaml: str):
     _, config = resolve_model(cfg)
     config._attn_implementation = "sdpa"
     arch = architecture_for(config)
-    layer = next(i for i in range(config.num_hidden_layers) if arch.is_moe_layer(config, i))
+    layer = next(i for i in range(config.num_hidden_layers) if arch.layout.is_moe_layer(config, i))
     inter, experts, top_k, _ = moe_shape(config)
 
     def ours_block(backend: str):

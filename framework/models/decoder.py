@@ -62,27 +62,10 @@ class Architecture:
     # the attention implementations its attention module computes correctly with (attention.py SUPPORTED_ATTENTION)
     attention_implementations: tuple[str, ...] = SUPPORTED_ATTENTION
 
-    @property
-    def is_moe_layer(self) -> Callable[[PretrainedConfig, int], bool]:
-        return self.layout.is_moe_layer
-
-    @property
-    def moe_shape(self) -> Callable[[PretrainedConfig], tuple[int, int, int, bool]]:
-        """(expert FFN width, experts, top-k, renormalise the top-k weights) of a config."""
-        return self.layout.moe_shape
-
-    @property
-    def experts_field(self) -> str:
-        return self.layout.experts_field
-
-    @property
-    def router_selection_bias(self) -> bool:
-        return self.layout.router_selection_bias
-
 
 def routed_block(config: PretrainedConfig, options: ModelOptions, arch: Architecture) -> MoEBlock:
     """The MoE block of a family with a softmax top-k router and no shared experts (Qwen3-MoE, Mixtral)."""
-    inter, num_experts, top_k, renormalise = arch.moe_shape(config)
+    inter, num_experts, top_k, renormalise = arch.layout.moe_shape(config)
     router = TopKRouter(config.hidden_size, num_experts, top_k, renormalise)
     # nn.SiLU, which the fused SwiGLU recognises: each family's config check accepts hidden_act "silu" only
     return options.placement.block_class(MoEBlock)(config.hidden_size, inter, num_experts, router, nn.SiLU(),
@@ -97,7 +80,7 @@ class DecoderLayer(nn.Module):
             head_dim = self.self_attn.head_dim
             self.self_attn.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)  # fused, same parameter names
             self.self_attn.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
-        if arch.is_moe_layer(config, layer_idx):
+        if arch.layout.is_moe_layer(config, layer_idx):
             self.mlp = (options.placement.block_class(arch.moe_block)(config, options) if arch.moe_block
                         else routed_block(config, options, arch))
         else:
@@ -175,7 +158,7 @@ class MoECausalLM(nn.Module):
         if config._attn_implementation not in supported:
             raise ValueError(f"attention implementation {config._attn_implementation!r} is not supported for "
                              f"{config.model_type}; expected one of {', '.join(supported)}")
-        if options.router_bias_update_rate and not self.architecture.router_selection_bias:
+        if options.router_bias_update_rate and not self.architecture.layout.router_selection_bias:
             raise ValueError(f"router_bias_update_rate {options.router_bias_update_rate}: {config.model_type} routers "
                              "have no selection bias (e_score_correction_bias); set it 0")
         self.config = config

@@ -97,7 +97,7 @@ def load_hf_weights(model: MoECausalLM, path: str, key_map: Callable[[str], str]
     `key_map`: the family's stored key -> transformers 5 name (registry.py Family.checkpoint_key). Persistent buffers
     (a router's e_score_correction_bias) are read like parameters, keeping the buffer's own dtype."""
     config = model.config
-    num_experts = model.architecture.moe_shape(config)[1]
+    num_experts = model.architecture.layout.moe_shape(config)[1]
     persistent = set(model.state_dict())
     buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
     with HFCheckpoint(path, key_map) as ckpt:

@@ -51,11 +51,11 @@ class ModelShape:
 
 def model_shape(hf_config: PretrainedConfig) -> ModelShape:
     """Widths of a checked config of any registered family (registry `family_for(...).load_config`), under the
-    family's own field names (registry.moe_shape, head_dim, Architecture.is_moe_layer)."""
+    family's own field names (registry.moe_shape, head_dim, MoELayout.is_moe_layer)."""
     from framework.models.registry import architecture_for, head_dim, moe_shape  # noqa: PLC0415
 
     arch = architecture_for(hf_config)
-    is_moe = arch.is_moe_layer
+    is_moe = arch.layout.is_moe_layer
     moe = tuple(is_moe(hf_config, i) for i in range(hf_config.num_hidden_layers))
     expert_width, num_experts, top_k, _ = moe_shape(hf_config)
     return ModelShape(
