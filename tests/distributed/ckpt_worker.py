@@ -48,7 +48,8 @@ from framework.zero.engine import initialize  # noqa: E402
 from framework.zero.reshard import ensure_adam_states  # noqa: E402
 from tests.distributed import common  # noqa: E402
 from tests.distributed.common import LR, MICRO, model_config  # noqa: E402
-from tests.distributed.ep_worker import full_tensors, split_runs  # noqa: E402
+from tests.distributed.ep_worker import full_tensors  # noqa: E402
+from tests.distributed.launch import split_runs  # noqa: E402
 from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 
 if __name__ == "__main__":

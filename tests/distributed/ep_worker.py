@@ -40,6 +40,7 @@ from framework.parallel.groups import init_parallel_groups  # noqa: E402
 from framework.zero import local_grads  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
 from tests.distributed.common import MICRO, STEPS, ds_config, global_batch, model_config  # noqa: E402
+from tests.distributed.launch import split_runs  # noqa: E402
 from framework.cluster.process_exit import exit_without_teardown  # noqa: E402
 
 if __name__ == "__main__":
@@ -123,17 +124,6 @@ def run(stage: int, ep: int, out_dir: str, tied: bool = False, family: str | Non
     if rank == 0:
         torch.save(result, os.path.join(out_dir, f"stage{stage}.pt"))
     engine.destroy() if hasattr(engine, "destroy") else None
-
-
-def split_runs(argv: list[str]) -> list[list[str]]:
-    """The '+'-separated runs of the command line."""
-    runs: list[list[str]] = [[]]
-    for arg in argv:
-        if arg == "+":
-            runs.append([])
-        else:
-            runs[-1].append(arg)
-    return runs
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from framework.models.registry import FAMILIES
-from tests.distributed.launch import run_workers
+from tests.distributed.launch import join_runs, run_workers
 from tests.distributed.reference import single_process_run
 from tests.helpers import rel_err
 
@@ -65,7 +65,7 @@ def launched(tmp_path_factory):
             runs = [_worker_args(outs[key], key) for key in keys]
             extra = {mode: tmp_path_factory.mktemp(f"accumulation-{mode}") for mode in ACCUMULATION if world == 2}
             runs += [[str(out), *ACCUMULATION[mode]] for mode, out in extra.items()]
-            run_workers(WORKER, [arg for i, args in enumerate(runs) for arg in ["+"] * (i > 0) + args], world=world)
+            run_workers(WORKER, join_runs(runs), world=world)
             done[world] = {key: {stage: torch.load(outs[key] / f"stage{stage}.pt") for stage in RUNS[key]}
                            for key in keys}
             done[world].update({mode: torch.load(out / "stage3.pt") for mode, out in extra.items()})

@@ -32,7 +32,7 @@ import framework
 from framework.checkpoint.cli import run_cli
 from framework.models.registry import FAMILIES
 from tests.distributed.common import model_config
-from tests.distributed.launch import run_workers
+from tests.distributed.launch import join_runs, run_workers
 from tests.helpers import load_tool, read_safetensors_dir, rel_err
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def first_world2_launch(tmp_path_factory):
     dirs = {name: str(tmp_path_factory.mktemp(f"train_ckpt_{name}")) for name in ["tied", *FAMILIES_RESUMED]}
     groups = [[str(out / "w2"), "train", *RUNS[2]], [dirs["tied"], "both", TIED_CASE]]
     groups += [[dirs[family], "both", *(f"{case}-{family}" for case in FAMILY_CASES)] for family in FAMILIES_RESUMED]
-    run_workers(WORKER, [arg for i, group in enumerate(groups) for arg in ["+"] * (i > 0) + group], world=2)
+    run_workers(WORKER, join_runs(groups), world=2)
     return out, dirs
 
 
