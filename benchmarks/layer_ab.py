@@ -5,10 +5,11 @@
 
 Runs `benchmarks/moe_layer.py --backends grouped_mm --overheads` alternately in both trees, `--rounds` times each, the
 order swapped every round (ABBA...), and prints per token count the median over rounds of each tree's synced step,
-host enqueue, kernel time and kernels per step, and the candidate's change. One process per run, so each tree
-imports its own `framework`. Why rounds: on a shared GPU machine the host's speed drifts between processes (session
-12 saw the same transformers block enqueue in 4.86-6.11 ms across four runs), which one run per tree cannot tell
-from a change; the stock block's host enqueue is printed beside as that drift's gauge.
+host enqueue, kernel time, kernels per step and the GiB its forward keeps (nan from a moe_layer.py without it), and
+the candidate's change. One process per run, so each tree imports its own `framework`. Why rounds: on a shared GPU
+machine the host's speed drifts between processes (session 12 saw the same transformers block enqueue in 4.86-6.11
+ms across four runs), which one run per tree cannot tell from a change; the stock block's host enqueue is printed
+beside as that drift's gauge.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def summarize(runs: list[dict], tokens: int) -> dict:
             "kernels": med(r["overheads"]["kernel_ms"] for r in ours),
             "launches": med(r["overheads"]["kernels"] for r in ours),
             "pct": med(100 * r["ceiling_ms"] / r["ms"] for r in ours),
+            "kept": med(r.get("kept_gib", float("nan")) for r in ours),
             "stock_host": [round(r["overheads"]["enqueue_ms"], 2) for r in stock]}
 
 
@@ -102,16 +104,17 @@ def print_medians(runs: dict[str, list[dict]], tokens: list[int]) -> None:
     counts = {name: len(r) for name, r in runs.items()}
     print(f"\nmedians of {counts} runs per tree (ms per forward+backward); stock block's host enqueue per run "
           "gauges the host's drift")
-    print(f"{'T':>6} {'tree':<10} {'synced':>7} {'%ceil':>6} {'host':>6} {'kernels':>8} {'#k':>4}  stock host")
+    print(f"{'T':>6} {'tree':<10} {'synced':>7} {'%ceil':>6} {'host':>6} {'kernels':>8} {'#k':>4} {'kept':>6}"
+          "  stock host")
     for t in tokens:
         s = {name: summarize(runs[name], t) for name in runs}
         for name, v in s.items():
             print(f"{t:>6} {name:<10} {v['synced']:7.2f} {v['pct']:5.0f}% {v['host']:6.2f} {v['kernels']:8.2f} "
-                  f"{v['launches']:4.0f}  {v['stock_host']}")
+                  f"{v['launches']:4.0f} {v['kept']:6.2f}  {v['stock_host']}")
         c, b = s["candidate"], s["baseline"]
         print(f"{t:>6} {'change':<10} {100 * (c['synced'] / b['synced'] - 1):+6.1f}% {'':6} "
               f"{c['host'] - b['host']:+6.2f} {c['kernels'] - b['kernels']:+8.2f} "
-              f"{c['launches'] - b['launches']:+4.0f}")
+              f"{c['launches'] - b['launches']:+4.0f} {c['kept'] - b['kept']:+6.2f}")
 
 
 if __name__ == "__main__":

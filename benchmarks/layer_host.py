@@ -38,7 +38,7 @@ from framework.moe.dispatch import TorchDispatcher  # noqa: E402
 from framework.moe.layer import MoEBlock  # noqa: E402
 from framework.moe.router import Routing, TopKRouter  # noqa: E402
 from framework.ops.expert_sort import expand_by_expert  # noqa: E402
-from framework.ops.permute import weighted_gather_sum  # noqa: E402
+from framework.ops.permute import gather_sum  # noqa: E402
 from framework.ops.softmax_topk import linear_softmax_topk  # noqa: E402
 
 H, I, E, K = 2048, 768, 128, 8
@@ -59,11 +59,12 @@ def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark
     router = block.gate  # TopKRouter.forward (its Module call is not timed)
     routing = Routing(*linear_softmax_topk(x_TH, router.weight, router.top_k, router.norm_topk_prob))
     mark("router")
-    rows, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, block.num_experts)
+    rows, weights_R, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, routing.weights,
+                                                         block.num_experts)
     mark("dispatch")
-    out = block.experts(rows, ends)
+    out = block.experts(rows, ends, weights_R)
     mark("experts")
-    y_TH = weighted_gather_sum(out, inverse_TK, routing.weights)
+    y_TH = gather_sum(out, inverse_TK)
     mark("combine")
     router_stats(routing, None, block.z_loss)
     mark("stats")

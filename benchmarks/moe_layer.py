@@ -7,7 +7,10 @@ FLOPs per step = 18 * T * k * H * I (three expert GEMMs; forward, input grad, we
 other matmul parameters (router, shared experts). Measured in the same run: the dense bf16 matmul ceiling (a large
 square GEMM), the stock transformers 5 MoE block of the same family with experts_implementation="grouped_mm", and
 (Qwen3-30B-A3B shape only, the default) stock MegaBlocks dMoE (its own router and GroupedGLU). Times are medians of
-CUDA-event timings after warm-up. Without --config: one Qwen3-30B-A3B layer.
+CUDA-event timings after warm-up; "kept GiB" is what the forward keeps for the backward (each layer of a model holds
+that until its backward), "step GiB" what one step allocates at its peak beyond its input and the block's parameters
+(the kept activations, the backward's workspace and the parameters' gradients). Without --config: one Qwen3-30B-A3B
+layer.
 """
 
 from __future__ import annotations
@@ -39,6 +42,29 @@ def time_ms(fn, iters: int, warmup: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def step_peak_gib(step) -> float:
+    """GiB one step allocates at its peak beyond what was allocated before it (the block's parameters, its input):
+    the activations kept for the backward plus the backward's workspace."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def kept_gib(module, x, dy, unpack) -> float:
+    """GiB the forward keeps for the backward (allocated after it, less its output): what each layer of a model
+    holds until its backward when nothing is recomputed."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = unpack(module(x))
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+    out.backward(dy)
+    return kept / 2**30
 
 
 def matmul_ceiling_tflops(iters: int) -> float:
@@ -298,7 +324,8 @@ def main() -> None:
                 print_kernels(step, f"T={tokens} {name}", args.profile)
             if args.timeline:
                 print_timeline(step, f"T={tokens} {name}")
-            rows.append({"tokens": tokens, "impl": name, "ms": ms, "tflops": flops / ms / 1e9})
+            rows.append({"tokens": tokens, "impl": name, "ms": ms, "tflops": flops / ms / 1e9,
+                         "peak_gib": step_peak_gib(step), "kept_gib": kept_gib(module, x, dy, unpack)})
             if args.overheads:
                 rows[-1]["overheads"] = overheads(step, args.iters)
             del module
@@ -311,13 +338,13 @@ def main() -> None:
           f"megablocks: {'ok' if not mb_missing else mb_missing}")
     with_dmoe = "megablocks dMoE" in impls  # the Qwen3-30B-A3B default only
     print(f"{'T':>6} {'impl':<34} {'ms':>8} {'TFLOP/s':>8} {'%ceil':>6}" + (f" {'vs dMoE':>8}" if with_dmoe else "")
-          + f" {'vs HF':>6}")
+          + f" {'vs HF':>6} {'kept GiB':>9} {'step GiB':>9}")
     for r in rows:
         same_t = {q["impl"]: q["ms"] for q in rows if q["tokens"] == r["tokens"]}
         vs_mb = f" {same_t['megablocks dMoE'] / r['ms']:7.2f}x" if with_dmoe else ""
         vs_hf = same_t["transformers-5 grouped_mm block"] / r["ms"]
         print(f"{r['tokens']:>6} {r['impl']:<34} {r['ms']:8.2f} {r['tflops']:8.0f} "
-              f"{100 * r['ceiling_ms'] / r['ms']:5.0f}%{vs_mb} {vs_hf:5.2f}x")
+              f"{100 * r['ceiling_ms'] / r['ms']:5.0f}%{vs_mb} {vs_hf:5.2f}x {r['kept_gib']:9.2f} {r['peak_gib']:9.2f}")
     if args.overheads:
         print(f"\n{'T':>6} {'impl':<34} {'synced':>7} {'ahead':>7} {'host':>7} {'kernels':>8} {'graph':>7} {'#k':>4}"
               "  (ms per step: synced each step / host running ahead / host enqueue / device kernels / graph replay)")

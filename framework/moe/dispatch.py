@@ -1,9 +1,11 @@
-"""Local (single-rank) token dispatch: expert-sorted rows out, weighted token sums back.
+"""Local (single-rank) token dispatch: expert-sorted rows out, token sums back.
 
 Legend: T tokens, H hidden, E experts, K top-k, R = T*K routed rows.
-Owns: permuting each token's K copies into expert order (`dispatch`) and reversing it with the routing weights
-(`combine`). The metadata `dispatch` returns is the only state `combine` uses. Expert-parallel routing across ranks
-lives in framework/parallel; it keeps the same contract (`route`).
+Owns: permuting each token's K copies into expert order with their routing weights (`dispatch`) and summing each
+token's K expert outputs back (`combine`). The experts apply the weights before their second GEMM
+(framework/ops/swiglu.py), so the combine is a plain sum that keeps no [R, H] tensor for its backward. The metadata
+`dispatch` returns is the only state `combine` uses. Expert-parallel routing across ranks lives in
+framework/parallel; it keeps the same contract (`route`).
 """
 
 from __future__ import annotations
@@ -15,19 +17,18 @@ import torch
 
 from framework.moe.router import Routing
 from framework.ops.expert_sort import expand_by_expert
-from framework.ops.permute import weighted_gather_sum
+from framework.ops.permute import gather_sum
 
 
-# rows [R, H] grouped by expert, cumulative row ends per expert [E] (int32, framework/ops/expert_sort.group_ends)
-# -> expert outputs [R, H]
-Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# rows [R, H] grouped by expert, cumulative row ends per expert [E] (int32, framework/ops/expert_sort.group_ends),
+# each row's routing weight [R] or None -> expert outputs [R, H], scaled by the weights when given
+Experts = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 class SortedMeta(NamedTuple):
     """TorchDispatcher's metadata for combine."""
 
     inverse_TK: torch.Tensor  # slot (t, k) became dispatched row inverse_TK[t, k]
-    weights_TK: torch.Tensor  # combine weights
 
 
 class MegablocksMeta(NamedTuple):
@@ -42,42 +43,45 @@ class MegablocksMeta(NamedTuple):
 class Dispatcher(Protocol):
     def route(self, x_TH: torch.Tensor, routing: Routing, num_experts: int, experts: Experts) -> torch.Tensor:
         """[T, H]: for each token, the routing-weighted sum of its K experts' outputs, `experts` called on rows
-        grouped by expert with their cumulative row ends per expert (int32, on the device)."""
+        grouped by expert with their cumulative row ends per expert (int32, on the device) and each row's routing
+        weight (or None when the dispatcher applies the weights itself)."""
 
 
 class LocalDispatcher:
     """Tokens and experts on this process: one `dispatch`, the experts, one `combine`."""
 
     def route(self, x_TH, routing, num_experts, experts):
-        rows_RH, group_ends_E, meta = self.dispatch(x_TH, routing, num_experts)
-        return self.combine(experts(rows_RH, group_ends_E), meta)
+        rows_RH, group_ends_E, weights_R, meta = self.dispatch(x_TH, routing, num_experts)
+        return self.combine(experts(rows_RH, group_ends_E, weights_R), meta)
 
-    def dispatch(self, x_TH: torch.Tensor, routing: Routing,
-                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, NamedTuple]:
-        """Rows [R, H] grouped by expert, their cumulative row ends per expert [E] (int32, on device), this
-        dispatcher's metadata for combine."""
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing, num_experts: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, NamedTuple]:
+        """Rows [R, H] grouped by expert, their cumulative row ends per expert [E] (int32, on device), each row's
+        routing weight for the experts to apply (None: `combine` applies them), this dispatcher's metadata for
+        combine."""
         raise NotImplementedError
 
     def combine(self, rows_RH: torch.Tensor, meta: NamedTuple) -> torch.Tensor:
-        """[T, H]: for each token, the routing-weighted sum of its K expert outputs."""
+        """[T, H]: for each token, the sum of its K (routing-weighted) expert outputs."""
         raise NotImplementedError
 
 
 class TorchDispatcher(LocalDispatcher):
-    """A stable sort of the slots by expert fused with the row copy (framework/ops/expert_sort.py), then gathers
-    back (no atomics); the weighted K-way sum of combine and of dispatch's backward is one Triton kernel on CUDA
-    (framework/ops/permute.py), torch elsewhere."""
+    """A stable sort of the slots by expert fused with the copy of their rows and weights
+    (framework/ops/expert_sort.py), then gathers back (no atomics); the K-way sum of combine and of dispatch's
+    backward is one Triton kernel on CUDA (framework/ops/permute.py), torch elsewhere."""
 
     def dispatch(self, x_TH, routing, num_experts):
-        rows, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, num_experts)
-        return rows, ends, SortedMeta(inverse_TK, routing.weights)
+        rows, weights_R, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, routing.weights, num_experts)
+        return rows, ends, weights_R, SortedMeta(inverse_TK)
 
     def combine(self, rows_RH, meta):
-        return weighted_gather_sum(rows_RH, meta.inverse_TK, meta.weights_TK)
+        return gather_sum(rows_RH, meta.inverse_TK)
 
 
 class MegablocksDispatcher(LocalDispatcher):
-    """MegaBlocks' CUDA sort/histogram/cumsum and Triton gather/scatter (scatter applies the weights in-kernel)."""
+    """MegaBlocks' CUDA sort/histogram/cumsum and Triton gather/scatter, as its dMoE uses them: its scatter applies
+    the routing weights, so the experts get none."""
 
     def __init__(self, num_experts: int):
         from megablocks import ops  # noqa: PLC0415 - CUDA-only import, checked at backend resolution
@@ -95,7 +99,7 @@ class MegablocksDispatcher(LocalDispatcher):
             bins = ops.inclusive_cumsum(counts, 0)
             bins = bins.view(1) if bins.dim() == 0 else bins
         rows = ops.gather(x_TH.contiguous(), indices, bin_ids, bins, top_k)
-        return rows, bins.to(torch.int32), MegablocksMeta(indices, bin_ids, bins, routing.weights)
+        return rows, bins.to(torch.int32), None, MegablocksMeta(indices, bin_ids, bins, routing.weights)
 
     def combine(self, rows_RH, meta):
         top_k = meta.weights_TK.shape[-1]

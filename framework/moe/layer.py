@@ -19,7 +19,8 @@ from framework.moe.placement import LOCAL, ExpertPlacement
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored stacked; `forward` runs them on rows grouped by expert."""
+    """E SwiGLU experts stored stacked; `forward` runs them on rows grouped by expert, each row's output scaled by
+    its routing weight when weights are given."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: nn.Module, backend: str,
                  first_expert: int = 0):
@@ -32,8 +33,9 @@ class GroupedExperts(nn.Module):
         self.backend = backend
         self._compute = compute_fn(backend)
 
-    def forward(self, rows_RH: torch.Tensor, group_ends_E: torch.Tensor) -> torch.Tensor:
-        return self._compute(rows_RH, group_ends_E, self.gate_up_proj, self.down_proj, self.act_fn)
+    def forward(self, rows_RH: torch.Tensor, group_ends_E: torch.Tensor,
+                weights_R: torch.Tensor | None = None) -> torch.Tensor:
+        return self._compute(rows_RH, group_ends_E, weights_R, self.gate_up_proj, self.down_proj, self.act_fn)
 
     def extra_repr(self) -> str:
         e, two_i, h = self.gate_up_proj.shape

@@ -49,26 +49,34 @@ def group_counts(ends_E: torch.Tensor) -> torch.Tensor:
 
 class _ExpandByExpert(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int):
+    def forward(ctx, x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int):
         if use_triton(x_TH) and ids_TK.numel():
             from framework.ops.triton_kernels import expand_by_expert as expand_kernel  # noqa: PLC0415
-            rows, inverse_TK, ends = expand_kernel(x_TH.contiguous(), ids_TK.contiguous(), num_experts)
+            rows, row_weights, inverse_TK, ends = expand_kernel(x_TH.contiguous(), ids_TK.contiguous(),
+                                                                weights_TK.contiguous(), num_experts)
         else:
             src, inverse, ends = sort_by_expert_reference(ids_TK, num_experts)
             rows, inverse_TK = x_TH.index_select(0, src), inverse.view(ids_TK.shape)
+            row_weights = weights_TK.new_empty(inverse.numel()).index_copy_(0, inverse, weights_TK.reshape(-1))
         ctx.save_for_backward(inverse_TK)
         ctx.mark_non_differentiable(inverse_TK, ends)
-        return rows, inverse_TK, ends
+        return rows, row_weights, inverse_TK, ends
 
     @staticmethod
-    def backward(ctx, grad_rows: torch.Tensor, _inverse, _ends):
+    def backward(ctx, grad_rows: torch.Tensor | None, grad_row_weights: torch.Tensor | None, _inverse, _ends):
         (inverse_TK,) = ctx.saved_tensors
-        return sum_rows(grad_rows, inverse_TK, None), None, None
+        grad_x = grad_weights = None
+        if ctx.needs_input_grad[0] and grad_rows is not None:
+            grad_x = sum_rows(grad_rows, inverse_TK)
+        if ctx.needs_input_grad[2] and grad_row_weights is not None:
+            grad_weights = grad_row_weights.index_select(0, inverse_TK.reshape(-1)).view(inverse_TK.shape)
+        return grad_x, None, grad_weights, None
 
 
-def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token t's row copied once for each of its slots (t, k) of `ids_TK` [T, K] (int64 expert ids in [0, E)), the
-    copies sorted stably by expert: (rows [R, H], differentiable in x; inverse [T, K] int64, the row slot (t, k)
-    became; ends [E] int32, the cumulative row ends per expert, `group_ends`)."""
-    return _ExpandByExpert.apply(x_TH, ids_TK, num_experts)
+    copies sorted stably by expert: (rows [R, H], differentiable in x; row weights [R], slot (t, k)'s weight
+    `weights_TK[t, k]` at its row, differentiable in the weights; inverse [T, K] int64, the row slot (t, k) became;
+    ends [E] int32, the cumulative row ends per expert, `group_ends`)."""
+    return _ExpandByExpert.apply(x_TH, ids_TK, weights_TK, num_experts)

@@ -23,7 +23,8 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _swiglu_fwd(gate_up_ptr, out_ptr, n_elements, inter: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_fwd(gate_up_ptr, weight_ptr, out_ptr, n_elements, inter: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     row = offs // inter
@@ -31,48 +32,73 @@ def _swiglu_fwd(gate_up_ptr, out_ptr, n_elements, inter: tl.constexpr, BLOCK: tl
     g = tl.load(gate_up_ptr + row * (2 * inter) + col, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gate_up_ptr + row * (2 * inter) + inter + col, mask=mask, other=0.0).to(tl.float32)
     h = g * tl.sigmoid(g) * u
+    if HAS_WEIGHT:
+        h = h * tl.load(weight_ptr + row, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd(gate_up_ptr, grad_ptr, grad_gate_up_ptr, n_elements, inter: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    row = offs // inter
-    col = offs % inter
-    g_off = row * (2 * inter) + col
-    g = tl.load(gate_up_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gate_up_ptr + g_off + inter, mask=mask, other=0.0).to(tl.float32)
-    dh = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    silu = g * s
-    dg = dh * u * s * (1.0 + g * (1.0 - s))
-    du = dh * silu
-    tl.store(grad_gate_up_ptr + g_off, dg.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_gate_up_ptr + g_off + inter, du.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+def _swiglu_bwd(gate_up_ptr, weight_ptr, grad_ptr, grad_gate_up_ptr, grad_weight_ptr, n_rows, inter,
+                HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK_I: tl.constexpr):
+    # A program owns ROWS whole rows: a row weight's gradient is a dot over all I columns of its row.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        dot = tl.zeros([ROWS], dtype=tl.float32)
+    for start in tl.range(0, inter, BLOCK_I):
+        cols = start + tl.arange(0, BLOCK_I)
+        mask = row_mask[:, None] & (cols[None, :] < inter)
+        g_off = rows[:, None] * (2 * inter) + cols[None, :]
+        g = tl.load(gate_up_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gate_up_ptr + g_off + inter, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(grad_ptr + rows[:, None] * inter + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        silu = g * s
+        if HAS_WEIGHT:
+            dot += tl.sum(dh * silu * u, axis=1)
+            dh = dh * w[:, None]
+        dg = dh * u * s * (1.0 + g * (1.0 - s))
+        du = dh * silu
+        tl.store(grad_gate_up_ptr + g_off, dg.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_gate_up_ptr + g_off + inter, du.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+    if HAS_WEIGHT:
+        tl.store(grad_weight_ptr + rows, dot.to(grad_weight_ptr.dtype.element_ty), mask=row_mask)
 
 
-def swiglu_forward(gate_up_R2I: torch.Tensor) -> torch.Tensor:
+def _swiglu_tiles(inter: int) -> tuple[int, int]:
+    """(rows per program, column tile) of the backward: ~2,048 elements a tile, columns first (coalesced)."""
+    block_i = min(triton.next_power_of_2(inter), 256)
+    return max(2048 // block_i, 1), block_i
+
+
+def swiglu_forward(gate_up_R2I: torch.Tensor, weight_R: torch.Tensor | None) -> torch.Tensor:
     rows, two_inter = gate_up_R2I.shape
     out = gate_up_R2I.new_empty(rows, two_inter // 2)
     n = out.numel()
     if n:
-        _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate_up_R2I, out, n, two_inter // 2, BLOCK=_BLOCK)
+        _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate_up_R2I, gate_up_R2I if weight_R is None else weight_R, out, n,
+                                               two_inter // 2, weight_R is not None, BLOCK=_BLOCK)
     return out
 
 
-def swiglu_backward(gate_up_R2I: torch.Tensor, grad_RI: torch.Tensor) -> torch.Tensor:
+def swiglu_backward(gate_up_R2I: torch.Tensor, weight_R: torch.Tensor | None, grad_RI: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(gradient of gate_up, gradient of the row weights or None without them)."""
+    rows, two_inter = gate_up_R2I.shape
     grad_gate_up = torch.empty_like(gate_up_R2I)
-    n = grad_RI.numel()
-    if n:
-        _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](gate_up_R2I, grad_RI, grad_gate_up, n, gate_up_R2I.shape[1] // 2,
-                                               BLOCK=_BLOCK)
-    return grad_gate_up
+    grad_weight = None if weight_R is None else torch.empty_like(weight_R)
+    if grad_RI.numel():
+        per_program, block_i = _swiglu_tiles(two_inter // 2)
+        _swiglu_bwd[(triton.cdiv(rows, per_program),)](
+            gate_up_R2I, gate_up_R2I if weight_R is None else weight_R, grad_RI, grad_gate_up,
+            grad_gate_up if grad_weight is None else grad_weight, rows, two_inter // 2, weight_R is not None,
+            ROWS=per_program, BLOCK_I=block_i)
+    return grad_gate_up, grad_weight
 
 
 @triton.jit
-def _gather_sum_fwd(rows_ptr, index_ptr, weight_ptr, out_ptr, n_rows, hidden: tl.constexpr, K: tl.constexpr,
-                    HAS_WEIGHT: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gather_sum(rows_ptr, index_ptr, out_ptr, n_rows, hidden: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr):
     # index >= n_rows marks a hole (no row): it adds nothing.
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -80,61 +106,48 @@ def _gather_sum_fwd(rows_ptr, index_ptr, weight_ptr, out_ptr, n_rows, hidden: tl
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for k in tl.static_range(K):
         src = tl.load(index_ptr + token * K + k).to(tl.int64)
-        row = tl.load(rows_ptr + src * hidden + cols, mask=mask & (src < n_rows), other=0.0).to(tl.float32)
-        if HAS_WEIGHT:
-            row = row * tl.load(weight_ptr + token * K + k).to(tl.float32)
-        acc += row
+        acc += tl.load(rows_ptr + src * hidden + cols, mask=mask & (src < n_rows), other=0.0).to(tl.float32)
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gather_sum_bwd(grad_ptr, rows_ptr, index_ptr, weight_ptr, grad_rows_ptr, grad_weight_ptr, n_rows,
-                    hidden: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr):
-    # One program per token: the weight gradient of slot (t, k) is a dot product over all of H. Holes
-    # (index >= n_rows) write no row and get a zero weight gradient.
+def _spread_rows(x_ptr, index_ptr, rows_ptr, n_rows, hidden: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    # Each of a token's K slots gets a copy of its row; holes (index >= n_rows) get nothing.
     token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    x = tl.load(x_ptr + token * hidden + cols, mask=mask)
     for k in tl.static_range(K):
         dst = tl.load(index_ptr + token * K + k).to(tl.int64)
-        w = tl.load(weight_ptr + token * K + k).to(tl.float32)
-        dot = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for start in tl.range(0, hidden, BLOCK_H):
-            cols = start + tl.arange(0, BLOCK_H)
-            mask = (cols < hidden) & (dst < n_rows)
-            g = tl.load(grad_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-            row = tl.load(rows_ptr + dst * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-            dot += g * row
-            tl.store(grad_rows_ptr + dst * hidden + cols, (g * w).to(grad_rows_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_weight_ptr + token * K + k, tl.sum(dot, axis=0).to(grad_weight_ptr.dtype.element_ty))
+        tl.store(rows_ptr + dst * hidden + cols, x, mask=mask & (dst < n_rows))
 
 
 def _block_h(hidden: int) -> int:
     return min(triton.next_power_of_2(hidden), 2048)
 
 
-def gather_sum_forward(rows_RH: torch.Tensor, index_TK: torch.Tensor, weight_TK: torch.Tensor | None) -> torch.Tensor:
+def gather_sum(rows_RH: torch.Tensor, index_TK: torch.Tensor) -> torch.Tensor:
+    """[T, H]: out[t] = sum_k rows[index[t, k]], holes skipped, summed in fp32."""
     tokens, k = index_TK.shape
     hidden = rows_RH.shape[1]
     out = rows_RH.new_empty(tokens, hidden)
     if tokens:
         block = _block_h(hidden)
-        grid = (tokens, triton.cdiv(hidden, block))
-        _gather_sum_fwd[grid](rows_RH, index_TK, weight_TK if weight_TK is not None else index_TK, out,
-                              rows_RH.shape[0], hidden, k,
-                              weight_TK is not None, BLOCK_H=block)
+        _gather_sum[(tokens, triton.cdiv(hidden, block))](rows_RH, index_TK, out, rows_RH.shape[0], hidden, k,
+                                                          BLOCK_H=block)
     return out
 
 
-def gather_sum_backward(grad_TH: torch.Tensor, rows_RH: torch.Tensor, index_TK: torch.Tensor,
-                        weight_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def spread_rows(x_TH: torch.Tensor, index_TK: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[n_rows, H]: rows[index[t, k]] = x[t] for every slot (t, k) but holes; every row is named by exactly one
+    slot, so each is written once."""
     tokens, k = index_TK.shape
-    hidden = rows_RH.shape[1]
-    grad_rows = torch.empty_like(rows_RH)  # every row is referenced exactly once by index_TK: written once
-    grad_weight = torch.empty_like(weight_TK)
+    hidden = x_TH.shape[1]
+    rows = x_TH.new_empty(n_rows, hidden)
     if tokens:
-        _gather_sum_bwd[(tokens,)](grad_TH, rows_RH, index_TK, weight_TK, grad_rows, grad_weight, rows_RH.shape[0],
-                                   hidden, k,
-                                   BLOCK_H=min(triton.next_power_of_2(hidden), 1024))
-    return grad_rows, grad_weight
+        block = _block_h(hidden)
+        _spread_rows[(tokens, triton.cdiv(hidden, block))](x_TH, index_TK, rows, n_rows, hidden, k, BLOCK_H=block)
+    return rows
 
 
 @triton.jit
@@ -209,7 +222,8 @@ def _expert_block_counts(ids_ptr, counts_ptr, n, n_blocks, chunks_per_block, E: 
 
 
 @triton.jit
-def _expert_expand(ids_ptr, counts_ptr, x_ptr, rows_ptr, inverse_ptr, ends_ptr, n, n_blocks, chunks_per_block,
+def _expert_expand(ids_ptr, counts_ptr, x_ptr, weights_ptr, rows_ptr, row_weights_ptr, inverse_ptr, ends_ptr, n,
+                   n_blocks, chunks_per_block,
                    cols_per_program, hidden, K: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                    TILE_B: tl.constexpr, CHUNK: tl.constexpr, COLS: tl.constexpr):
     block = tl.program_id(0)
@@ -241,6 +255,7 @@ def _expert_expand(ids_ptr, counts_ptr, x_ptr, rows_ptr, inverse_ptr, ends_ptr, 
         running += tl.sum(hit.to(tl.int32), axis=0)
         if col_program == 0:
             tl.store(inverse_ptr + offs, pos, mask=mask)
+            tl.store(row_weights_ptr + pos, tl.load(weights_ptr + offs, mask=mask), mask=mask)
         token = offs // K
         for col in tl.range(0, cols_per_program, COLS):
             cols = col_start + col + tl.arange(0, COLS)
@@ -286,11 +301,13 @@ def expand_geometry(n: int, num_experts: int, hidden: int, sms: int, *, table_re
                           tiles_per_program * cols, cols, num_warps)
 
 
-def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int,
-                     geometry: ExpandGeometry | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows [T*K, H]: x's rows, one per slot, sorted stably by expert; inverse [T, K] int64: each slot's row;
-    ends [E] int32: cumulative row ends per expert) for contiguous x and int64 ids in [0, num_experts). No autograd.
-    `geometry` defaults to `expand_geometry`'s for this device."""
+def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                     geometry: ExpandGeometry | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows [T*K, H]: x's rows, one per slot, sorted stably by expert; row weights [T*K]: each slot's weight at
+    its row; inverse [T, K] int64: each slot's row; ends [E] int32: cumulative row ends per expert) for contiguous
+    x, int64 ids in [0, num_experts) and contiguous weights. No autograd. `geometry` defaults to
+    `expand_geometry`'s for this device."""
     tokens, hidden = x_TH.shape
     top_k = ids_TK.shape[1]
     n = tokens * top_k
@@ -300,15 +317,16 @@ def expand_by_expert(x_TH: torch.Tensor, ids_TK: torch.Tensor, num_experts: int,
     g = geometry
     counts = torch.empty(num_experts, g.blocks, dtype=torch.int32, device=device)
     rows = x_TH.new_empty(n, hidden)
+    row_weights = weights_TK.new_empty(n)
     inverse = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
     _expert_block_counts[(g.blocks,)](ids_TK, counts, n, g.blocks, g.chunks_per_block, num_experts, g.e_pad,
                                       CHUNK=g.chunk, num_warps=g.num_warps)
     _expert_expand[(g.blocks, g.col_programs)](
-        ids_TK, counts, x_TH, rows, inverse, ends, n, g.blocks, g.chunks_per_block, g.cols_per_program, hidden,
-        top_k, num_experts, g.e_pad, max(_TABLE_TILE // g.e_pad, 1), CHUNK=g.chunk, COLS=g.cols,
-        num_warps=g.num_warps)
-    return rows, inverse, ends
+        ids_TK, counts, x_TH, weights_TK, rows, row_weights, inverse, ends, n, g.blocks, g.chunks_per_block,
+        g.cols_per_program, hidden, top_k, num_experts, g.e_pad, max(_TABLE_TILE // g.e_pad, 1), CHUNK=g.chunk,
+        COLS=g.cols, num_warps=g.num_warps)
+    return rows, row_weights, inverse, ends
 
 
 # The top-k softmax router: its linear (x @ W^T, fp32 accumulation, the logits rounded to their dtype as torch's

@@ -5,8 +5,9 @@ Pr pairs received, Q (received pair, local expert) rows computed here, C token c
 A token goes to each EP rank that holds at least one of its K experts once, not once per expert (top-8 of 128 experts
 on 4 ranks reaches 3.6 ranks on average: 2.2x fewer rows on the wire than one per expert), with its K local expert ids
 and routing weights (-1 / 0 where the expert lives elsewhere). The receiver expands each pair into one row per local
-expert, sorted by expert, runs the experts, and sums each pair's weighted outputs before the return trip; the sender
-sums the returned pair rows per token. All four moves are framework/ops/permute.py's expansion / gather-sum pair.
+expert, sorted by expert, with its routing weight, runs the experts (which apply the weights before their second
+GEMM), and sums each pair's outputs before the return trip; the sender sums the returned pair rows per token. All
+four moves are framework/ops/permute.py's expansion / gather-sum pair.
 
 With `chunks` C > 1 the tokens are cut into C contiguous chunks that go through that pipeline one after another, so
 that a chunk's exchanges run while another chunk's experts compute: in the forward every chunk's rows leave first,
@@ -31,14 +32,13 @@ from framework.models.recompute import replay
 from framework.moe.dispatch import Experts
 from framework.moe.router import Routing
 from framework.ops.expert_sort import group_ends, tokens_per_expert
-from framework.ops.permute import expand_rows, gather_sum, weighted_gather_sum
+from framework.ops.permute import expand_rows, gather_sum
 from framework.parallel.all_to_all import Exchange, all_to_all_start, all_to_all_wait
 
 
 class _Sent(NamedTuple):
     """One chunk's side of the exchange: what it sent and how to sum what comes back."""
 
-    pair_token_P: torch.Tensor  # chunk-local token of each sent pair row
     pair_index_TR: torch.Tensor  # [T, ep] sent pair row of (token, rank); P where the token skips that rank
     send_splits: list[int]  # pair rows sent to each EP rank
     recv_splits: list[int]  # pair rows received from each EP rank
@@ -110,7 +110,7 @@ class AllToAllDispatcher:
         for c, chunk in enumerate(sent):
             pair_out = self._compute(chunk, rows_here[c], experts_ends[c], experts, ids_TK.shape[1])
             back.append(all_to_all_start(pair_out, chunk.send_splits, chunk.recv_splits, self.group))
-        outs = [gather_sum(all_to_all_wait(*b), chunk.pair_index_TR, chunk.pair_token_P)
+        outs = [gather_sum(all_to_all_wait(*b), chunk.pair_index_TR)
                 for chunk, b in zip(sent, back)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -130,7 +130,7 @@ class AllToAllDispatcher:
         # ids are small integers, exact in fp32: one exchange carries them with the (differentiable) weights.
         slots = all_to_all_start(torch.cat([weights_PK.float(), local_ids_PK.float()], dim=1), recv_splits,
                                  send_splits, self.group)
-        return _Sent(pair_token_P, pair_index_TR, send_splits, recv_splits, rows, slots)
+        return _Sent(pair_index_TR, send_splits, recv_splits, rows, slots)
 
     def _compute(self, chunk: _Sent, rows_here: int, ends_e: torch.Tensor, experts: Experts,
                  top_k: int) -> torch.Tensor:
@@ -143,4 +143,5 @@ class AllToAllDispatcher:
         slots_Q, expert_index = _first_sorted(keys, rows_here)
         expert_index_PK = expert_index.view(rows_recv.shape[0], top_k)
         rows_QH = expand_rows(rows_recv, torch.div(slots_Q, top_k, rounding_mode="floor"), expert_index_PK)
-        return weighted_gather_sum(experts(rows_QH, ends_e), expert_index_PK, weights_recv.to(rows_QH.dtype))
+        weights_Q = weights_recv.to(rows_QH.dtype).reshape(-1).index_select(0, slots_Q)
+        return gather_sum(experts(rows_QH, ends_e, weights_Q), expert_index_PK)

@@ -73,21 +73,23 @@ def moe_saved(s: ModelShape, ep_size: int, z_loss: bool = False) -> int:
     run's z_loss_coef > 0, when the router statistics also compute the z-loss."""
     h, k, e, inter = s.hidden, s.top_k, s.num_experts, s.moe_intermediate
     per_token = rmsnorm_saved(h) + BF16 * h  # post-attention norm; its output is saved by the router
-    # softmax probs fp32 [T,E]; top-k ids, values, their sum, bf16 combine weights; with a z-loss, its
-    # logits.float() [T,E] and logsumexp [T].
-    per_token += FP32 * e + INT64 * k + FP32 * k + FP32 + BF16 * k
+    # softmax probs fp32 [T,E]; top-k ids, values, their sum; with a z-loss, its logits.float() [T,E] and
+    # logsumexp [T].
+    per_token += FP32 * e + INT64 * k + FP32 * k + FP32
     if z_loss:
         per_token += FP32 * e + FP32
     if ep_size == 1:
         per_token += INT64 * k  # the inverse of the sort order (dispatch backward and combine)
     else:
-        # framework/parallel/ep_dispatch.py: the [T, ep] pair index, and per (token, rank) pair (sent, and on average
-        # as many received) its token id, the [K] expert-row index, the bf16 weights and the bool slot mask.
-        per_token += INT64 * ep_size + round(ranks_per_token(s, ep_size) * (INT64 + k * (INT64 + BF16 + 1)))
+        # framework/parallel/ep_dispatch.py: the [T, ep] pair index; per (token, rank) pair (sent, and on average
+        # as many received) its token id, the [K] expert-row index and the bool slot mask; per expert row the slot
+        # its weight was picked from.
+        per_token += INT64 * ep_size + round(ranks_per_token(s, ep_size) * (INT64 + k * (INT64 + 1))) + INT64 * k
     per_token += BF16 * k * h  # expert-sorted rows, input of the first grouped GEMM
-    # gate_up [R,2I] (the fused SwiGLU's only saved input) and silu(gate)*up [R,I] (input of the second GEMM)
-    per_token += BF16 * k * 2 * inter + BF16 * k * inter
-    per_token += BF16 * k * h  # expert outputs, kept by the weighted gather-sum for the weights' gradient
+    # gate_up [R,2I] and the rows' bf16 routing weights [R] (the fused SwiGLU's saved inputs), and
+    # silu(gate)*up*weight [R,I] (input of the second GEMM). The combine keeps nothing: the weights are applied
+    # before the second GEMM (framework/ops/swiglu.py).
+    per_token += BF16 * k * 2 * inter + BF16 * k + BF16 * k * inter
     return per_token
 
 

@@ -36,17 +36,22 @@ def _assert_kernels_match(fn, monkeypatch, tol: float):
     return fused
 
 
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("rows,inter", [(4099, 768), (1027, 1536), (37, 200)])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
-def test_swiglu_kernel(dtype, tol, monkeypatch):
+def test_swiglu_kernel(dtype, tol, rows, inter, weighted, monkeypatch):
+    """Unscaled and scaled by row weights (the routing weights), at Qwen3-30B-A3B's and -235B-A22B's expert widths
+    and one that is not a multiple of the backward's column tile."""
     torch.manual_seed(0)
-    gate_up = torch.randn(4099, 2 * 768, device="cuda", dtype=dtype)
-    grad = torch.randn(4099, 768, device="cuda", dtype=dtype)
+    gate_up = torch.randn(rows, 2 * inter, device="cuda", dtype=dtype)
+    weight = torch.rand(rows, device="cuda", dtype=dtype)
+    grad = torch.randn(rows, inter, device="cuda", dtype=dtype)
 
     def fn():
-        x = gate_up.clone().requires_grad_()
-        out = swiglu.swiglu(x)
+        x, w = gate_up.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = swiglu.swiglu(x, w if weighted else None)
         out.backward(grad)
-        return out, x.grad
+        return (out, x.grad, w.grad) if weighted else (out, x.grad)
 
     _assert_kernels_match(fn, monkeypatch, tol)
 
@@ -58,16 +63,16 @@ def test_gather_sum_kernels(dtype, tol, monkeypatch):
     order = torch.randperm(tokens * k, device="cuda")
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device="cuda"))
     x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
-    weight = torch.rand(tokens, k, device="cuda", dtype=dtype)
+    scale = torch.rand(tokens * k, 1, device="cuda", dtype=dtype)
     grad = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
 
     def fn():
-        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        xs, ss = x.clone().requires_grad_(), scale.clone().requires_grad_()
         rows = permute.expand_rows(xs, order // k, inverse.view(tokens, k))
-        rows = rows * 1.5  # a non-trivial function between dispatch and combine
-        out = permute.weighted_gather_sum(rows, inverse.view(tokens, k), ws)
+        rows = rows * ss  # a non-trivial function between dispatch and combine
+        out = permute.gather_sum(rows, inverse.view(tokens, k))
         out.backward(grad)
-        return out, xs.grad, ws.grad
+        return out, xs.grad, ss.grad
 
     _assert_kernels_match(fn, monkeypatch, tol)
 
@@ -86,15 +91,14 @@ def test_gather_sum_kernels_with_holes(dtype, tol, monkeypatch):
     src = torch.empty(rows, dtype=torch.int64, device="cuda")
     src[order] = torch.arange(tokens, device="cuda").unsqueeze(1).expand(tokens, slots)[used]
     x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
-    weight = torch.rand(tokens, slots, device="cuda", dtype=dtype)
+    scale = torch.rand(rows, 1, device="cuda", dtype=dtype)
     grad = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
 
     def fn():
-        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        expanded = permute.expand_rows(xs, src, index) * 1.5
-        out = permute.weighted_gather_sum(expanded, index, ws) + permute.gather_sum(expanded, index, src)
+        xs, ss = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        out = permute.gather_sum(permute.expand_rows(xs, src, index) * ss, index)
         out.backward(grad)
-        return out, xs.grad, ws.grad
+        return out, xs.grad, ss.grad
 
     _assert_kernels_match(fn, monkeypatch, tol)
 
@@ -169,17 +173,20 @@ def test_expand_by_expert_kernels_equal_stable_argsort(tokens, k, experts, skew,
     if skew:
         ids = torch.where(torch.rand(tokens, k, device="cuda") < 0.7, torch.zeros_like(ids), ids)
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens * k, hidden, device="cuda", dtype=torch.bfloat16)
+    grad_w = torch.randn(tokens * k, device="cuda", dtype=torch.bfloat16)
 
     def run():
-        rows, inverse, ends = expert_sort.expand_by_expert(x, ids, experts)
-        (g,) = torch.autograd.grad(rows, x, grad)
-        return rows, inverse, ends, g
+        rows, row_w, inverse, ends = expert_sort.expand_by_expert(x, ids, w, experts)
+        g, g_w = torch.autograd.grad((rows, row_w), (x, w), (grad, grad_w))
+        return rows, row_w, inverse, ends, g, g_w
 
-    (rows, inverse, ends, g), (ref_rows, ref_inverse, ref_ends, ref_g) = _run_both(run, monkeypatch)
-    for name, a, b in (("rows", rows, ref_rows), ("inverse", inverse, ref_inverse), ("ends", ends, ref_ends)):
+    got, want = _run_both(run, monkeypatch)
+    for name, a, b in zip(("rows", "row weights", "inverse", "ends", "grad weights"), got[:4] + got[5:],
+                          want[:4] + want[5:]):
         assert a.dtype == b.dtype and torch.equal(a, b), name
-    assert rel(g, ref_g) < 1e-2  # the kernel sums K slots in fp32, the torch path in bf16
+    assert rel(got[4], want[4]) < 1e-2  # the kernel sums K slots in fp32, the torch path in bf16
 
 
 @pytest.mark.parametrize("normalize", [True, False])

@@ -60,8 +60,8 @@ def test_backend_matches_fp32_reference(backend, tokens):
     x16 = x32.bfloat16().requires_grad_()
     w16 = w32.bfloat16().requires_grad_()
     routing = Routing(w16, ids, probs, probs)
-    rows, ends, meta = block.dispatcher.dispatch(x16, routing, E)
-    y16 = block.dispatcher.combine(block.experts(rows, ends), meta)
+    rows, ends, row_weights, meta = block.dispatcher.dispatch(x16, routing, E)
+    y16 = block.dispatcher.combine(block.experts(rows, ends, row_weights), meta)
     (y16.float() * dy).sum().backward()
 
     xr = x16.detach().float().requires_grad_()

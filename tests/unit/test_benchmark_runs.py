@@ -21,7 +21,7 @@ p.add_argument("--backends"); p.add_argument("--overheads", action="store_true")
 p.add_argument("--out"); p.add_argument("--tokens", nargs="+", type=int)
 a = p.parse_args()
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
-rows = [{"tokens": t, "impl": impl, "ms": MS, "ceiling_ms": 1.0,
+rows = [{"tokens": t, "impl": impl, "ms": MS, "ceiling_ms": 1.0, "kept_gib": MS / 4,
          "overheads": {"enqueue_ms": MS - 0.5, "kernel_ms": 1.5, "kernels": KERNELS}}
         for t in a.tokens for impl in ("ours:grouped_mm", "transformers-5 grouped_mm block")]
 json.dump({"ceiling_tflops": 700, "rows": rows}, open(a.out, "w"))
@@ -29,7 +29,8 @@ json.dump({"ceiling_tflops": 700, "rows": rows}, open(a.out, "w"))
 
 
 def _trees(tmp_path: Path) -> tuple[Path, Path]:
-    """A candidate tree holding layer_ab.py and a stand-in moe_layer.py (2 ms, 30 kernels), a baseline (4 ms, 34)."""
+    """A candidate tree holding layer_ab.py and a stand-in moe_layer.py (2 ms, 30 kernels, 0.5 GiB), a baseline (4 ms,
+    34, 1 GiB)."""
     cand, base = tmp_path / "cand" / "benchmarks", tmp_path / "base" / "benchmarks"
     for tree, ms, kernels in ((cand, 2.0, 30), (base, 4.0, 34)):
         tree.mkdir(parents=True)
@@ -50,7 +51,7 @@ def test_layer_ab_prints_runs_and_medians(tmp_path):
     assert "T=4096 synced 2.00 host 1.50 kernels 1.50 #k 30 stock host 1.50" in runs[0]
     assert "medians of {'candidate': 2, 'baseline': 2} runs" in done.stdout
     change = next(line for line in lines if line.split()[:2] == ["4096", "change"])
-    assert change.split()[2:] == ["-50.0%", "-2.00", "+0.00", "-4"]
+    assert change.split()[2:] == ["-50.0%", "-2.00", "+0.00", "-4", "-0.50"]
 
 
 def test_layer_ab_stopped_by_sigterm_prints_what_it_has(tmp_path):

@@ -6,26 +6,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from framework.ops.permute import expand_rows, weighted_gather_sum
+from framework.ops.permute import expand_rows, gather_sum
 from framework.ops.swiglu import glu, swiglu
 
 
 def test_swiglu_matches_autograd_of_definition():
+    """Unscaled, and scaled per row by routing weights (their gradient a dot over the row)."""
     torch.manual_seed(0)
     gate_up = torch.randn(37, 2 * 24, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(37, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(37, 24, dtype=torch.float64)
-    out = swiglu(gate_up)
-    (g_fused,) = torch.autograd.grad(out, gate_up, grad)
     gate, up = gate_up.chunk(2, dim=-1)
+    out = swiglu(gate_up)
     ref = F.silu(gate) * up
-    (g_ref,) = torch.autograd.grad(ref, gate_up, grad)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(g_fused, g_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out, gate_up, grad)[0], torch.autograd.grad(ref, gate_up, grad)[0],
+                               rtol=1e-12, atol=1e-12)
+    out = swiglu(gate_up, weight)
+    ref = F.silu(gate) * up * weight.unsqueeze(-1)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    got, want = (torch.autograd.grad(y, (gate_up, weight), grad) for y in (out, ref))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_glu_other_activation_is_eager_formula():
     gate_up = torch.randn(5, 8, dtype=torch.float64)
+    weight = torch.rand(5, dtype=torch.float64)
     torch.testing.assert_close(glu(gate_up, torch.nn.GELU()), F.gelu(gate_up[:, :4]) * gate_up[:, 4:])
+    torch.testing.assert_close(glu(gate_up, torch.nn.GELU(), weight),
+                               F.gelu(gate_up[:, :4]) * gate_up[:, 4:] * weight[:, None])
 
 
 def _routing(tokens: int, k: int, seed: int = 0):
@@ -35,20 +45,18 @@ def _routing(tokens: int, k: int, seed: int = 0):
     return order, inverse
 
 
-def test_weighted_gather_sum_matches_autograd_of_definition():
+def test_gather_sum_matches_autograd_of_definition():
     tokens, k, hidden = 11, 3, 16
     order, inverse = _routing(tokens, k)
     rows = torch.randn(tokens * k, hidden, dtype=torch.float64, requires_grad=True)
-    weight = torch.rand(tokens, k, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(tokens, hidden, dtype=torch.float64)
     index = inverse.view(tokens, k)
-    out = weighted_gather_sum(rows, index, weight)
-    g_rows, g_w = torch.autograd.grad(out, (rows, weight), grad)
-    ref = (rows[index] * weight.unsqueeze(-1)).sum(1)  # plain indexing: autograd's own scatter backward
-    r_rows, r_w = torch.autograd.grad(ref, (rows, weight), grad)
+    out = gather_sum(rows, index)
+    (g_rows,) = torch.autograd.grad(out, rows, grad)
+    ref = rows[index].sum(1)  # plain indexing: autograd's own scatter backward
+    (r_rows,) = torch.autograd.grad(ref, rows, grad)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_rows, r_rows, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(g_w, r_w, rtol=1e-12, atol=1e-12)
 
 
 def test_expand_rows_backward_is_k_way_sum():
@@ -97,9 +105,7 @@ def _holey_expansion(tokens: int, slots: int, seed: int):
     return src, index, used
 
 
-def test_expansion_and_gather_sums_with_holes_match_autograd_of_definition():
-    from framework.ops.permute import expand_rows, gather_sum
-
+def test_expansion_and_gather_sum_with_holes_match_autograd_of_definition():
     tokens, slots, hidden = 13, 4, 6
     src, index, used = _holey_expansion(tokens, slots, seed=2)
     x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
@@ -110,18 +116,9 @@ def test_expansion_and_gather_sums_with_holes_match_autograd_of_definition():
     torch.testing.assert_close(torch.autograd.grad(rows, x, grad)[0], torch.autograd.grad(ref_rows, x, grad)[0])
 
     r = torch.randn(src.numel(), hidden, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(tokens, slots, dtype=torch.float64, requires_grad=True)
     safe = index.clamp_max(src.numel() - 1)
-    ref = ((r[safe] * used.unsqueeze(-1)) * w.unsqueeze(-1)).sum(1)
-    out = weighted_gather_sum(r, index, w)
     g_out = torch.randn(tokens, hidden, dtype=torch.float64)
-    got = torch.autograd.grad(out, (r, w), g_out)
-    want = torch.autograd.grad(ref, (r, w), g_out)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
-
-    plain = gather_sum(r, index, src)
+    plain = gather_sum(r, index)
     ref_plain = (r[safe] * used.unsqueeze(-1)).sum(1)
     torch.testing.assert_close(plain, ref_plain)
     torch.testing.assert_close(torch.autograd.grad(plain, r, g_out)[0], torch.autograd.grad(ref_plain, r, g_out)[0])
@@ -155,25 +152,29 @@ def test_rms_norm_matches_transformers_module():
 
 
 def test_expand_by_expert_gives_sorted_rows_and_grouped_mm_offsets():
-    """The local dispatch: each token's row once per slot, sorted stably by expert, the inverse of every slot and the
-    row ends per expert as int32 cumulative sums (`torch._grouped_mm`'s offs), against a per-slot loop; the rows'
-    gradient is each token's K-way sum; group_counts inverts group_ends."""
+    """The local dispatch: each token's row and routing weight once per slot, sorted stably by expert, the inverse of
+    every slot and the row ends per expert as int32 cumulative sums (`torch._grouped_mm`'s offs), against a per-slot
+    loop; the rows' gradient is each token's K-way sum, the weights' each row's own; group_counts inverts
+    group_ends."""
     from framework.ops.expert_sort import expand_by_expert, group_counts, group_ends
 
     torch.manual_seed(0)
     ids = torch.randint(0, 6, (11, 3))
     ids[:, 0] = 2  # expert 2 crowded, some experts empty
     x = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
-    rows, inverse, ends = expand_by_expert(x, ids, 7)
+    w = torch.rand(11, 3, dtype=torch.float64, requires_grad=True)
+    rows, row_w, inverse, ends = expand_by_expert(x, ids, w, 7)
     flat = ids.reshape(-1).tolist()
     order = sorted(range(len(flat)), key=lambda s: (flat[s], s))
     assert torch.equal(rows, x.detach()[[s // 3 for s in order]])
+    assert torch.equal(row_w, w.detach().reshape(-1)[order])
     assert inverse.shape == (11, 3) and inverse.dtype == torch.int64
     assert [order[r] for r in inverse.reshape(-1).tolist()] == list(range(len(flat)))
     counts = [flat.count(e) for e in range(7)]
     assert ends.dtype == torch.int32 and ends.tolist() == [sum(counts[:e + 1]) for e in range(7)]
-    grad = torch.randn_like(rows)
-    (g,) = torch.autograd.grad(rows, x, grad)
+    grad, grad_w = torch.randn_like(rows), torch.randn_like(row_w)
+    g, g_w = torch.autograd.grad((rows, row_w), (x, w), (grad, grad_w))
     torch.testing.assert_close(g, grad[inverse].sum(1), rtol=1e-12, atol=1e-12)
+    assert torch.equal(g_w, grad_w[inverse])
     assert group_counts(ends).tolist() == counts
     assert group_ends(torch.tensor([[0, 2], [3, 0]])).tolist() == [[0, 2], [3, 3]]

@@ -57,8 +57,9 @@ def resolve_backend(name: str) -> str:
 
 
 def compute_fn(name: str) -> Callable:
-    """The expert-compute function of a resolved backend: f(rows_RH, group_ends_E, gate_up, down, act) -> [R, H],
-    `group_ends_E` the int32 cumulative row ends per expert (framework/ops/expert_sort.group_ends)."""
+    """The expert-compute function of a resolved backend: f(rows_RH, group_ends_E, weights_R, gate_up, down, act)
+    -> [R, H], `group_ends_E` the int32 cumulative row ends per expert (framework/ops/expert_sort.group_ends),
+    `weights_R` each row's routing weight (applied before the second GEMM) or None for unweighted outputs."""
     if name == "eager":
         from framework.moe.experts.eager import eager_experts
         return eager_experts

@@ -11,8 +11,8 @@ import torch
 from framework.ops.swiglu import glu
 
 
-def grouped_mm_experts(rows_RH: torch.Tensor, group_ends_E: torch.Tensor, gate_up_E2IH: torch.Tensor,
-                       down_EHI: torch.Tensor, act) -> torch.Tensor:
+def grouped_mm_experts(rows_RH: torch.Tensor, group_ends_E: torch.Tensor, weights_R: torch.Tensor | None,
+                       gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, act) -> torch.Tensor:
     # The group ends are _grouped_mm's `offs` as they are, and they stay on the device: no host sync here.
     gate_up_R2I = torch._grouped_mm(rows_RH, gate_up_E2IH.transpose(-2, -1), offs=group_ends_E)
-    return torch._grouped_mm(glu(gate_up_R2I, act), down_EHI.transpose(-2, -1), offs=group_ends_E)
+    return torch._grouped_mm(glu(gate_up_R2I, act, weights_R), down_EHI.transpose(-2, -1), offs=group_ends_E)

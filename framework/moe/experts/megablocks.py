@@ -12,8 +12,8 @@ from framework.ops.expert_sort import group_counts
 from framework.ops.swiglu import glu
 
 
-def megablocks_experts(rows_RH: torch.Tensor, group_ends_E: torch.Tensor, gate_up_E2IH: torch.Tensor,
-                       down_EHI: torch.Tensor, act) -> torch.Tensor:
+def megablocks_experts(rows_RH: torch.Tensor, group_ends_E: torch.Tensor, weights_R: torch.Tensor | None,
+                       gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, act) -> torch.Tensor:
     from grouped_gemm.ops import gmm  # noqa: PLC0415 - CUDA-only, checked at backend resolution
 
     if rows_RH.dtype != torch.bfloat16 or gate_up_E2IH.dtype != torch.bfloat16:
@@ -21,4 +21,4 @@ def megablocks_experts(rows_RH: torch.Tensor, group_ends_E: torch.Tensor, gate_u
                         f"weights {gate_up_E2IH.dtype}); load the model with dtype=torch.bfloat16 or use grouped_mm")
     batch_sizes = group_counts(group_ends_E.cpu())
     gate_up_R2I = gmm(rows_RH.contiguous(), gate_up_E2IH.contiguous(), batch_sizes, trans_b=True)
-    return gmm(glu(gate_up_R2I, act), down_EHI.contiguous(), batch_sizes, trans_b=True)
+    return gmm(glu(gate_up_R2I, act, weights_R), down_EHI.contiguous(), batch_sizes, trans_b=True)
