@@ -4,10 +4,10 @@ Legend: T tokens, H hidden, K top-k (slots per token), R = T*K slots, E experts.
 The rows per expert leave as cumulative row ends (int32, `torch._grouped_mm`'s `offs`): the counting sort has them
 anyway, and the grouped GEMM would otherwise spend a cast and a scan of its own on them (PERF_NOTES change 24).
 On CUDA `expand_by_expert` is two Triton launches (framework/ops/triton_kernels.py): a stable counting sort whose
-second pass also copies each slot's token row to its sorted place. Eager torch needs a radix argsort, an arange and a
-scatter for the inverse, a scatter_add for the counts and an index_select, each a launch of its own, and the host
-cost of those launches paced the layer at 4,096 tokens (benchmarks/PERF_NOTES.md, changes 13 and 26). The torch path
-below is the CPU path and the kernels' reference.
+second pass also copies each slot's token row and routing weight to its sorted place. Eager torch needs a radix
+argsort, an arange and a scatter for the inverse, a scatter_add for the counts and index_selects, each a launch of its
+own, and the host cost of those launches paced the layer at 4,096 tokens (benchmarks/PERF_NOTES.md, changes 13 and
+26). The torch path below is the CPU path and the kernels' reference.
 """
 
 from __future__ import annotations
