@@ -1,7 +1,7 @@
 """Reading full fp32 parameters out of a framework ZeRO checkpoint offline (no GPU, no process group, no DeepSpeed).
 
 Owns: finding the tag directory (a tag directory itself, or a checkpoint root with a `latest` file or an explicit
-tag), the tag directory's `meta.json` (written by `framework/zero/checkpoint_io.py`; its docstring describes the
+tag), the tag directory's `meta.json` (written by `framework/checkpoint/engine_state.py`; its docstring describes the
 fields), and `ZeroCheckpointReader`, which rebuilds one full parameter at a time from the fp32 master partitions in the
 per-rank optimizer state files, whatever the ZeRO stage (1, 2, 3) and expert-parallel size:
 - a dense parameter is cut from the partitions of all ranks (ZeRO-3: every rank holds an equal slice of each

@@ -30,7 +30,7 @@ import yaml
 
 from framework.config.load import ConfigError
 from framework.config.schema import RunConfig, TrainSection
-from framework.train.checkpoint_integrity import DATA_STATE_NAME
+from framework.checkpoint.integrity import DATA_STATE_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -305,7 +305,7 @@ def _checkpoint_model(point: ResumePoint) -> dict[str, Any]:
 
 def resume_changes(cfg: RunConfig, hf_config, dtype: torch.dtype, point: ResumePoint) -> tuple[list[str], bool]:
     """Check what this run changes against the checkpoint; returns (one line per change, restart the data)."""
-    from framework.zero.checkpoint_io import DTYPE_NAMES  # noqa: PLC0415
+    from framework.checkpoint.engine_state import DTYPE_NAMES  # noqa: PLC0415
 
     saved_model = _checkpoint_model(point)
     now_model = hf_config.to_dict()
@@ -350,7 +350,7 @@ def resolve_plan(cfg: RunConfig, world_size: int, check_corpus: bool = False, wo
     `world_desc` says where the processes come from (a hostfile launch: `describe_world`), for the messages.
     `task`: "pretrain" or "finetune" (chat data; with `check_corpus` every conversation is checked and tokenised
     into the cache the run reads, framework/data/chat_dataset.py)."""
-    from framework.train.checkpoint_integrity import resolve_resume  # noqa: PLC0415
+    from framework.checkpoint.integrity import resolve_resume  # noqa: PLC0415
     from framework.train.errors import CheckpointError  # noqa: PLC0415
 
     check_task(cfg, task)

@@ -32,8 +32,8 @@ from framework.data.chat_rows import ChatRows
 from framework.data.packing import IGNORE_INDEX
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
 from framework.models.registry import moe_shape
-from framework.train.checkpoint_integrity import DATA_STATE_NAME
-from framework.train.checkpointing import (CheckpointManager, estimate_checkpoint_bytes, latest_tag, rng_state,
+from framework.checkpoint.integrity import DATA_STATE_NAME
+from framework.checkpoint.run_checkpoints import (CheckpointManager, estimate_checkpoint_bytes, latest_tag, rng_state,
                                           set_rng_state)
 from framework.train.errors import NonFiniteLoss
 from framework.train.flops import flops_per_token, peak_tflops
@@ -259,8 +259,8 @@ class Trainer:
             yaml.safe_dump(self.cfg.model_dump(), f, sort_keys=False)
 
     def save(self) -> str:
-        from framework.train.export import hf_config_dict  # noqa: PLC0415
-        from framework.zero.checkpoint_io import save_engine_checkpoint  # noqa: PLC0415
+        from framework.checkpoint.live_export import hf_config_dict  # noqa: PLC0415
+        from framework.checkpoint.engine_state import save_engine_checkpoint  # noqa: PLC0415
 
         step, rank = self.step, self.rt.rank
         # disk: every rank stops here together (DiskFull) rather than one of them failing halfway through the write
@@ -292,7 +292,7 @@ class Trainer:
     def _resume(self, root: str, tag: str) -> None:
         """Weights and optimizer state (resharded when the layout changed), then this run's hyperparameters and
         schedule at the resumed step, the data position and, on an unchanged layout, each rank's RNG state."""
-        from framework.zero.checkpoint_io import load_engine_checkpoint  # noqa: PLC0415
+        from framework.checkpoint.engine_state import load_engine_checkpoint  # noqa: PLC0415
         from framework.zero.engine import set_hyperparameters  # noqa: PLC0415
 
         client = load_engine_checkpoint(self.engine, self.groups, root, tag)
@@ -479,7 +479,7 @@ class Trainer:
             print(text, flush=True)
 
     def export(self, out: str) -> None:
-        from framework.train.export import export_live  # noqa: PLC0415
+        from framework.checkpoint.live_export import export_live  # noqa: PLC0415
 
         export_live(self.engine.module, self.groups, out, self.cfg.export.format, self.dtype, self.tokenizer_dir,
                     self.cfg.export.max_shard_size)

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from framework.train.checkpoint_integrity import verify_checkpoint
+from framework.checkpoint.integrity import verify_checkpoint
 from framework.train.run_lock import LOCK_NAME, acquire_run_lock
 from tests.distributed.test_pretrain import corpus, run, train_records  # noqa: F401 - corpus: the fixture
 

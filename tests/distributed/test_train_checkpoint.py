@@ -1,4 +1,4 @@
-"""Engine checkpoints (framework/zero/checkpoint_io.py) and their offline HF export (tools/ds_to_hf.py) on gloo.
+"""Engine checkpoints (framework/checkpoint/engine_state.py) and their offline HF export (tools/ds_to_hf.py) on gloo.
 
 Tiny Qwen3-MoE, AdamW with weight decay, gradient clipping (active), WarmupLR (the learning rate changes every step), a
 different batch every step. World 2: ZeRO-3 / EP 2, ZeRO-2 / EP 2, ZeRO-1 / EP 1 in fp32, ZeRO-3 / EP 2 in bf16, ZeRO-1

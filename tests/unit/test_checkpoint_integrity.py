@@ -1,4 +1,4 @@
-"""framework/train/checkpoint_integrity.py and run_lock.py on hand-made checkpoint directories (no training): what
+"""framework/checkpoint/integrity.py and run_lock.py on hand-made checkpoint directories (no training): what
 verifies, what `--resume` resolves to, and the run lock across processes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from framework.train.checkpoint_integrity import (MANIFEST_NAME, SAMPLE_BYTES, file_digest, resolve_resume,
+from framework.checkpoint.integrity import (MANIFEST_NAME, SAMPLE_BYTES, file_digest, resolve_resume,
                                                   verify_checkpoint, write_manifest)
 from framework.train.errors import CheckpointError
 from framework.train.run_lock import LOCK_NAME, acquire_run_lock

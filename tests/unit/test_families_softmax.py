@@ -110,9 +110,9 @@ def test_state_dicts_interchange(family, tied):
 
 def test_shared_expert_is_a_dense_parameter():
     """Qwen2-MoE's shared expert and its gate sit beside `experts` in the block: ZeRO / EP see only `experts.*` as
-    expert parameters (engine.py tag_expert_params, checkpoint_io.py), so the shared ones are partitioned and reduced
-    like any dense weight."""
-    from framework.zero.checkpoint_io import _expert_param_ids
+    expert parameters (engine.py tag_expert_params, checkpoint/engine_state.py), so the shared ones are partitioned
+    and reduced like any dense weight."""
+    from framework.checkpoint.engine_state import _expert_param_ids
 
     model = framework.load_model(stock_model("qwen2_moe").config, backend="eager")
     expert_ids = _expert_param_ids(model)

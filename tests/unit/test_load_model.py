@@ -16,7 +16,7 @@ from framework.moe.placement import ExpertPlacement
 from framework.checkpoint.cli import run_cli
 from framework.checkpoint.hf_export import write_hf_directory
 from framework.parallel.groups import ParallelGroups
-from framework.train.export import hf_config_dict, iter_full_parameters
+from framework.checkpoint.live_export import hf_config_dict, iter_full_parameters
 from tests.helpers import TINY, batch, load_tool, read_safetensors_dir, rel_err, stock_model
 
 
@@ -247,7 +247,7 @@ def test_tied_checkpoint_with_lm_head_only_or_equal_or_different(tied_dirs, tmp_
 
 @pytest.mark.parametrize("fmt", ["hf", "merged"])
 def test_export_of_a_tied_model_reloads_tied_in_stock_transformers(tied_dirs, tmp_path, fmt):
-    """framework.train.export's gather + checkpoint.hf_export's writer, single process (ZeRO off, EP 1)."""
+    """framework.checkpoint.live_export's gather + checkpoint.hf_export's writer, single process (ZeRO off, EP 1)."""
     stock, dirs = tied_dirs
     model = framework.load_model(dirs["per_expert"], backend="grouped_mm", attn_implementation="eager")
     out = str(tmp_path / fmt)

@@ -12,13 +12,13 @@ What DeepSpeed 0.19.8 does for us and what it does not (deepspeed/runtime/engine
   ZeRO sub-group (dense sub-groups partitioned over the world, expert sub-groups over the rank's EDP group) plus the
   Adam moments, and `ds_zero_partition_groups`; `load_checkpoint` reloads the rank's own partition (same topology only).
   Used as it is.
-- ZeRO-1/2 with ep > 1: the MoE blocks are `deepspeed.moe.layer.MoE` layers (`deepspeed_moe.py`), which makes
-  DeepSpeed's `save_checkpoint` take `_save_moe_checkpoint`, whose per-expert regex (`deepspeed_experts.<i>`) fails on
-  our stacked experts (`int(None)`), and whose load expects those per-expert files. We present the engine as non-MoE
-  to DeepSpeed's save and load (`has_moe_layers` False for the duration of the call): the per-rank optimizer files
-  then hold every rank's fp32 partitions (expert groups partitioned over EDP) and Adam moments, which reload exactly;
-  the one module-states file (data-parallel rank 0) holds only EP rank 0's experts, so the rank with EDP rank 0 of
-  every EP rank also writes `expert_states_ep_rank_{e}.pt` with its experts' module weights, restored after
+- ZeRO-1/2 with ep > 1: the MoE blocks are `deepspeed.moe.layer.MoE` layers (`framework/zero/deepspeed_moe.py`), which
+  makes DeepSpeed's `save_checkpoint` take `_save_moe_checkpoint`, whose per-expert regex (`deepspeed_experts.<i>`)
+  fails on our stacked experts (`int(None)`), and whose load expects those per-expert files. We present the engine as
+  non-MoE to DeepSpeed's save and load (`has_moe_layers` False for the duration of the call): the per-rank optimizer
+  files then hold every rank's fp32 partitions (expert groups partitioned over EDP) and Adam moments, which reload
+  exactly; the one module-states file (data-parallel rank 0) holds only EP rank 0's experts, so the rank with EDP rank
+  0 of every EP rank also writes `expert_states_ep_rank_{e}.pt` with its experts' module weights, restored after
   DeepSpeed's load (without them EP rank 1.. would resume with EP rank 0's experts in its forward pass: measured, the
   losses differ). The same path serves ZeRO-1 with bf16 weights and fp32 gradient accumulation (DeepSpeed's
   BF16_Optimizer).

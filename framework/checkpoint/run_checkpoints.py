@@ -1,13 +1,13 @@
 """Where training checkpoints live and how they become complete: atomic saves, `latest`, keep-last-K, resume lookup.
 
-Layout: OUTPUT_DIR/checkpoints/step_00000100/ (engine state from framework/zero/checkpoint_io.py, the HF config.json,
-the tokenizer, run_config.yaml, and one trainer_state_rank{R}.pt per rank: data position + RNG states),
+Layout: OUTPUT_DIR/checkpoints/step_00000100/ (engine state from framework/checkpoint/engine_state.py, the HF
+config.json, the tokenizer, run_config.yaml, and one trainer_state_rank{R}.pt per rank: data position + RNG states),
 OUTPUT_DIR/checkpoints/latest (the newest complete tag). A save is written under a dot-prefixed temporary name and
 renamed once every rank has finished, and `latest` is replaced atomically after that: a process killed at any moment
-leaves the previous checkpoint as the one `--resume auto` finds. Checkpoints must be on a filesystem all nodes see.
-Each tag directory also gets a manifest.json (sizes and checksums, framework/train/checkpoint_integrity.py) just before
-its rename; resume verifies it. A save that would not fit on the disk is not started (check_free_space), and one that
-fails while writing leaves no temporary directory behind.
+leaves the previous checkpoint as the one `--resume auto` finds. Checkpoints must be on a filesystem all nodes see. Each
+tag directory also gets a manifest.json (sizes and checksums, framework/checkpoint/integrity.py) just before its rename;
+resume verifies it. A save that would not fit on the disk is not started (check_free_space), and one that fails while
+writing leaves no temporary directory behind.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from framework.train.checkpoint_integrity import read_latest, step_tags, write_manifest
+from framework.checkpoint.integrity import read_latest, step_tags, write_manifest
 from framework.train.errors import CheckpointSaveFailed, DiskFull
 
 TMP_PREFIX = ".tmp-"
