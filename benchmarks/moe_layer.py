@@ -46,7 +46,8 @@ def time_ms(fn, iters: int, warmup: int = 5) -> float:
 
 def step_peak_gib(step) -> float:
     """GiB one step allocates at its peak beyond what was allocated before it (the block's parameters, its input):
-    the activations kept for the backward plus the backward's workspace."""
+    the activations kept for the backward, the backward's workspace and the parameters' gradients (the step drops
+    them first)."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
