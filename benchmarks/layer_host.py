@@ -59,7 +59,7 @@ def staged_step(block: MoEBlock, x_BSH: torch.Tensor, dy_BSH: torch.Tensor, mark
     router = block.gate  # TopKRouter.forward (its Module call is not timed)
     routing = Routing(*linear_softmax_topk(x_TH, router.weight, router.top_k, router.norm_topk_prob))
     mark("router")
-    rows, weights_R, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, routing.weights,
+    rows, weights_R, inverse_TK, ends = expand_by_expert(routing.tokens, routing.expert_ids, routing.weights,
                                                          block.num_experts)
     mark("dispatch")
     out = block.experts(rows, ends, weights_R)

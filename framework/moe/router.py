@@ -25,6 +25,9 @@ class Routing(NamedTuple):
     expert_ids: torch.Tensor  # [T, K] int64, global expert ids
     probs: torch.Tensor  # [T, E] float32, sums to 1 per token: the softmax over all experts (for the aux loss)
     logits: torch.Tensor  # [T, E] in the input dtype (for the z-loss)
+    # [T, H] the router's input, for the dispatch to read: a router may hand it on through its own backward, to add
+    # its x-gradient to the dispatch's in one GEMM (framework/ops/softmax_topk.py)
+    tokens: torch.Tensor
 
 
 class TopKRouter(nn.Module):
@@ -38,9 +41,9 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
-        weights_TK, ids_TK, probs_TE, logits_TE = linear_softmax_topk(x_TH, self.weight, self.top_k,
-                                                                      self.norm_topk_prob)
-        return Routing(weights=weights_TK, expert_ids=ids_TK, probs=probs_TE, logits=logits_TE)
+        weights_TK, ids_TK, probs_TE, logits_TE, tokens_TH = linear_softmax_topk(x_TH, self.weight, self.top_k,
+                                                                                 self.norm_topk_prob)
+        return Routing(weights=weights_TK, expert_ids=ids_TK, probs=probs_TE, logits=logits_TE, tokens=tokens_TH)
 
 
 class GroupLimitedSigmoidRouter(nn.Module):
@@ -92,7 +95,7 @@ class GroupLimitedSigmoidRouter(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.routed_scaling_factor
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        return Routing(weights_TK.to(x_TH.dtype), ids_TK, probs_TE, logits_TE)
+        return Routing(weights_TK.to(x_TH.dtype), ids_TK, probs_TE, logits_TE, x_TH)
 
     def _select(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """[T, K] expert ids: the top-k biased scores among the experts of each token's topk_group best groups."""

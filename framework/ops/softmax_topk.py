@@ -27,37 +27,60 @@ def softmax_topk_reference(logits_TE: torch.Tensor, top_k: int, normalize: bool
     return top_TK.to(logits_TE.dtype), ids_TK, probs_TE
 
 
+def sole_reference(t: torch.Tensor) -> bool:
+    """True when no other tensor, view or Python name shares `t`'s memory: the test autograd's input buffer makes
+    before it adds a gradient in place (a gradient an op's backward hands to two inputs, or one the caller passed to
+    backward(), fails it)."""
+    # +1 for the storage object this call creates
+    return t._base is None and t._use_count() == 1 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+
+
 class _LinearSoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int, normalize: bool):
         from framework.ops.triton_kernels import linear_softmax_topk_forward  # noqa: PLC0415
 
+        tokens_TH = x_TH.view_as(x_TH)
         x_TH, weight_EH = x_TH.contiguous(), weight_EH.contiguous()
         weights_TK, ids_TK, probs_TE, logits_TE = linear_softmax_topk_forward(x_TH, weight_EH, top_k, normalize)
         ctx.save_for_backward(x_TH, weight_EH, probs_TE, ids_TK)
         ctx.mark_non_differentiable(ids_TK)
         ctx.set_materialize_grads(False)  # an output no loss reached needs no zero tensor
         ctx.normalize = normalize
-        return weights_TK, ids_TK, probs_TE, logits_TE
+        return weights_TK, ids_TK, probs_TE, logits_TE, tokens_TH
 
     @staticmethod
-    def backward(ctx, grad_weights_TK, _grad_ids, grad_probs_TE, grad_logits_TE):
+    def backward(ctx, grad_weights_TK, _grad_ids, grad_probs_TE, grad_logits_TE, grad_tokens_TH):
         from framework.ops.triton_kernels import softmax_topk_backward  # noqa: PLC0415
 
         x_TH, weight_EH, probs_TE, ids_TK = ctx.saved_tensors
         grad_TE = softmax_topk_backward(probs_TE, ids_TK, grad_weights_TK, grad_probs_TE, grad_logits_TE,
                                         ctx.normalize, x_TH.dtype)
-        grad_x = grad_TE @ weight_EH if ctx.needs_input_grad[0] else None
-        grad_weight = grad_TE.t() @ x_TH if ctx.needs_input_grad[1] else None
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # The dispatch's x-gradient (through the handed-on tokens) joins in the GEMM's epilogue: autograd would
+            # otherwise write this GEMM's [T, H] and sum the two in a kernel of its own (PERF_NOTES change 30).
+            # Out of place, addmm would first copy the [T, H] it adds to, so it adds in place when nothing else
+            # holds that gradient.
+            if grad_tokens_TH is None:
+                grad_x = grad_TE @ weight_EH
+            elif sole_reference(grad_tokens_TH):
+                grad_x = grad_tokens_TH.addmm_(grad_TE, weight_EH)
+            else:
+                grad_x = torch.addmm(grad_tokens_TH, grad_TE, weight_EH)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_TE.t() @ x_TH
         return grad_x, grad_weight, None, None
 
 
 def linear_softmax_topk(x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int, normalize: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weights [T, K] in x's dtype, expert ids [T, K] int64 in descending probability, probs [T, E] fp32, logits
-    [T, E] in x's dtype) for logits = x @ weight^T: the combine weights (renormalised over the k when `normalize`),
-    the softmax over all experts and the logits. Gradients flow from weights, probs and logits to x and weight."""
+    [T, E] in x's dtype, tokens [T, H]) for logits = x @ weight^T: the combine weights (renormalised over the k when
+    `normalize`), the softmax over all experts, the logits, and x itself for the layer's other consumers to read:
+    their x-gradient then reaches x through this op's backward, which adds its own in one GEMM. Gradients flow from
+    weights, probs, logits and tokens to x and weight."""
     if use_triton(x_TH) and x_TH.dtype == weight_EH.dtype:
         return _LinearSoftmaxTopK.apply(x_TH, weight_EH, top_k, normalize)
     logits_TE = F.linear(x_TH, weight_EH)
-    return (*softmax_topk_reference(logits_TE, top_k, normalize), logits_TE)
+    return (*softmax_topk_reference(logits_TE, top_k, normalize), logits_TE, x_TH)

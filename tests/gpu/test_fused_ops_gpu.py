@@ -209,8 +209,9 @@ def test_linear_softmax_topk_kernels_match_the_eager_router(tokens, hidden, expe
     x = torch.randn(tokens, hidden, device="cuda").to(dtype)
     weight = (torch.randn(experts, hidden, device="cuda") * 2 / hidden ** 0.5).to(dtype)
     x_in, w_in = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    weights, ids, probs, logits = softmax_topk._LinearSoftmaxTopK.apply(x_in, w_in, k, normalize)
+    weights, ids, probs, logits, x_out = softmax_topk._LinearSoftmaxTopK.apply(x_in, w_in, k, normalize)
     assert logits.dtype == weights.dtype == dtype and probs.dtype == torch.float32 and ids.dtype == torch.int64
+    assert x_out.data_ptr() == x_in.data_ptr() and torch.equal(x_out, x_in)  # x handed on, not copied
     ref_logits = torch.nn.functional.linear(x, weight)
     assert rel(logits, ref_logits) < (1e-5 if dtype == torch.float32 else 2e-3)  # its own summation order
     ref_in = logits.detach().clone().requires_grad_()
@@ -229,8 +230,11 @@ def test_linear_softmax_topk_kernels_match_the_eager_router(tokens, hidden, expe
     grad_weights = (torch.randn(tokens, k, device="cuda") * same[:, None]).to(dtype)
     grad_probs = torch.randn(tokens, experts, device="cuda") * same[:, None]
     grad_logits = (torch.randn(tokens, experts, device="cuda") * same[:, None]).to(dtype)
-    for use_weights, use_probs, use_logits in ((True, True, True), (True, False, False), (False, True, False),
-                                               (False, False, True)):
+    # what the dispatch sends back through the handed-on x, which the backward adds in its GEMM
+    grad_tokens = (torch.randn(tokens, hidden, device="cuda") * same[:, None]).to(dtype)
+    for use_weights, use_probs, use_logits, use_tokens in ((True, True, True, False), (True, False, False, False),
+                                                           (False, True, False, False), (False, False, True, False),
+                                                           (True, True, True, True)):
         if k == 1 and normalize and not (use_probs or use_logits):
             continue  # one renormalised weight is 1 whatever the logits: its gradient is zero up to rounding
         x_in.grad = w_in.grad = ref_in.grad = None
@@ -242,13 +246,16 @@ def test_linear_softmax_topk_kernels_match_the_eager_router(tokens, hidden, expe
         if use_logits:
             ours_out.append((logits, grad_logits))
             ref_out.append((ref_in, grad_logits))
+        if use_tokens:
+            ours_out.append((x_out, grad_tokens))
         torch.autograd.backward(*zip(*ours_out), retain_graph=True)
         torch.autograd.backward(*zip(*ref_out), retain_graph=True)
         # the linear's backward in fp32 from the eager chain's logits gradient
         ref_grad = ref_in.grad.float()
         assert x_in.grad.dtype == w_in.grad.dtype == dtype
-        case = (use_weights, use_probs, use_logits)
-        assert rel(x_in.grad[same], (ref_grad @ weight.float())[same]) < max(tol, 1e-5), case
+        case = (use_weights, use_probs, use_logits, use_tokens)
+        ref_grad_x = ref_grad @ weight.float() + (grad_tokens.float() if use_tokens else 0.0)
+        assert rel(x_in.grad[same], ref_grad_x[same]) < max(tol, 1e-5), case
         assert rel(w_in.grad, ref_grad.t() @ x.float()) < max(tol, 1e-5), case
 
 

@@ -178,3 +178,66 @@ def test_expand_by_expert_gives_sorted_rows_and_grouped_mm_offsets():
     assert torch.equal(g_w, grad_w[inverse])
     assert group_counts(ends).tolist() == counts
     assert group_ends(torch.tensor([[0, 2], [3, 0]])).tolist() == [[0, 2], [3, 3]]
+
+
+def _router_kernels_in_torch(monkeypatch) -> None:
+    """Stand in for the router's two Triton kernels (framework.ops.triton_kernels, CUDA only) with their formulas in
+    torch, so that the Function's own autograd runs on CPU."""
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    from framework.ops.softmax_topk import softmax_topk_reference  # noqa: PLC0415
+
+    def forward(x_TH, weight_EH, top_k, normalize):
+        logits = x_TH @ weight_EH.t()
+        return (*softmax_topk_reference(logits, top_k, normalize), logits)
+
+    def backward(probs, ids, grad_weights, grad_probs, grad_logits, normalize, dtype):
+        g = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(probs.dtype).expand_as(probs).clone()
+        if grad_weights is not None:
+            gw, top = grad_weights.to(probs.dtype), probs.gather(1, ids)
+            if normalize:  # w = top / s
+                s = top.sum(-1, keepdim=True)
+                gw = (gw - (gw * top).sum(-1, keepdim=True) / s) / s
+            g.scatter_add_(1, ids, gw)
+        grad = probs * (g - (probs * g).sum(-1, keepdim=True))
+        return (grad if grad_logits is None else grad + grad_logits).to(dtype)
+
+    monkeypatch.setitem(sys.modules, "framework.ops.triton_kernels",
+                        types.SimpleNamespace(linear_softmax_topk_forward=forward, softmax_topk_backward=backward))
+
+
+def test_router_function_adds_its_x_gradient_to_the_dispatchs(monkeypatch):
+    """The router's Function hands x on; the gradient that comes back through it is added to the router's own
+    x-gradient: in place when nothing else holds it (a consumer's fresh gradient), out of place when someone does (the
+    caller passed it to backward(), and must find it unchanged). Both against autograd of the eager chain with x read
+    twice."""
+    from framework.ops import softmax_topk  # noqa: PLC0415
+
+    _router_kernels_in_torch(monkeypatch)
+    seen: list[bool] = []
+    sole_reference = softmax_topk.sole_reference
+
+    def spy(t: torch.Tensor) -> bool:
+        seen.append(sole_reference(t))
+        return seen[-1]
+
+    monkeypatch.setattr(softmax_topk, "sole_reference", spy)
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, dtype=torch.float64)
+    weight = torch.randn(8, 16, dtype=torch.float64) / 4
+    gw, gp, gy = (torch.randn(37, n, dtype=torch.float64) for n in (3, 8, 16))
+    held = gy.clone()
+    for consume, in_place in ((lambda t: t * 3.0, True), (lambda t: t, False)):
+        ours_x, ours_w = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        weights, ids, probs, _logits, tokens = softmax_topk._LinearSoftmaxTopK.apply(ours_x, ours_w, 3, True)
+        assert tokens.data_ptr() == ours_x.data_ptr()
+        torch.autograd.backward((weights, probs, consume(tokens)), (gw, gp, gy))
+        assert seen[-1] is in_place and torch.equal(gy, held)
+        ref_x, ref_w = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        ref_weights, ref_ids, ref_probs = softmax_topk.softmax_topk_reference(F.linear(ref_x, ref_w), 3, True)
+        assert torch.equal(ids, ref_ids)
+        torch.autograd.backward((ref_weights, ref_probs, consume(ref_x)), (gw, gp, gy))
+        # the softmax is fp32 on both sides (as transformers'), hence fp32 tolerances
+        torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours_w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
