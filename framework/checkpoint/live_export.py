@@ -14,11 +14,11 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig
 
+from framework.checkpoint.engine_state import persistent_buffers
 from framework.checkpoint.hf_export import write_hf_directory
 from framework.models.registry import family_for
 from framework.parallel.expert_parallel import gather_full_experts
 from framework.parallel.groups import ParallelGroups
-from framework.checkpoint.engine_state import persistent_buffers
 
 
 def hf_config_dict(config: PretrainedConfig) -> dict:

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from framework.checkpoint.integrity import DATA_STATE_NAME
 from framework.config.load import ConfigError
 from framework.config.schema import RunConfig, TrainSection
-from framework.checkpoint.integrity import DATA_STATE_NAME
 
 if TYPE_CHECKING:
     import torch

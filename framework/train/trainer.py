@@ -23,6 +23,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from framework.checkpoint.integrity import DATA_STATE_NAME
+from framework.checkpoint.run_checkpoints import (CheckpointManager, estimate_checkpoint_bytes, latest_tag, rng_state,
+                                                  set_rng_state)
 from framework.cluster.process_group import init_deepspeed_distributed
 from framework.config.deepspeed import build_ds_config
 from framework.config.load import ConfigError
@@ -32,9 +35,6 @@ from framework.data.chat_rows import ChatRows
 from framework.data.packing import IGNORE_INDEX
 from framework.data.samples import RandomRows, StepBatchLoader, default_num_streams, packed_rows
 from framework.models.registry import moe_shape
-from framework.checkpoint.integrity import DATA_STATE_NAME
-from framework.checkpoint.run_checkpoints import (CheckpointManager, estimate_checkpoint_bytes, latest_tag, rng_state,
-                                          set_rng_state)
 from framework.train.errors import NonFiniteLoss
 from framework.train.flops import flops_per_token, peak_tflops
 from framework.train.metrics import MetricsWriter, WindowMeter, peak_memory_gb
@@ -259,8 +259,8 @@ class Trainer:
             yaml.safe_dump(self.cfg.model_dump(), f, sort_keys=False)
 
     def save(self) -> str:
-        from framework.checkpoint.live_export import hf_config_dict  # noqa: PLC0415
         from framework.checkpoint.engine_state import save_engine_checkpoint  # noqa: PLC0415
+        from framework.checkpoint.live_export import hf_config_dict  # noqa: PLC0415
 
         step, rank = self.step, self.rt.rank
         # disk: every rank stops here together (DiskFull) rather than one of them failing halfway through the write

@@ -39,11 +39,11 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
 import framework  # noqa: E402
+from framework.checkpoint.engine_state import load_engine_checkpoint, save_engine_checkpoint  # noqa: E402
 from framework.cluster.process_group import init_deepspeed_distributed  # noqa: E402
 from framework.models.registry import family_for, moe_shape  # noqa: E402
 from framework.parallel.expert_parallel import expert_placement  # noqa: E402
 from framework.parallel.groups import init_parallel_groups  # noqa: E402
-from framework.checkpoint.engine_state import load_engine_checkpoint, save_engine_checkpoint  # noqa: E402
 from framework.zero.engine import initialize  # noqa: E402
 from framework.zero.reshard import ensure_adam_states  # noqa: E402
 from tests.distributed import common  # noqa: E402

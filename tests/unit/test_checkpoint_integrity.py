@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from framework.checkpoint.integrity import (MANIFEST_NAME, SAMPLE_BYTES, file_digest, resolve_resume,
-                                                  verify_checkpoint, write_manifest)
+                                            verify_checkpoint, write_manifest)
 from framework.train.errors import CheckpointError
 from framework.train.run_lock import LOCK_NAME, acquire_run_lock
 
