@@ -41,22 +41,23 @@ class MegablocksMeta(NamedTuple):
 
 
 class Dispatcher(Protocol):
-    def route(self, x_TH: torch.Tensor, routing: Routing, num_experts: int, experts: Experts) -> torch.Tensor:
-        """[T, H]: for each token, the routing-weighted sum of its K experts' outputs, `experts` called on rows
-        grouped by expert with their cumulative row ends per expert (int32, on the device) and each row's routing
-        weight (or None when the dispatcher applies the weights itself)."""
+    def route(self, routing: Routing, num_experts: int, experts: Experts) -> torch.Tensor:
+        """[T, H]: for each of `routing.tokens`, the routing-weighted sum of its K experts' outputs, `experts` called
+        on rows grouped by expert with their cumulative row ends per expert (int32, on the device) and each row's
+        routing weight (or None when the dispatcher applies the weights itself). The tokens are read from the routing,
+        not passed beside it, so that the router's backward receives the dispatch's x-gradient (router.py)."""
 
 
 class LocalDispatcher:
     """Tokens and experts on this process: one `dispatch`, the experts, one `combine`."""
 
-    def route(self, x_TH, routing, num_experts, experts):
-        rows_RH, group_ends_E, weights_R, meta = self.dispatch(x_TH, routing, num_experts)
+    def route(self, routing, num_experts, experts):
+        rows_RH, group_ends_E, weights_R, meta = self.dispatch(routing, num_experts)
         return self.combine(experts(rows_RH, group_ends_E, weights_R), meta)
 
-    def dispatch(self, x_TH: torch.Tensor, routing: Routing, num_experts: int
+    def dispatch(self, routing: Routing, num_experts: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, NamedTuple]:
-        """Rows [R, H] grouped by expert, their cumulative row ends per expert [E] (int32, on device), each row's
+        """`routing.tokens` as rows [R, H] grouped by expert, their cumulative row ends per expert [E] (int32, on device), each row's
         routing weight for the experts to apply (None: `combine` applies them), this dispatcher's metadata for
         combine."""
         raise NotImplementedError
@@ -71,8 +72,9 @@ class TorchDispatcher(LocalDispatcher):
     (framework/ops/expert_sort.py), then gathers back (no atomics); the K-way sum of combine and of dispatch's
     backward is one Triton kernel on CUDA (framework/ops/permute.py), torch elsewhere."""
 
-    def dispatch(self, x_TH, routing, num_experts):
-        rows, weights_R, inverse_TK, ends = expand_by_expert(x_TH, routing.expert_ids, routing.weights, num_experts)
+    def dispatch(self, routing, num_experts):
+        rows, weights_R, inverse_TK, ends = expand_by_expert(routing.tokens, routing.expert_ids, routing.weights,
+                                                             num_experts)
         return rows, ends, weights_R, SortedMeta(inverse_TK)
 
     def combine(self, rows_RH, meta):
@@ -89,7 +91,7 @@ class MegablocksDispatcher(LocalDispatcher):
         self._ops = ops
         self._end_bit = max(int(num_experts - 1).bit_length(), 1)
 
-    def dispatch(self, x_TH, routing, num_experts):
+    def dispatch(self, routing, num_experts):
         ops = self._ops
         top_k = routing.expert_ids.shape[-1]
         with torch.no_grad():
@@ -98,7 +100,7 @@ class MegablocksDispatcher(LocalDispatcher):
             counts = ops.histogram(flat_ids, num_experts)
             bins = ops.inclusive_cumsum(counts, 0)
             bins = bins.view(1) if bins.dim() == 0 else bins
-        rows = ops.gather(x_TH.contiguous(), indices, bin_ids, bins, top_k)
+        rows = ops.gather(routing.tokens.contiguous(), indices, bin_ids, bins, top_k)
         return rows, bins.to(torch.int32), None, MegablocksMeta(indices, bin_ids, bins, routing.weights)
 
     def combine(self, rows_RH, meta):

@@ -66,8 +66,7 @@ class MoEBlock(nn.Module):
                 ) -> tuple[torch.Tensor, RouterStats]:
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
         routing = self.gate(x_TH)
-        # the dispatch reads x as the router hands it on, so that the router adds its x-gradient to the dispatch's
-        y_TH = self.dispatcher.route(routing.tokens, routing, self.num_experts, self.experts)
+        y_TH = self.dispatcher.route(routing, self.num_experts, self.experts)
         shared_TH = self.shared_output(x_TH)
         if shared_TH is not None:
             y_TH = y_TH + shared_TH

@@ -71,9 +71,9 @@ class AllToAllDispatcher:
         self.num_local = num_experts // ep_size
         self.chunks = chunks
 
-    def route(self, x_TH: torch.Tensor, routing: Routing, num_experts: int, experts: Experts) -> torch.Tensor:
+    def route(self, routing: Routing, num_experts: int, experts: Experts) -> torch.Tensor:
         ep, e = self.ep_size, self.num_local
-        ids_TK = routing.expert_ids
+        x_TH, ids_TK = routing.tokens, routing.expert_ids
         spans = _spans(ids_TK.shape[0], self.chunks)
         hit_TR = torch.zeros(ids_TK.shape[0], ep, dtype=torch.bool, device=x_TH.device)
         hit_TR.scatter_(1, torch.div(ids_TK, e, rounding_mode="floor"), True)

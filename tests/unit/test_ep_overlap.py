@@ -57,7 +57,7 @@ def _run(group, chunks: int, monkeypatch) -> tuple[list[str], torch.Tensor, torc
         assert ends.dtype == torch.int32 and int(ends[-1]) == rows.shape[0] == weights.shape[0]
         return _Logged.apply(rows, log, next(calls)) * weights.unsqueeze(-1)
 
-    y = AllToAllDispatcher(group, 1, E, chunks=chunks).route(x, router(x), E, experts)
+    y = AllToAllDispatcher(group, 1, E, chunks=chunks).route(router(x), E, experts)
     log.append("backward")
     y.square().sum().backward()
     monkeypatch.undo()
@@ -108,7 +108,7 @@ def test_recomputation_reuses_the_count_exchange(group, monkeypatch):
     dispatcher = AllToAllDispatcher(group, 1, E, chunks=2)
 
     def layer(x):
-        return dispatcher.route(x, router(x), E, lambda rows, ends, weights: rows * 2.0 * weights.unsqueeze(-1))
+        return dispatcher.route(router(x), E, lambda rows, ends, weights: rows * 2.0 * weights.unsqueeze(-1))
 
     grads = []
     for recompute in (False, True):
@@ -132,7 +132,7 @@ def test_recomputation_reuses_the_count_exchange(group, monkeypatch):
             ids = routing.expert_ids.clone()
             ids[0, 0] = (ids[0, 0] + 1) % E if (ids[0, 1] != (ids[0, 0] + 1) % E) else (ids[0, 0] + 2) % E
             routing = routing._replace(expert_ids=ids)
-        return dispatcher.route(x, routing, E, lambda rows, ends, weights: rows * 2.0 * weights.unsqueeze(-1))
+        return dispatcher.route(routing, E, lambda rows, ends, weights: rows * 2.0 * weights.unsqueeze(-1))
 
     x = torch.randn(9, H, requires_grad=True)
     y = checkpoint(routed_differently, x, use_reentrant=False, context_fn=checkpoint_contexts)
