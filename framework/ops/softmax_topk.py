@@ -11,6 +11,8 @@ probabilities go to the lower expert id in the kernel; torch.topk does not promi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -27,12 +29,38 @@ def softmax_topk_reference(logits_TE: torch.Tensor, top_k: int, normalize: bool
     return top_TK.to(logits_TE.dtype), ids_TK, probs_TE
 
 
+class _Probe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seen: list) -> torch.Tensor:
+        ctx.seen = seen
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.seen.append(grad._use_count())
+        return grad, None
+
+
+@functools.cache
+def _fresh_gradient_use_count() -> int:
+    """The use count a gradient nothing else holds has inside a custom Function's backward. It depends on the torch
+    release: torch 2.11's engine keeps its own reference to the inputs while the Python backward runs (2), torch 2.13's
+    does not (1). Read once from a tiny backward on the CPU, first called from a forward (a backward run inside
+    another backward could hold references of its own)."""
+    seen: list[int] = []
+    with torch.enable_grad():
+        x = torch.zeros(2, requires_grad=True)
+        (_Probe.apply(x, seen) * 2.0).sum().backward()
+    return seen[0]
+
+
 def sole_reference(t: torch.Tensor) -> bool:
-    """True when no other tensor, view or Python name shares `t`'s memory: the test autograd's input buffer makes
-    before it adds a gradient in place (a gradient an op's backward hands to two inputs, or one the caller passed to
-    backward(), fails it)."""
-    # +1 for the storage object this call creates
-    return t._base is None and t._use_count() == 1 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+    """True, inside a custom Function's backward, when no other tensor, view or Python name shares the incoming
+    gradient `t`'s memory: the test autograd's input buffer makes before it adds a gradient in place (one the caller
+    passed to backward() fails it). A tensor hook that keeps the gradient is not seen."""
+    # storage count: +1 for the storage object this call creates
+    return (t._base is None and t._use_count() == _fresh_gradient_use_count()
+            and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2)
 
 
 class _LinearSoftmaxTopK(torch.autograd.Function):
@@ -81,6 +109,7 @@ def linear_softmax_topk(x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int,
     their x-gradient then reaches x through this op's backward, which adds its own in one GEMM. Gradients flow from
     weights, probs, logits and tokens to x and weight."""
     if use_triton(x_TH) and x_TH.dtype == weight_EH.dtype:
+        _fresh_gradient_use_count()  # read before any backward runs
         return _LinearSoftmaxTopK.apply(x_TH, weight_EH, top_k, normalize)
     logits_TE = F.linear(x_TH, weight_EH)
     return (*softmax_topk_reference(logits_TE, top_k, normalize), logits_TE, x_TH)

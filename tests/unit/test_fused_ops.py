@@ -209,10 +209,12 @@ def _router_kernels_in_torch(monkeypatch) -> None:
 
 def test_router_function_adds_its_x_gradient_to_the_dispatchs(monkeypatch):
     """The router's Function hands x on; the gradient that comes back through it is added to the router's own
-    x-gradient: in place when nothing else holds it (a consumer's fresh gradient), out of place when someone does (the
-    caller passed it to backward(), and must find it unchanged). Both against autograd of the eager chain with x read
-    twice."""
+    x-gradient: in place when nothing else holds it (a consumer's fresh gradient, from a torch op or a Python
+    Function's backward), out of place when someone does (the caller passed it to backward(), and must find it
+    unchanged), under the torch release's own reference counting (2.11 and 2.13 differ). All against autograd of the
+    eager chain with x read twice."""
     from framework.ops import softmax_topk  # noqa: PLC0415
+    from framework.ops.permute import expand_rows  # noqa: PLC0415
 
     _router_kernels_in_torch(monkeypatch)
     seen: list[bool] = []
@@ -228,7 +230,12 @@ def test_router_function_adds_its_x_gradient_to_the_dispatchs(monkeypatch):
     weight = torch.randn(8, 16, dtype=torch.float64) / 4
     gw, gp, gy = (torch.randn(37, n, dtype=torch.float64) for n in (3, 8, 16))
     held = gy.clone()
-    for consume, in_place in ((lambda t: t * 3.0, True), (lambda t: t, False)):
+    rows = torch.arange(37)
+
+    def dispatch(t: torch.Tensor) -> torch.Tensor:  # a Python Function's backward makes the gradient, as in the layer
+        return expand_rows(t, rows, rows.view(37, 1))
+
+    for consume, in_place in ((lambda t: t * 3.0, True), (dispatch, True), (lambda t: t, False)):
         ours_x, ours_w = x.clone().requires_grad_(), weight.clone().requires_grad_()
         weights, ids, probs, _logits, tokens = softmax_topk._LinearSoftmaxTopK.apply(ours_x, ours_w, 3, True)
         assert tokens.data_ptr() == ours_x.data_ptr()
