@@ -57,9 +57,9 @@ class LocalDispatcher:
 
     def dispatch(self, routing: Routing, num_experts: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, NamedTuple]:
-        """`routing.tokens` as rows [R, H] grouped by expert, their cumulative row ends per expert [E] (int32, on device), each row's
-        routing weight for the experts to apply (None: `combine` applies them), this dispatcher's metadata for
-        combine."""
+        """`routing.tokens` as rows [R, H] grouped by expert, their cumulative row ends per expert [E] (int32, on
+        device), each row's routing weight for the experts to apply (None: `combine` applies them), this dispatcher's
+        metadata for combine."""
         raise NotImplementedError
 
     def combine(self, rows_RH: torch.Tensor, meta: NamedTuple) -> torch.Tensor:
