@@ -46,9 +46,10 @@ def _fresh_gradient_use_count() -> int:
     """The use count a gradient nothing else holds has inside a custom Function's backward. It depends on the torch
     release: torch 2.11's engine keeps its own reference to the inputs while the Python backward runs (2), torch 2.13's
     does not (1). Read once from a tiny backward on the CPU, first called from a forward (a backward run inside
-    another backward could hold references of its own)."""
+    another backward could hold references of its own). Inference mode is left for the probe: the first forward may run
+    under it (generation, evaluation), where no graph is recorded and the probe's backward would fail."""
     seen: list[int] = []
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         x = torch.zeros(2, requires_grad=True)
         (_Probe.apply(x, seen) * 2.0).sum().backward()
     return seen[0]

@@ -207,6 +207,19 @@ def _router_kernels_in_torch(monkeypatch) -> None:
                         types.SimpleNamespace(linear_softmax_topk_forward=forward, softmax_topk_backward=backward))
 
 
+def test_fresh_gradient_use_count_read_under_inference_mode():
+    """The router's first forward may run under torch.inference_mode (generation, evaluation): the use-count probe
+    leaves it for its own backward and reads the same count as outside."""
+    from framework.ops import softmax_topk  # noqa: PLC0415
+
+    softmax_topk._fresh_gradient_use_count.cache_clear()
+    outside = softmax_topk._fresh_gradient_use_count()
+    softmax_topk._fresh_gradient_use_count.cache_clear()
+    with torch.inference_mode():
+        assert softmax_topk._fresh_gradient_use_count() == outside
+    assert outside in (1, 2)  # torch 2.13 / 2.11
+
+
 def test_router_function_adds_its_x_gradient_to_the_dispatchs(monkeypatch):
     """The router's Function hands x on; the gradient that comes back through it is added to the router's own
     x-gradient: in place when nothing else holds it (a consumer's fresh gradient, from a torch op or a Python
